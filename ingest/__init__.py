@@ -1,0 +1,1 @@
+"""Sonde's user side: config, probe runtime, scheduling, spool, sinks, CLI."""

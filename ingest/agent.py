@@ -1,0 +1,146 @@
+"""The agent: probes polled by APScheduler jobs, points spooled, spool drained to the sink."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+
+from . import catalog
+from .config import Config
+from .delivery import Deliverer
+from .embedded import InfluxServer
+from .errors import ProbeError, SondeError
+from .lineproto import Point, encode
+from .probe import LoadedProbe, discover, ensure_tracefs
+from .sinks import V1Sink, make_sink
+from .spool import Spool
+
+log = logging.getLogger("sonde.agent")
+
+
+def start_embedded(config: Config) -> InfluxServer:
+    """Start the embedded InfluxDB and make sure the database exists."""
+    server = InfluxServer(config.state_dir / "influxdb", config.embedded.http_port, config.embedded.rpc_port,
+                          binary=config.embedded.binary).start()
+    res = server.query(f'CREATE DATABASE "{config.influxdb.database}"')
+    err = res.get("results", [{}])[0].get("error")
+    if err:
+        server.stop()
+        raise SondeError(f"embedded InfluxDB: cannot create database {config.influxdb.database!r}: {err}")
+    return server
+
+
+def effective_sink_config(config: Config):
+    if config.influxdb.api == "embedded":
+        return config.influxdb.model_copy(update={"api": "v1", "url": f"http://127.0.0.1:{config.embedded.http_port}"})
+    return config.influxdb
+
+
+class Agent:
+    def __init__(self, config: Config, *, only: list[str] | None = None, max_backoff: float = 30.0):
+        self.config = config
+        self.embedded: InfluxServer | None = None
+        self.probes: dict[str, LoadedProbe] = {}
+        self._only = only
+        self._max_backoff = max_backoff
+        self._poll_lock = threading.Lock()
+        self.spool = Spool(config.state_dir / "spool.sqlite", config.spool.max_points)
+        self.sink = None
+        self.deliverer: Deliverer | None = None
+        self._spool_dropped = 0
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> "Agent":
+        try:
+            if self.config.influxdb.api == "embedded":
+                self.embedded = start_embedded(self.config)
+            sink_cfg = effective_sink_config(self.config)
+            self.sink = make_sink(sink_cfg)
+            self.deliverer = Deliverer(self.spool, self.sink, sink_cfg.batch_points, max_backoff=self._max_backoff)
+            self.load_probes()
+            self.deliverer.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def load_probes(self) -> None:
+        ensure_tracefs(self.config.paths.tracefs)
+        specs = discover()
+        unknown = set(self.config.probes) - set(specs)
+        if unknown:
+            raise SondeError(f"config: probes.{sorted(unknown)[0]} names no probe; known probes: {', '.join(specs)}")
+        for name, spec in specs.items():
+            if self._only is not None and name not in self._only:
+                continue
+            if not self.config.probe(name).enabled:
+                continue
+            started = time.monotonic()
+            self.probes[name] = LoadedProbe.load(spec, self.config)
+            log.info("probe %s loaded in %.2f s", name, time.monotonic() - started)
+
+    def stop(self) -> None:
+        if self.deliverer:
+            self.deliverer.stop()
+        for p in self.probes.values():
+            p.close()
+        self.probes.clear()
+        if self.sink:
+            self.sink.close()
+        if self.embedded:
+            self.embedded.stop()
+        self.spool.close()
+
+    # --- work --------------------------------------------------------------------------
+
+    def poll(self, names: list[str] | None = None) -> list[Point]:
+        """Poll probes (all, or those named), spool their points and the agent's own."""
+        with self._poll_lock:
+            ts = time.time_ns()
+            points: list[Point] = []
+            for name in names or list(self.probes):
+                new, self_point = self.probes[name].poll(ts)
+                points.extend(new)
+                points.append(self_point)
+            points.append(self._spool_point(ts))
+            self._spool_dropped += self.spool.put([encode(p) for p in points])
+            if self.deliverer:
+                self.deliverer.wake.set()
+            return points
+
+    def _spool_point(self, ts: int) -> Point:
+        written, rejected, errors = self.deliverer.take_counts() if self.deliverer else (0, 0, 0)
+        dropped, self._spool_dropped = self._spool_dropped, 0
+        p = Point("sonde_spool", {"host": self.config.host}, {
+            "queued_points": len(self.spool),
+            "dropped_points": dropped,
+            "written_points": written,
+            "rejected_points": rejected,
+            "write_errors": errors,
+        }, ts)
+        catalog.validate_point(p.measurement, p.tags, p.fields)
+        return p
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """One APScheduler job per distinct poll interval, until `stop` is set."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        groups: dict[float, list[str]] = defaultdict(list)
+        for name in self.probes:
+            groups[self.config.interval_for(name)].append(name)
+        if not groups:
+            groups[self.config.interval_seconds] = []
+        sched = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
+        for interval, names in groups.items():
+            sched.add_job(self.poll, "interval", seconds=interval, args=[names or None],
+                          id=f"poll-{interval}s", name=f"poll {','.join(names) or 'agent'} every {interval:g} s")
+        sched.start()
+        log.info("polling %s; writing to %s", ", ".join(f"{', '.join(n)} every {i:g} s" for i, n in groups.items()),
+                 effective_sink_config(self.config).url)
+        try:
+            stop.wait()
+        finally:
+            sched.shutdown(wait=True)
+            self.poll()  # the last interval, so a clean stop loses nothing

@@ -1,0 +1,162 @@
+"""The metric catalog: the single contract between producers and consumers.
+
+Every measurement, tag and field Sonde writes is declared here once, with its unit
+and meaning. Probes may emit only what is declared (`validate_point`); dashboards,
+alerts and backtrack may reference only what is declared. `render_markdown()`
+generates docs/metrics.md, and a test fails when that file is stale.
+
+Names are a public API: renaming one breaks users' dashboards and queries.
+Units live in field names (`_bytes`, `_seconds`, `_us`) and are converted once,
+in the probe's decoder, never in a dashboard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import CatalogError
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    help: str
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str  # "int" | "float" | "str"
+    unit: str
+    help: str
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    kind: str  # "delta" (per-interval counter deltas) | "gauge" | "event"
+    help: str
+    tags: tuple[Tag, ...]
+    fields: tuple[Field, ...]
+    source: str = ""
+
+    @property
+    def tag_names(self) -> frozenset[str]:
+        return frozenset(t.name for t in self.tags)
+
+    @property
+    def field_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.fields)
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise CatalogError(f"measurement {self.name} has no field {name!r} in the catalog")
+
+
+HOST = Tag("host", "Host name of the agent that wrote the point (config `host`, default the system hostname).")
+PID = Tag("pid", "Process id (tgid) in the root pid namespace, or `other` for processes folded past the top-N limit.")
+COMM = Tag("comm", "Process name (kernel comm, at most 15 bytes); bytes that are not printable UTF-8 are written as \\xNN.")
+PROBE = Tag("probe", "Probe name, the stem of its bpf/<probe>.bpf.c file.")
+
+_INTERVAL_NOTE = "Per-interval delta: sum over time and divide by the interval for a rate."
+
+MEASUREMENTS: dict[str, Measurement] = {}
+
+
+def _declare(m: Measurement) -> Measurement:
+    if m.name in MEASUREMENTS:
+        raise CatalogError(f"measurement {m.name} declared twice in the catalog")
+    MEASUREMENTS[m.name] = m
+    return m
+
+
+TCP_TRAFFIC = _declare(Measurement(
+    name="tcp_traffic",
+    kind="delta",
+    help="TCP payload bytes and calls per process, counted where the socket layer "
+         "returns from sendmsg/recvmsg. " + _INTERVAL_NOTE,
+    source="tracepoints sock:sock_send_length, sock:sock_recv_length (probe tcp_traffic)",
+    tags=(HOST, PID, COMM),
+    fields=(
+        Field("tx_bytes", "int", "bytes", "Bytes the process handed to TCP sockets (successful send calls)."),
+        Field("rx_bytes", "int", "bytes", "Bytes the process read from TCP sockets (MSG_PEEK reads excluded)."),
+        Field("tx_calls", "int", "calls", "Send calls that moved at least one byte."),
+        Field("rx_calls", "int", "calls", "Receive calls that moved at least one byte."),
+    ),
+))
+
+SONDE_PROBE = _declare(Measurement(
+    name="sonde_probe",
+    kind="gauge",
+    help="The agent's report on each probe, one point per poll.",
+    source="agent",
+    tags=(HOST, PROBE),
+    fields=(
+        Field("poll_duration_seconds", "float", "seconds", "Wall time to read and decode the probe's maps."),
+        Field("poll_success", "int", "bool", "1 when the poll completed, 0 when it raised."),
+        Field("map_entries", "int", "entries", "Live entries in the probe's maps after the poll."),
+        Field("map_full_drops", "int", "events",
+              "Events not counted because a map was full, this interval. Non-zero means lost data: raise the map size."),
+        Field("points", "int", "points", "Points the poll produced."),
+    ),
+))
+
+SONDE_SPOOL = _declare(Measurement(
+    name="sonde_spool",
+    kind="gauge",
+    help="The agent's disk spool between polls and the sink, one point per poll.",
+    source="agent",
+    tags=(HOST,),
+    fields=(
+        Field("queued_points", "int", "points", "Points waiting in the spool for delivery."),
+        Field("dropped_points", "int", "points",
+              "Oldest points dropped this interval because the spool was past its bound. " + _INTERVAL_NOTE),
+        Field("written_points", "int", "points", "Points the sink accepted this interval."),
+        Field("rejected_points", "int", "points", "Points the server refused as malformed this interval (dropped, logged)."),
+        Field("write_errors", "int", "errors", "Failed write attempts this interval (retried with backoff)."),
+    ),
+))
+
+
+def validate_point(measurement: str, tags: dict, fields: dict) -> None:
+    """Raise CatalogError unless the point uses only declared names and types."""
+    m = MEASUREMENTS.get(measurement)
+    if m is None:
+        raise CatalogError(f"measurement {measurement!r} is not declared in the catalog")
+    extra_tags = set(tags) - m.tag_names
+    if extra_tags:
+        raise CatalogError(f"{measurement}: tags {sorted(extra_tags)} are not declared in the catalog")
+    if not fields:
+        raise CatalogError(f"{measurement}: a point needs at least one field")
+    for name, value in fields.items():
+        f = m.field(name)
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "str": isinstance(value, str)}[f.type]
+        if not ok:
+            raise CatalogError(f"{measurement}.{name}: {type(value).__name__} value for a {f.type} field")
+
+
+def render_markdown() -> str:
+    """docs/metrics.md, generated; do not edit that file by hand."""
+    out = [
+        "# Sonde metric reference",
+        "",
+        "Generated from `ingest/catalog.py` by `sonde catalog --markdown`. Do not edit by hand.",
+        "",
+        "Kinds: **delta** fields are per-interval deltas of in-kernel cumulative counters "
+        "(sum them over time; divide by the interval for rates); **gauge** fields are values "
+        "at poll time; **event** points are written once per occurrence.",
+        "",
+    ]
+    for m in sorted(MEASUREMENTS.values(), key=lambda m: m.name):
+        out += [f"## `{m.name}` ({m.kind})", "", m.help, ""]
+        if m.source:
+            out += [f"Source: {m.source}.", ""]
+        out += ["| tag | meaning |", "|---|---|"]
+        out += [f"| `{t.name}` | {t.help} |" for t in m.tags]
+        out += ["", "| field | type | unit | meaning |", "|---|---|---|---|"]
+        out += [f"| `{f.name}` | {f.type} | {f.unit} | {f.help} |" for f in m.fields]
+        out.append("")
+    return "\n".join(out)

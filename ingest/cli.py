@@ -1,0 +1,145 @@
+"""`sonde`: the thin command line. Each command parses, calls into ingest/, and turns
+SondeError into one line on stderr with a non-zero exit; never a traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from . import catalog
+from . import config as config_mod
+from .errors import SondeError
+
+EXIT_USAGE = 2
+EXIT_PROBLEM = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog.split()[0]} --help\n")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML config (default: built-in defaults, which start the embedded InfluxDB)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sonde", description="Sonde: eBPF observability agent writing to InfluxDB.")
+    parser.add_argument("--debug", action="store_true", help="log at debug level and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="load the probes and write points until stopped")
+    _add_config(run)
+    run.add_argument("--probe", action="append", metavar="NAME", help="run only this probe (repeatable)")
+    check = sub.add_parser("check", help="validate config, sink reachability and credentials, and probe hooks")
+    _add_config(check)
+    cat = sub.add_parser("catalog", help="print the metric catalog")
+    cat.add_argument("--markdown", action="store_true", help="as docs/metrics.md")
+    return parser
+
+
+def _setup_logging(level: str, debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else getattr(logging, level.upper()),
+                        format="%(asctime)s sonde %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("apscheduler", "urllib3", "influxdb_client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_run(args) -> int:
+    from .agent import Agent
+
+    cfg = config_mod.load(args.config)
+    _setup_logging(cfg.log_level, args.debug)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    agent = Agent(cfg, only=args.probe).start()
+    try:
+        agent.run_forever(stop)
+    finally:
+        agent.stop()
+    return 0
+
+
+def check_problems(cfg) -> list[str]:
+    """Every problem `sonde check` finds, one line each."""
+    from .agent import effective_sink_config
+    from .probe import discover, missing_hooks
+    from .sinks import make_sink
+
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("agent: not running as root; loading BPF programs needs root (CAP_BPF, CAP_PERFMON)")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        problems.append("bcc: not importable; install python3-bpfcc and use a --system-site-packages venv")
+    specs = discover()
+    for name in sorted(set(cfg.probes) - set(specs)):
+        problems.append(f"config: probes.{name} names no probe; known probes: {', '.join(specs)}")
+    if not (cfg.paths.tracefs / "events").is_dir():
+        problems.append(f"tracefs: not mounted at {cfg.paths.tracefs}; run: mount -t tracefs tracefs {cfg.paths.tracefs}")
+    else:
+        for name, spec in specs.items():
+            if cfg.probe(name).enabled:
+                for hook in missing_hooks(spec, cfg.paths.tracefs):
+                    problems.append(f"probe {name}: tracepoint {hook} is missing from this kernel; "
+                                    f"disable it with probes.{name}.enabled: false")
+    if cfg.influxdb.api == "embedded":
+        if not cfg.embedded.binary.exists():
+            problems.append(f"embedded: {cfg.embedded.binary} not found; install Debian's influxdb package")
+    else:
+        sink = make_sink(effective_sink_config(cfg))
+        try:
+            problems += sink.check()
+        finally:
+            sink.close()
+    return problems
+
+
+def cmd_check(args) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except SondeError as e:
+        for line in e.args:
+            print(line, file=sys.stderr)
+        return EXIT_PROBLEM
+    problems = check_problems(cfg)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"ok: config valid, {cfg.influxdb.api} sink reachable, all probe hooks present")
+    return EXIT_PROBLEM if problems else 0
+
+
+def cmd_catalog(args) -> int:
+    if args.markdown:
+        sys.stdout.write(catalog.render_markdown())
+    else:
+        for m in catalog.MEASUREMENTS.values():
+            print(f"{m.name}\t{m.kind}\ttags={','.join(sorted(m.tag_names))}\tfields={','.join(f.name for f in m.fields)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "check": cmd_check, "catalog": cmd_catalog}[args.command](args)
+    except SondeError as e:
+        for line in e.args:
+            print(f"sonde: error: {line}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug: still one line unless asked for the traceback
+        if args.debug:
+            raise
+        print(f"sonde: internal error: {type(e).__name__}: {e}; rerun with --debug for a traceback", file=sys.stderr)
+        return EXIT_PROBLEM
+
+
+if __name__ == "__main__":
+    sys.exit(main())

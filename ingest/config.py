@@ -1,0 +1,156 @@
+"""The agent's one YAML config, validated by pydantic.
+
+Secrets (InfluxDB password or token) are never in the YAML and never on argv: they
+come from an environment variable or from a root-only file named in the config.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import ConfigError
+
+PASSWORD_ENV = "SONDE_INFLUXDB_PASSWORD"
+TOKEN_ENV = "SONDE_INFLUXDB_TOKEN"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Strict):
+    """Injectable roots, so tests and containers can point the agent elsewhere."""
+    proc: Path = Path("/proc")
+    tracefs: Path = Path("/sys/kernel/tracing")
+    sys: Path = Path("/sys")
+
+
+class InfluxDB(_Strict):
+    api: Literal["embedded", "v1", "v2"] = "embedded"
+    url: str = "http://127.0.0.1:8086"
+    # v1 (InfluxDB 1.x /write)
+    database: str = "sonde"
+    retention_policy: str = ""
+    username: str = ""
+    password_file: Path | None = None
+    # v2 (influxdb-client: InfluxDB 1.8+, 2.x, 3.x, VictoriaMetrics)
+    org: str = ""
+    bucket: str = "sonde"
+    token_file: Path | None = None
+    timeout_seconds: float = Field(10.0, gt=0)
+    batch_points: int = Field(5000, ge=1, le=100_000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError(f"must start with http:// or https:// (got {v!r})")
+        return v.rstrip("/")
+
+    def password(self) -> SecretStr | None:
+        return _secret(self.password_file, PASSWORD_ENV, "influxdb.password_file")
+
+    def token(self) -> SecretStr | None:
+        return _secret(self.token_file, TOKEN_ENV, "influxdb.token_file")
+
+
+class Embedded(_Strict):
+    """The InfluxDB 1.x the agent starts itself when influxdb.api is `embedded`."""
+    binary: Path = Path("/usr/bin/influxd")
+    http_port: int = Field(8086, gt=0, lt=65536)
+    rpc_port: int = Field(8088, gt=0, lt=65536)
+
+
+class Spool(_Strict):
+    max_points: int = Field(1_000_000, ge=1)
+
+
+class ProbeConfig(_Strict):
+    enabled: bool = True
+    interval_seconds: float | None = Field(None, gt=0)
+    map_entries: int = Field(10240, ge=16, le=1_048_576)
+    # Top-N processes kept per interval; the rest are summed into pid=other, comm=other.
+    max_processes: int = Field(200, ge=1, le=100_000)
+
+
+class Config(_Strict):
+    host: str = Field(default_factory=socket.gethostname, min_length=1)
+    interval_seconds: float = Field(10.0, gt=0)
+    state_dir: Path = Path("/var/lib/sonde")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    paths: Paths = Paths()
+    influxdb: InfluxDB = InfluxDB()
+    embedded: Embedded = Embedded()
+    spool: Spool = Spool()
+    probes: dict[str, ProbeConfig] = {}
+
+    def probe(self, name: str) -> ProbeConfig:
+        return self.probes.get(name, ProbeConfig())
+
+    def interval_for(self, name: str) -> float:
+        return self.probe(name).interval_seconds or self.interval_seconds
+
+
+def _secret(path: Path | None, env: str, key: str) -> SecretStr | None:
+    if path is not None:
+        try:
+            return SecretStr(path.read_text().strip())
+        except OSError as e:
+            raise ConfigError(f"{key}: cannot read {path}: {e.strerror}; create it (mode 0600) or unset the key")
+    if os.environ.get(env):
+        return SecretStr(os.environ[env])
+    return None
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _problem(err: dict) -> str:
+    where = _where(err["loc"])
+    if err["type"] == "extra_forbidden":
+        hint = ""
+        if err["loc"] and err["loc"][-1] in ("password", "token"):
+            hint = f" (secrets come from {err['loc'][-1]}_file or the environment, never the config)"
+        return f"{where}: unknown key{hint}"
+    got = err.get("input")
+    got_s = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{where}: {err['msg']}{got_s}"
+
+
+def parse(text: str, origin: str = "<config>") -> Config:
+    """Parse and validate. Raises ConfigError whose args are one line per problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config {origin}: {at}invalid YAML: {problem}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {origin}: the top level must be a mapping of keys, not {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = [f"config {origin}: {_problem(err)}" for err in e.errors()]
+        raise ConfigError(*problems)
+
+
+def load(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config {p}: no such file; pass an existing file with -c, or omit -c for the embedded default")
+    except OSError as e:
+        raise ConfigError(f"config {p}: cannot read: {e.strerror}")
+    return parse(text, str(p))

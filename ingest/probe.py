@@ -1,0 +1,250 @@
+"""Probe specs and the runtime that loads, polls and decodes them.
+
+A probe is `bpf/<name>.bpf.c` (bcc C) beside `bpf/<name>.py`, which defines
+`PROBE = Probe(...)`: its hooks and how each map becomes catalog points. The
+runtime finds probes by that naming, so adding one touches no list but the catalog.
+
+Regular decoding is declared (`CounterMap`); the runtime turns cumulative kernel
+counters into per-interval deltas, adds process tags, folds processes past the
+top-N limit into `other` (totals stay exact), and reclaims entries of exited
+processes after their last delta is written, so maps stay bounded.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bpf as bpf_pkg
+
+from . import catalog
+from .config import Config
+from .errors import ProbeError
+from .lineproto import Point, printable_name
+from .procfs import Procfs
+
+log = logging.getLogger("sonde.probe")
+BPF_DIR = Path(bpf_pkg.__file__).parent
+DROPS_MAP = "sonde_drops"  # optional per-probe PERCPU_ARRAY[1]: events lost to a full map
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class CounterMap:
+    """A BPF hash map of cumulative counters keyed by process.
+
+    `map` is both the BPF map's name and the catalog measurement's name.
+    `fields` maps catalog field -> member of the value struct.
+    """
+    map: str
+    fields: dict[str, str]
+    tgid: str = "tgid"            # key member (or the key itself when "") holding the process id
+    comm: str = "comm"            # value member holding the kernel comm, for exited processes
+    rank_by: tuple[str, ...] = ()  # fields whose sum ranks processes for the top-N fold
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    hooks: tuple[str, ...]         # "category:event" tracepoints that must exist
+    maps: tuple[CounterMap, ...]
+    doc: str = ""
+
+
+def discover() -> dict[str, Probe]:
+    """Every probe with both bpf/<name>.py and bpf/<name>.bpf.c."""
+    found = {}
+    for c_file in sorted(BPF_DIR.glob("*.bpf.c")):
+        name = c_file.name.removesuffix(".bpf.c")
+        if not (BPF_DIR / f"{name}.py").exists():
+            raise ProbeError(f"probe {name}: {c_file} has no {name}.py beside it")
+        mod = importlib.import_module(f"bpf.{name}")
+        spec = getattr(mod, "PROBE", None)
+        if not isinstance(spec, Probe) or spec.name != name:
+            raise ProbeError(f"probe {name}: bpf/{name}.py must define PROBE = Probe(name={name!r}, ...)")
+        found[name] = spec
+    return found
+
+
+def missing_hooks(spec: Probe, tracefs: Path) -> list[str]:
+    events = Path(tracefs) / "events"
+    return [h for h in spec.hooks if not (events / h.replace(":", "/")).is_dir()]
+
+
+def ensure_tracefs(tracefs: Path) -> None:
+    """Mount tracefs where it is expected but absent (root only); bcc attaches through it."""
+    if (tracefs / "events").is_dir():
+        return
+    if os.geteuid() == 0 and tracefs.is_dir():
+        os.system(f"mount -t tracefs tracefs {tracefs} >/dev/null 2>&1")
+    if not (tracefs / "events").is_dir():
+        raise ProbeError(f"tracefs is not mounted at {tracefs}; run: mount -t tracefs tracefs {tracefs}")
+
+
+def _malloc_trim() -> None:
+    # LLVM frees its heap after a compile; hand it back so the agent's RSS stays small.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _sum_members(leaf, members: list[str]) -> list[int]:
+    """Sum value members across CPUs for per-CPU maps (bcc returns an array of leaves)."""
+    if hasattr(leaf, "__len__") and not hasattr(leaf, "_fields_"):
+        return [sum(getattr(cpu_leaf, m) for cpu_leaf in leaf) for m in members]
+    return [getattr(leaf, m) for m in members]
+
+
+def _kernel_comm(leaf, member: str) -> bytes:
+    leaves = leaf if (hasattr(leaf, "__len__") and not hasattr(leaf, "_fields_")) else [leaf]
+    for cpu_leaf in leaves:
+        raw = bytes(getattr(cpu_leaf, member))
+        raw = raw.split(b"\0", 1)[0]
+        if raw:
+            return raw
+    return b""
+
+
+@dataclass
+class _MapState:
+    prev: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+class LoadedProbe:
+    def __init__(self, spec: Probe, config: Config, bpf_obj):
+        self.spec = spec
+        self.config = config
+        self.bpf = bpf_obj
+        self.procfs = Procfs(config.paths.proc)
+        self.max_processes = config.probe(spec.name).max_processes
+        self._state = {m.map: _MapState() for m in spec.maps}
+        self._prev_drops = 0
+
+    @classmethod
+    def load(cls, spec: Probe, config: Config) -> "LoadedProbe":
+        missing = missing_hooks(spec, config.paths.tracefs)
+        if missing:
+            raise ProbeError(
+                f"probe {spec.name}: tracepoint {missing[0]} is missing from this kernel "
+                f"(no {config.paths.tracefs}/events/{missing[0].replace(':', '/')}); "
+                f"disable it with probes.{spec.name}.enabled: false")
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise ProbeError("bcc is not importable; install Debian's python3-bpfcc and use a venv "
+                             "made with --system-site-packages (scripts/setup.sh does both)")
+        cflags = [f"-DMAX_ENTRIES={config.probe(spec.name).map_entries}", f"-I{BPF_DIR}"]
+        src = BPF_DIR / f"{spec.name}.bpf.c"
+        try:
+            obj = BPF(src_file=str(src).encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception for compile and attach failures
+            raise ProbeError(f"probe {spec.name}: bcc could not load {src.name}: {str(e).splitlines()[0]}; "
+                             f"check kernel headers under /lib/modules/{os.uname().release}/build")
+        _malloc_trim()
+        return cls(spec, config, obj)
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+    # --- polling -----------------------------------------------------------------------
+
+    def poll(self, ts_ns: int) -> tuple[list[Point], Point]:
+        """Read every map once: (catalog points, the probe's own sonde_probe point)."""
+        started = time.perf_counter()
+        points: list[Point] = []
+        entries = 0
+        ok = 1
+        try:
+            for m in self.spec.maps:
+                new, n = self._poll_counter_map(m, ts_ns)
+                points.extend(new)
+                entries += n
+        except Exception:
+            ok = 0
+            log.exception("probe %s: poll failed", self.spec.name)
+        drops = self._drops_delta()
+        self_point = Point("sonde_probe", {"host": self.config.host, "probe": self.spec.name}, {
+            "poll_duration_seconds": time.perf_counter() - started,
+            "poll_success": ok,
+            "map_entries": entries,
+            "map_full_drops": drops,
+            "points": len(points),
+        }, ts_ns)
+        return points, self_point
+
+    def _drops_delta(self) -> int:
+        try:
+            table = self.bpf.get_table(DROPS_MAP)
+        except KeyError:
+            return 0
+        total = sum(int(v) for leaf in table.values() for v in (leaf if hasattr(leaf, "__len__") else [leaf]))
+        delta, self._prev_drops = total - self._prev_drops, total
+        return max(delta, 0)
+
+    def _poll_counter_map(self, m: CounterMap, ts_ns: int) -> tuple[list[Point], int]:
+        table = self.bpf.get_table(m.map)
+        members = list(m.fields.values())
+        state = self._state[m.map]
+        rows = []  # (ctypes key, tgid, values, leaf)
+        for key, leaf in table.items():
+            tgid = int(getattr(key, m.tgid) if m.tgid else key.value)
+            rows.append((key, tgid, _sum_members(leaf, members), leaf))
+
+        # Exited processes: confirm death first, then read their final values, then
+        # delete. A process dead before the re-read cannot add to its entry.
+        dead = [(key, tgid) for key, tgid, _, _ in rows if not self.procfs.alive(tgid)]
+        final = {}
+        for key, tgid in dead:
+            try:
+                leaf = table[key]
+            except KeyError:
+                continue
+            final[tgid] = (_sum_members(leaf, members), leaf)
+
+        per_process = []
+        seen = set()
+        for key, tgid, values, leaf in rows:
+            if tgid in final:
+                values, leaf = final[tgid]
+            seen.add(tgid)
+            prev = state.prev.get(tgid)
+            # A counter below its previous read means the entry was re-created (pid reuse).
+            deltas = [v - p if prev and v >= p else v for v, p in zip(values, prev or values)]
+            state.prev[tgid] = tuple(values)
+            if any(deltas):
+                name = None if tgid in final else self.procfs.comm(tgid)
+                if name is None:
+                    name = _kernel_comm(leaf, m.comm)
+                per_process.append((tgid, name, dict(zip(m.fields, deltas))))
+
+        for key, tgid in dead:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+            state.prev.pop(tgid, None)
+        for tgid in list(state.prev):
+            if tgid not in seen:
+                del state.prev[tgid]
+
+        return self._fold(m, per_process, ts_ns), len(rows) - len(dead)
+
+    def _fold(self, m: CounterMap, per_process, ts_ns: int) -> list[Point]:
+        """Keep the top-N processes by activity; sum the rest into pid=other, comm=other."""
+        rank = m.rank_by or tuple(m.fields)
+        per_process.sort(key=lambda r: sum(r[2][f] for f in rank), reverse=True)
+        keep, rest = per_process[:self.max_processes], per_process[self.max_processes:]
+        host = self.config.host
+        points = [Point(m.map, {"host": host, "pid": str(tgid), "comm": printable_name(name)}, fields, ts_ns)
+                  for tgid, name, fields in keep]
+        if rest:
+            folded = {f: sum(r[2][f] for r in rest) for f in m.fields}
+            points.append(Point(m.map, {"host": host, "pid": OTHER, "comm": OTHER}, folded, ts_ns))
+        for p in points:
+            catalog.validate_point(p.measurement, p.tags, p.fields)
+        return points
