@@ -64,7 +64,7 @@ class Deliverer:
 
     def _send(self, lines: list[str]) -> None:
         for attempt in Retrying(retry=retry_if_exception(_transient),
-                                wait=wait_exponential_jitter(initial=0.2, max=self.max_backoff),
+                                wait=wait_exponential_jitter(multiplier=0.2, max=self.max_backoff, jitter=0.2),
                                 stop=stop_when_event_set(self.stop_event),
                                 before_sleep=self._note_error, reraise=True,
                                 sleep=self.stop_event.wait):

@@ -179,7 +179,7 @@ class LoadedProbe:
 
     def _drops_delta(self) -> int:
         try:
-            table = self.bpf.get_table(DROPS_MAP)
+            table = self.bpf.get_table(DROPS_MAP.encode())
         except KeyError:
             return 0
         total = sum(int(v) for leaf in table.values() for v in (leaf if hasattr(leaf, "__len__") else [leaf]))
@@ -187,7 +187,7 @@ class LoadedProbe:
         return max(delta, 0)
 
     def _poll_counter_map(self, m: CounterMap, ts_ns: int) -> tuple[list[Point], int]:
-        table = self.bpf.get_table(m.map)
+        table = self.bpf.get_table(m.map.encode())
         members = list(m.fields.values())
         state = self._state[m.map]
         rows = []  # (ctypes key, tgid, values, leaf)

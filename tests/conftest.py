@@ -1,0 +1,197 @@
+"""Shared fixtures: real servers on free loopback ports, real BPF, and the CI rule.
+
+Under CI=true a test whose kernel or server prerequisites are missing FAILS; it
+never skips. Elsewhere it skips, printing the reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ingest import config as config_mod
+from ingest.embedded import InfluxServer
+
+REPO = Path(__file__).resolve().parent.parent
+TRAFFIC = Path(__file__).resolve().parent / "traffic.py"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need(ok: bool, reason: str) -> None:
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"prerequisite missing under CI=true: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bpf_prereqs() -> None:
+    need(os.geteuid() == 0, "BPF tests need root")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        need(False, "bcc is not importable (python3-bpfcc in a --system-site-packages venv)")
+    need(Path(f"/lib/modules/{os.uname().release}/build").exists(), "kernel headers symlink missing")
+    need(Path("/sys/kernel/tracing/events/sock").is_dir(), "tracefs not mounted at /sys/kernel/tracing")
+
+
+@pytest.fixture
+def bpf_ready():
+    bpf_prereqs()
+
+
+def start_influx(root: Path, **kw) -> InfluxServer:
+    need(Path("/usr/bin/influxd").exists(), "influxd (Debian influxdb) not installed")
+    return InfluxServer(root, free_port(), free_port(), **kw).start()
+
+
+@pytest.fixture(scope="session")
+def influx(tmp_path_factory):
+    server = start_influx(tmp_path_factory.mktemp("influx"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def influx_db(influx):
+    """A fresh database on the session's InfluxDB, so tests never see each other's points."""
+    name = "t_" + uuid.uuid4().hex[:10]
+    influx.query(f'CREATE DATABASE "{name}"')
+    yield name
+    influx.query(f'DROP DATABASE "{name}"')
+
+
+class Victoria:
+    def __init__(self, root: Path):
+        need(shutil.which("victoria-metrics") is not None, "victoria-metrics (Debian package) not installed")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "vm.log", "wb")
+        self.proc = subprocess.Popen(
+            ["victoria-metrics", f"-storageDataPath={root}/data", f"-httpListenAddr=127.0.0.1:{self.port}",
+             "-search.latencyOffset=1s", "-loggerLevel=ERROR"],
+            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        pytest.fail("victoria-metrics did not start")
+
+    def export(self, match: str) -> list[dict]:
+        """Raw samples as stored, via /api/v1/export (after forcing a flush)."""
+        urllib.request.urlopen(self.url + "/internal/force_flush", timeout=10).read()
+        q = urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{q}", timeout=10) as r:
+            return [json.loads(line) for line in r.read().decode().splitlines() if line.strip()]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+        self.log.close()
+
+
+@pytest.fixture
+def victoria(tmp_path):
+    vm = Victoria(tmp_path)
+    yield vm
+    vm.stop()
+
+
+def make_config(tmp_path: Path, text: str = "", **influx) -> config_mod.Config:
+    """A test config: state in tmp_path, a fast poll interval, the given influxdb section."""
+    lines = [f"state_dir: {tmp_path / 'state'}", "interval_seconds: 1"]
+    if influx:
+        lines.append("influxdb:")
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in influx.items()]
+    return config_mod.parse("\n".join(lines) + "\n" + text)
+
+
+def select(server: InfluxServer, db: str, q: str) -> list[dict]:
+    """Rows of an InfluxQL result as dicts (tags merged in); [] when there are none."""
+    res = server.query(q, db=db)["results"][0]
+    assert "error" not in res, res["error"]
+    rows = []
+    for s in res.get("series", []):
+        for v in s["values"]:
+            row = dict(zip(s["columns"], v))
+            row.update(s.get("tags", {}))
+            rows.append(row)
+    return rows
+
+
+class Child:
+    """A traffic endpoint in its own process (tests/traffic.py), cleaned up by pid."""
+
+    def __init__(self, *args, stdin=False):
+        argv = [sys.executable, str(TRAFFIC)] + [a if isinstance(a, bytes) else str(a) for a in args]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE if stdin else None,
+                                     text=True)
+        self.pid = self.proc.pid
+
+    def wait(self, timeout=30) -> str:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        assert self.proc.returncode == 0, f"traffic child failed: {self.proc.args}"
+        return out
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for_file(path: Path, timeout=10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never appeared")
+
+
+def transfer(tmp_path: Path, n: int, tx_comm, rx_comm, *, v6=False, chunk=65536) -> tuple[int, int]:
+    """One connection moving exactly n bytes between two children; returns (sender pid, receiver pid)."""
+    portfile = tmp_path / (uuid.uuid4().hex + (".v6" if v6 else ""))
+    rx = Child("recv", str(portfile), rx_comm)
+    try:
+        port = int(wait_for_file(portfile))
+        tx = Child("send", "::1" if v6 else "127.0.0.1", port, tx_comm, n, chunk)
+        tx.wait()
+        assert int(rx.wait().strip()) == n
+    finally:
+        rx.kill()
+    return tx.pid, rx.pid
+
+
+def wait_until(fn, timeout=20.0, interval=0.2, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
