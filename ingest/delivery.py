@@ -62,38 +62,40 @@ class Deliverer:
             log.warning("%s; %d points spooled, retrying with backoff",
                         retry_state.outcome.exception(), len(self.spool))
 
-    def _send(self, lines: list[str]) -> None:
-        for attempt in Retrying(retry=retry_if_exception(_transient),
-                                wait=wait_exponential_jitter(multiplier=0.2, max=self.max_backoff, jitter=0.2),
-                                stop=stop_when_event_set(self.stop_event),
-                                before_sleep=self._note_error, reraise=True,
-                                sleep=self.stop_event.wait):
-            with attempt:
-                self.sink.write(lines)
-
     def deliver_once(self) -> int:
-        """Deliver one batch; return how many lines left the spool."""
-        batch = self.spool.peek(self.batch_points)
-        if not batch:
-            return 0
-        lines = [line for _, line in batch]
+        """Deliver one batch; return how many lines left the spool.
+
+        Each retry re-reads the oldest batch, so points the spool dropped for its
+        bound during an outage are never delivered as well as counted as dropped.
+        """
+        sent: list[tuple[int, str]] = []
         try:
-            self._send(lines)
+            for attempt in Retrying(retry=retry_if_exception(_transient),
+                                    wait=wait_exponential_jitter(multiplier=0.2, max=self.max_backoff, jitter=0.2),
+                                    stop=stop_when_event_set(self.stop_event),
+                                    before_sleep=self._note_error, reraise=True,
+                                    sleep=self.stop_event.wait):
+                with attempt:
+                    sent = self.spool.peek(self.batch_points)
+                    if sent:
+                        self.sink.write([line for _, line in sent])
         except SinkError as e:
             if e.transient:  # stopping while the server is down: keep them spooled
                 return 0
-            n = rejected_count(e, len(lines))
+            n = rejected_count(e, len(sent))
             with self._lock:
                 self.rejected += n
-            log.error("%s; dropped %d of %d points", e, n, len(lines))
+            log.error("%s; dropped %d of %d points", e, n, len(sent))
         else:
+            if not sent:
+                return 0
             with self._lock:
-                self.written += len(lines)
+                self.written += len(sent)
             if self._failing:
                 self._failing = False
-                log.warning("InfluxDB writes recovered; %d points still spooled", len(self.spool))
-        self.spool.ack(batch[-1][0])
-        return len(lines)
+                log.warning("InfluxDB writes recovered; %d points still spooled", len(self.spool) - len(sent))
+        self.spool.ack(sent[-1][0])
+        return len(sent)
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
