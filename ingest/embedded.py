@@ -2,6 +2,7 @@
 config and data dir of Sonde's own. The tests start theirs through the same class."""
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -94,9 +95,9 @@ class InfluxServer:
         params = {"q": q, "epoch": "ns"}
         if db:
             params["db"] = db
-        if auth:
-            params["u"], params["p"] = auth  # test/bootstrap only; the agent sends credentials in headers
         req = urllib.request.Request(self.url + "/query", data=urllib.parse.urlencode(params).encode(), method="POST")
+        if auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
 

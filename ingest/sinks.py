@@ -56,11 +56,10 @@ class _Http:
         self.http = urllib3.PoolManager(
             timeout=urllib3.Timeout(total=cfg.timeout_seconds), retries=False, maxsize=2)
 
-    def request(self, method: str, path: str, *, fields=None, body=None, headers=None):
+    def request(self, method: str, path: str, *, body=None, headers=None):
         url = self.cfg.url + path
         try:
-            return self.http.request(method, url, fields=fields, body=body, headers=headers or {},
-                                     encode_multipart=False)
+            return self.http.request(method, url, body=body, headers=headers or {})
         except urllib3.exceptions.HTTPError as e:
             reason = getattr(e, "reason", None) or e
             raise SinkError(f"InfluxDB at {self.cfg.url} is unreachable ({_short(reason)}); {_TIMEOUT_HINT}",

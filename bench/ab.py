@@ -1,0 +1,508 @@
+#!/usr/bin/env python3
+"""A/B overhead benchmark: nginx throughput under wrk, without (baseline) and with
+the Sonde agent running (agent), alternated B,A,B,A,... and compared by medians.
+
+    .venv/bin/python bench/ab.py --name tcp_traffic --probe tcp_traffic --runs 5 --duration 10
+
+Everything it starts (its own nginx, each agent and that agent's embedded influxd,
+wrk, temp dirs) it stops and removes in finally blocks, by the pid it started.
+Writes bench/results/<name>.json. Needs root (the agent loads BPF programs).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+NGINX_CONF = """\
+worker_processes 2;
+daemon off;
+master_process on;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "hello\\n";
+        }}
+    }}
+}}
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[ab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no output)"
+
+
+# --- /proc sampling -------------------------------------------------------------------
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime+stime of the whole process (all its threads, not its children)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # fields from 3 (state) on
+    return int(fields[11]) + int(fields[12])    # utime (14), stime (15)
+
+
+def rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def children_of(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            kids += [int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+# --- processes we start ---------------------------------------------------------------
+
+def stop_proc(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 20.0, what: str = "") -> None:
+    """Stop one process we started, by its pid: `sig`, then SIGKILL after `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"{what or proc.pid} did not stop within {timeout:.0f} s; SIGKILL")
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+class Nginx:
+    def __init__(self, root: Path):
+        self.prefix = root / "nginx"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> "Nginx":
+        self.prefix.mkdir(parents=True)
+        conf = self.prefix / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(prefix=self.prefix, port=self.port))
+        out = open(self.prefix / "stdout.log", "wb")
+        try:
+            self.proc = subprocess.Popen(
+                ["nginx", "-p", str(self.prefix), "-e", str(self.prefix / "error.log"), "-c", str(conf)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            out.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"nginx exited at start: {tail(self.prefix / 'error.log')} {tail(self.prefix / 'stdout.log')}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=1) as r:
+                    body = r.read()
+                if r.status == 200 and body == b"hello\n":
+                    return self
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise BenchError(f"nginx did not answer on {self.url} within 10 s: {tail(self.prefix / 'error.log')}")
+
+    def stop(self) -> None:
+        # SIGQUIT: graceful shutdown; the master stops its own workers.
+        stop_proc(self.proc, signal.SIGQUIT, timeout=10, what="nginx")
+        self.proc = None
+
+
+class AgentRun:
+    """One `sonde run` with a fresh state dir and free loopback ports for its embedded InfluxDB."""
+
+    def __init__(self, root: Path, sonde: list[str], probes: list[str], interval: float):
+        self.dir = root
+        self.sonde = sonde
+        self.probes = probes
+        self.interval = interval
+        self.http_port, self.rpc_port = free_ports(2)
+        self.proc: subprocess.Popen | None = None
+        self.influxd_pid: int | None = None
+        self.stderr_path = self.dir / "agent.stderr"
+        self.exit_code: int | None = None
+
+    def command(self) -> list[str]:
+        cmd = self.sonde + ["run", "-c", str(self.dir / "sonde.yaml")]
+        for p in self.probes:
+            cmd += ["--probe", p]
+        return cmd
+
+    def start(self, timeout: float = 180.0, settle: float = 2.0) -> "AgentRun":
+        self.dir.mkdir(parents=True)
+        cfg = {  # JSON is YAML
+            "state_dir": str(self.dir / "state"),
+            "interval_seconds": self.interval,
+            "embedded": {"http_port": self.http_port, "rpc_port": self.rpc_port},
+        }
+        (self.dir / "sonde.yaml").write_text(json.dumps(cfg, indent=2) + "\n")
+        err = open(self.stderr_path, "wb")
+        try:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=err,
+                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir)
+        finally:
+            err.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.exit_code = self.proc.returncode
+                raise BenchError(f"agent exited with {self.proc.returncode} before it was ready; its stderr:\n"
+                                 f"{tail(self.stderr_path, 40)}")
+            self._find_influxd()
+            if "polling" in self.stderr_path.read_text(errors="replace") and self._ping():
+                time.sleep(settle)
+                self._find_influxd()
+                return self
+            time.sleep(0.2)
+        raise BenchError(f"agent not ready within {timeout:.0f} s; its stderr:\n{tail(self.stderr_path, 40)}")
+
+    def _ping(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/ping", timeout=1) as r:
+                return r.status == 204
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _find_influxd(self) -> None:
+        if self.influxd_pid is not None or self.proc is None:
+            return
+        for kid in children_of(self.proc.pid):
+            if comm(kid) == "influxd" and any(str(self.dir) in a for a in cmdline(kid)):
+                self.influxd_pid = kid
+
+    def loaded_probes(self) -> list[str]:
+        text = self.stderr_path.read_text(errors="replace")
+        return re.findall(r"probe (\S+) loaded in", text)
+
+    def log_problems(self) -> list[str]:
+        text = self.stderr_path.read_text(errors="replace")
+        return [ln.strip() for ln in text.splitlines()
+                if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|sonde: (error|internal error)", ln)]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # SIGINT: the agent's clean stop (last poll, then it stops its influxd).
+            stop_proc(self.proc, signal.SIGINT, timeout=60, what="agent")
+        if self.proc is not None:
+            self.exit_code = self.proc.returncode
+        self.proc = None
+        # The agent stops its influxd; if the agent was killed, stop the one it started for us.
+        pid = self.influxd_pid
+        if pid and comm(pid) == "influxd" and any(str(self.dir) in a for a in cmdline(pid)):
+            log(f"influxd {pid} outlived its agent; SIGTERM")
+            try:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(100):
+                    if comm(pid) != "influxd":
+                        break
+                    time.sleep(0.1)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# --- wrk --------------------------------------------------------------------------------
+
+def parse_rps(out: str) -> float:
+    m = re.search(r"^Requests/sec:\s*([0-9.]+)", out, re.M)
+    if not m:
+        raise BenchError(f"no 'Requests/sec:' in wrk output:\n{out}")
+    return float(m.group(1))
+
+
+def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] | None = None) -> tuple[float, dict, str]:
+    """Run wrk to the end; meanwhile sample the CPU and RSS of `sample_pids`.
+    Returns (req/s, {name: {"cpu_pct", "rss_kb_max"}}, wrk stdout)."""
+    sample_pids = {k: v for k, v in (sample_pids or {}).items() if v}
+    start_ticks = {k: cpu_ticks(p) for k, p in sample_pids.items()}
+    rss_max = {k: rss_kb(p) or 0 for k, p in sample_pids.items()}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        while proc.poll() is None:
+            for k, p in sample_pids.items():
+                rss_max[k] = max(rss_max[k], rss_kb(p) or 0)
+            try:
+                proc.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() - t0 > duration + 60:
+                raise BenchError(f"wrk still running {duration + 60:.0f} s after start")
+        t1 = time.monotonic()
+        end_ticks = {k: cpu_ticks(p) for k, p in sample_pids.items()}
+        out = proc.stdout.read().decode(errors="replace")
+    finally:
+        stop_proc(proc, signal.SIGTERM, timeout=5, what="wrk")
+        if proc.stdout:
+            proc.stdout.close()
+    if proc.returncode != 0:
+        raise BenchError(f"wrk exited with {proc.returncode}:\n{out}")
+    stats = {}
+    for k in sample_pids:
+        a, b = start_ticks[k], end_ticks[k]
+        cpu = None if a is None or b is None else round((b - a) / CLK_TCK / (t1 - t0) * 100, 2)
+        stats[k] = {"cpu_pct": cpu, "rss_kb_max": rss_max[k]}
+    return parse_rps(out), stats, out
+
+
+# --- main ------------------------------------------------------------------------------
+
+def the_command() -> str:
+    exe = sys.executable
+    rel = os.path.relpath(exe)
+    if not rel.startswith(".."):
+        exe = rel
+    return shlex.join([exe] + sys.argv)
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 2) if xs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", required=True, help="result name: writes bench/results/NAME.json")
+    ap.add_argument("--probe", action="append", default=[], metavar="NAME",
+                    help="run the agent with only this probe (repeatable; default: all probes)")
+    ap.add_argument("--runs", type=int, default=5, help="runs per arm (default 5)")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    ap.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
+    ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    ap.add_argument("--interval", type=float, default=10, help="agent interval_seconds (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="seconds of unrecorded wrk before the first run (default 3; 0: none)")
+    ap.add_argument("--notes", default="", help="free text stored in the result")
+    ap.add_argument("--out", type=Path, default=None, help="result file (default bench/results/NAME.json)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (nginx and agent logs, configs) for debugging")
+    args = ap.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+        ap.error("--name: letters, digits, '.', '_' and '-' only")
+    if args.runs < 1 or args.duration < 1:
+        ap.error("--runs and --duration must be at least 1")
+    if os.geteuid() != 0:
+        print("ab: must run as root (the agent loads BPF programs)", file=sys.stderr)
+        return 1
+    for tool in ("nginx", "wrk"):
+        if not shutil.which(tool):
+            print(f"ab: {tool} not found on PATH; scripts/setup.sh install installs it", file=sys.stderr)
+            return 1
+    sonde_bin = Path(sys.executable).parent / "sonde"
+    sonde = [str(sonde_bin)] if sonde_bin.exists() else [sys.executable, "-m", "ingest.cli"]
+
+    command = the_command()
+    started = dt.datetime.now(dt.timezone.utc)
+    out_path = args.out or RESULTS_DIR / f"{args.name}.json"
+
+    # SIGTERM/SIGHUP to us: unwind through the finally blocks like Ctrl-C does.
+    def _term(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGHUP, _term)
+
+    baseline: list[float] = []
+    agent: list[float] = []
+    agent_cpu: list[float] = []
+    influxd_cpu: list[float] = []
+    agent_rss_kb: list[int] = []
+    influxd_rss_kb: list[int] = []
+    loaded: list[str] = []
+    problems: list[str] = []
+    order: list[str] = []
+
+    tmp = Path(tempfile.mkdtemp(prefix="sonde-ab-"))
+    nginx = Nginx(tmp)
+    try:
+        nginx.start()
+        wrk = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", nginx.url]
+        log(f"nginx {nginx.proc.pid} on {nginx.url}; temp dir {tmp}")
+        if args.warmup:
+            log(f"warm-up: {args.warmup} s of wrk, not recorded")
+            run_wrk(wrk[:3] + [f"-d{args.warmup}s", nginx.url], args.warmup)
+        for i in range(args.runs):
+            # B then A
+            rps, _, _ = run_wrk(wrk, args.duration)
+            baseline.append(rps)
+            order.append("B")
+            log(f"run {i + 1}/{args.runs} baseline: {rps:.0f} req/s")
+
+            run = AgentRun(tmp / f"agent-{i + 1}", sonde, args.probe, args.interval)
+            try:
+                run.start()
+                loaded = loaded or run.loaded_probes()
+                rps, stats, _ = run_wrk(wrk, args.duration, {"agent": run.proc.pid, "influxd": run.influxd_pid})
+                if run.proc.poll() is not None:
+                    raise BenchError(f"agent exited with {run.proc.returncode} during the wrk run; its stderr:\n"
+                                     f"{tail(run.stderr_path, 40)}")
+            finally:
+                run.stop()
+                for line in run.log_problems():
+                    if line not in problems:
+                        problems.append(line)
+            if run.exit_code not in (0, None):
+                problems.append(f"agent run {i + 1} exited with {run.exit_code}")
+            agent.append(rps)
+            order.append("A")
+            a, f = stats.get("agent", {}), stats.get("influxd", {})
+            agent_cpu.append(a.get("cpu_pct"))
+            agent_rss_kb.append(a.get("rss_kb_max") or 0)
+            influxd_cpu.append(f.get("cpu_pct"))
+            influxd_rss_kb.append(f.get("rss_kb_max") or 0)
+            log(f"run {i + 1}/{args.runs} agent:    {rps:.0f} req/s; agent CPU {a.get('cpu_pct')} %, "
+                f"RSS {(a.get('rss_kb_max') or 0) / 1024:.1f} MB; influxd CPU {f.get('cpu_pct')} %")
+    except BenchError as e:
+        print(f"ab: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ab: interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        nginx.stop()
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    b_med, a_med = median(baseline), median(agent)
+    probes = args.probe or loaded
+    result = {
+        "name": args.name,
+        "what": (f"nginx (2 workers, 6-byte body) under wrk -t{args.threads} -c{args.connections} "
+                 f"-d{args.duration}s, alternated without/with `sonde run` "
+                 f"({', '.join(probes) if probes else 'all probes'})"),
+        "command": command,
+        "date": started.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "runs": args.runs,
+        "unit": "req/s",
+        "baseline_median": b_med,
+        "agent_median": a_med,
+        "loss_pct": round((b_med - a_med) / b_med * 100, 2),
+        "baseline_runs": baseline,
+        "agent_runs": agent,
+        "order": "".join(order),
+        "duration_s": args.duration,
+        "wrk": f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
+        "agent_interval_seconds": args.interval,
+        "agent_cpu_pct_runs": agent_cpu,
+        "agent_cpu_pct_median": median(agent_cpu),
+        "agent_rss_mb_max": round(max(agent_rss_kb) / 1024, 1) if agent_rss_kb else None,
+        "influxd_cpu_pct_median": median(influxd_cpu),
+        "influxd_rss_mb_max": round(max(influxd_rss_kb) / 1024, 1) if influxd_rss_kb else None,
+        "probes": probes,
+        "probes_requested": args.probe or "all",
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "agent_log_problems": problems,
+        "notes": args.notes or ("CPU % is of one core over the wrk window (utime+stime from /proc/PID/stat); "
+                                "agent = the sonde python process only, influxd = its embedded InfluxDB child. "
+                                "BPF program time runs in nginx's and wrk's context, so it shows in loss_pct, "
+                                "not in agent CPU. nginx, wrk and the agent share this machine's cores."),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    log(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
