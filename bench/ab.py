@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -268,6 +269,20 @@ class AgentRun:
             if comm(kid) == "influxd" and any(str(self.dir) in a for a in cmdline(kid)):
                 self.influxd_pid = kid
 
+    def count_points(self) -> dict[str, int] | None:
+        """Points per measurement in the embedded InfluxDB now: shows the probes really wrote."""
+        q = urllib.parse.urlencode({"db": "sonde", "q": "SELECT count(*) FROM /.*/"})
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/query?{q}", timeout=5) as r:
+                res = json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        counts = {}
+        for series in res.get("results", [{}])[0].get("series", []):
+            values = [v for v in series["values"][0][1:] if isinstance(v, int)]
+            counts[series["name"]] = max(values) if values else 0
+        return counts
+
     def loaded_probes(self) -> list[str]:
         text = self.stderr_path.read_text(errors="replace")
         return re.findall(r"probe (\S+) loaded in", text)
@@ -408,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded: list[str] = []
     problems: list[str] = []
     order: list[str] = []
+    points_seen: list[dict | None] = []
 
     tmp = Path(tempfile.mkdtemp(prefix="sonde-ab-"))
     nginx = Nginx(tmp)
@@ -433,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 if run.proc.poll() is not None:
                     raise BenchError(f"agent exited with {run.proc.returncode} during the wrk run; its stderr:\n"
                                      f"{tail(run.stderr_path, 40)}")
+                seen = run.count_points()
             finally:
                 run.stop()
                 for line in run.log_problems():
@@ -442,13 +459,14 @@ def main(argv: list[str] | None = None) -> int:
                 problems.append(f"agent run {i + 1} exited with {run.exit_code}")
             agent.append(rps)
             order.append("A")
+            points_seen.append(seen)
             a, f = stats.get("agent", {}), stats.get("influxd", {})
             agent_cpu.append(a.get("cpu_pct"))
             agent_rss_kb.append(a.get("rss_kb_max") or 0)
             influxd_cpu.append(f.get("cpu_pct"))
             influxd_rss_kb.append(f.get("rss_kb_max") or 0)
             log(f"run {i + 1}/{args.runs} agent:    {rps:.0f} req/s; agent CPU {a.get('cpu_pct')} %, "
-                f"RSS {(a.get('rss_kb_max') or 0) / 1024:.1f} MB; influxd CPU {f.get('cpu_pct')} %")
+                f"RSS {(a.get('rss_kb_max') or 0) / 1024:.1f} MB; influxd CPU {f.get('cpu_pct')} %; points {seen}")
     except BenchError as e:
         print(f"ab: {e}", file=sys.stderr)
         return 1
@@ -487,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_rss_mb_max": round(max(agent_rss_kb) / 1024, 1) if agent_rss_kb else None,
         "influxd_cpu_pct_median": median(influxd_cpu),
         "influxd_rss_mb_max": round(max(influxd_rss_kb) / 1024, 1) if influxd_rss_kb else None,
+        "agent_points_in_influxdb_after_wrk": points_seen,
         "probes": probes,
         "probes_requested": args.probe or "all",
         "kernel": os.uname().release,
