@@ -40,3 +40,14 @@ def test_field_names_carry_units():
         for f in m.fields:
             if f.unit in ("bytes", "seconds", "us"):
                 assert f.name.endswith("_" + f.unit), f"{m.name}.{f.name}: unit {f.unit} must be in the name"
+
+
+def test_readme_config_reference_parses():
+    import re
+
+    from ingest import config
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Config reference.*?```yaml\n(.*?)```", text, re.S).group(1)
+    cfg = config.parse(block, "README.md")
+    assert cfg == config.Config(host="web-1", probes={"tcp_traffic": config.ProbeConfig()}), "README's config reference must list the defaults"
