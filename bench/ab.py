@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -210,9 +211,11 @@ class Nginx:
 class AgentRun:
     """One `sonde run` with a fresh state dir and free loopback ports for its embedded InfluxDB."""
 
-    def __init__(self, root: Path, sonde: list[str], probes: list[str], interval: float):
+    def __init__(self, root: Path, sonde: list[str], probes: list[str], interval: float,
+                 env: dict[str, str] | None = None):
         self.dir = root
         self.sonde = sonde
+        self.env = env
         self.probes = probes
         self.interval = interval
         self.http_port, self.rpc_port = free_ports(2)
@@ -238,7 +241,8 @@ class AgentRun:
         err = open(self.stderr_path, "wb")
         try:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=err,
-                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir)
+                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir,
+                                         env=self.env)
         finally:
             err.close()
         deadline = time.monotonic() + timeout
@@ -370,6 +374,36 @@ def the_command() -> str:
     return shlex.join([exe] + sys.argv)
 
 
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def source_description() -> str:
+    """Which code the agent ran: HEAD, and whether ingest/ or bpf/ had uncommitted changes."""
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--", "ingest", "bpf")
+    except (OSError, subprocess.CalledProcessError):
+        return "working tree (not a git checkout?)"
+    if not dirty:
+        return f"working tree at {head}, ingest/ and bpf/ clean"
+    return f"working tree at {head} with uncommitted changes in: {', '.join(l[3:] for l in dirty.splitlines())}"
+
+
+def export_rev(rev: str, dest: Path) -> str:
+    """`git archive REV` into dest, so the agent runs committed code, not a tree others are editing."""
+    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    dest.mkdir(parents=True)
+    archive = subprocess.Popen(["git", "archive", "--format=tar", sha], cwd=REPO, stdout=subprocess.PIPE)
+    try:
+        subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    finally:
+        archive.stdout.close()
+        if archive.wait() != 0:
+            raise BenchError(f"git archive {sha} failed")
+    return sha
+
+
 def median(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None]
     return round(statistics.median(xs), 2) if xs else None
@@ -388,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="seconds of unrecorded wrk before the first run (default 3; 0: none)")
     ap.add_argument("--notes", default="", help="free text stored in the result")
     ap.add_argument("--out", type=Path, default=None, help="result file (default bench/results/NAME.json)")
+    ap.add_argument("--rev", metavar="REV",
+                    help="run the agent from `git archive REV` in a temp dir instead of the working tree "
+                         "(reproducible while others edit the tree)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (nginx and agent logs, configs) for debugging")
     args = ap.parse_args(argv)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
@@ -403,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     sonde_bin = Path(sys.executable).parent / "sonde"
     sonde = [str(sonde_bin)] if sonde_bin.exists() else [sys.executable, "-m", "ingest.cli"]
+    agent_env = None
 
     command = the_command()
     started = dt.datetime.now(dt.timezone.utc)
@@ -428,6 +466,18 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sonde-ab-"))
     nginx = Nginx(tmp)
     try:
+        if args.rev:
+            try:
+                sha = export_rev(args.rev, tmp / "src")
+            except subprocess.CalledProcessError as e:
+                raise BenchError(f"--rev {args.rev}: {(e.stderr or '').strip() or e}")
+            # PYTHONPATH comes before the venv's editable install, so ingest/ and bpf/ are the export's.
+            sonde = [sys.executable, "-m", "ingest.cli"]
+            agent_env = dict(os.environ, PYTHONPATH=str(tmp / "src"))
+            source = f"git archive {sha[:12]} ({args.rev})"
+        else:
+            source = source_description()
+        log(f"agent code: {source}")
         nginx.start()
         wrk = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", nginx.url]
         log(f"nginx {nginx.proc.pid} on {nginx.url}; temp dir {tmp}")
@@ -441,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             order.append("B")
             log(f"run {i + 1}/{args.runs} baseline: {rps:.0f} req/s")
 
-            run = AgentRun(tmp / f"agent-{i + 1}", sonde, args.probe, args.interval)
+            run = AgentRun(tmp / f"agent-{i + 1}", sonde, args.probe, args.interval, agent_env)
             try:
                 run.start()
                 loaded = loaded or run.loaded_probes()
@@ -506,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         "influxd_cpu_pct_median": median(influxd_cpu),
         "influxd_rss_mb_max": round(max(influxd_rss_kb) / 1024, 1) if influxd_rss_kb else None,
         "agent_points_in_influxdb_after_wrk": points_seen,
+        "agent_source": source,
         "probes": probes,
         "probes_requested": args.probe or "all",
         "kernel": os.uname().release,

@@ -21,3 +21,21 @@
 #define SONDE_COMM_LEN 16
 
 #endif
+
+/* Exp2 histogram slot: 0 for 0, else floor(log2(v)) + 1, so slot s holds
+ * values in [2^(s-1), 2^s - 1] and its upper bound (the `le` tag) is 2^s - 1.
+ * Slots at or past SONDE_HIST_SLOTS - 1 land in the last, reported as +Inf. */
+#define SONDE_HIST_SLOTS 40
+
+static __always_inline u32 sonde_log2_slot(u64 v)
+{
+    u32 r = 0;
+    if (v >> 32) { v >>= 32; r += 32; }
+    if (v >> 16) { v >>= 16; r += 16; }
+    if (v >> 8)  { v >>= 8;  r += 8; }
+    if (v >> 4)  { v >>= 4;  r += 4; }
+    if (v >> 2)  { v >>= 2;  r += 2; }
+    if (v >> 1)  { r += 1; v >>= 1; }
+    r += v;  /* v is 0 or 1 here: adds the final +1 for non-zero input */
+    return r >= SONDE_HIST_SLOTS - 1 ? SONDE_HIST_SLOTS - 1 : r;
+}

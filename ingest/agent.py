@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 
 from . import catalog
+from .cardinality import SeriesBudget
 from .config import Config
 from .delivery import Deliverer
 from .embedded import InfluxServer
@@ -49,6 +50,7 @@ class Agent:
         self.sink = None
         self.deliverer: Deliverer | None = None
         self._spool_dropped = 0
+        self.budget = SeriesBudget(config.cardinality.max_series, config.cardinality.window_hours * 3600)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -78,7 +80,7 @@ class Agent:
             if not self.config.probe(name).enabled:
                 continue
             started = time.monotonic()
-            self.probes[name] = LoadedProbe.load(spec, self.config)
+            self.probes[name] = LoadedProbe.load(spec, self.config, self.budget)
             log.info("probe %s loaded in %.2f s", name, time.monotonic() - started)
 
     def stop(self) -> None:

@@ -59,6 +59,17 @@ PID = Tag("pid", "Process id (tgid) in the root pid namespace, or `other` for pr
 COMM = Tag("comm", "Process name (kernel comm, at most 15 bytes); bytes that are not printable UTF-8 are written as \\xNN.")
 PROBE = Tag("probe", "Probe name, the stem of its bpf/<probe>.bpf.c file.")
 
+ROLE = Tag("role", "`client`: this process opened the connection; `server`: it accepted it; "
+                  "`unknown`: the connection predates the agent.")
+PEER = Tag("peer", "Remote IP address (IPv4 dotted, IPv6 RFC 5952), or `other` past the top-M peers.")
+PORT = Tag("port", "For `client` flows the remote port; for `server` flows the local listening port. "
+                   "Client ephemeral ports are never tags.")
+LE = Tag("le", "Histogram bucket upper bound, inclusive, in the measurement's unit; `+Inf` for the last.")
+STATE = Tag("state", "TCP state, as `ss` names it: ESTABLISHED, SYN_SENT, CLOSE_WAIT, ...")
+REASON = Tag("reason", "Why the kernel sent the reset (sk_rst_reason, named from the running kernel's tracefs format).")
+
+FLOW_TAGS = (HOST, PID, COMM, ROLE, PEER, PORT)
+
 _INTERVAL_NOTE = "Per-interval delta: sum over time and divide by the interval for a rate."
 
 MEASUREMENTS: dict[str, Measurement] = {}
@@ -84,6 +95,109 @@ TCP_TRAFFIC = _declare(Measurement(
         Field("tx_calls", "int", "calls", "Send calls that moved at least one byte."),
         Field("rx_calls", "int", "calls", "Receive calls that moved at least one byte."),
     ),
+))
+
+TCP_FLOW = _declare(Measurement(
+    name="tcp_flow",
+    kind="delta",
+    help="TCP connection counters per process and peer endpoint. " + _INTERVAL_NOTE,
+    source="sock:sock_send_length/sock_recv_length, sock:inet_sock_set_state, tcp:tcp_probe, "
+           "tcp:tcp_retransmit_skb, tcp:tcp_send_reset, tcp:tcp_receive_reset, tcp:tcp_destroy_sock (probe tcp_flow)",
+    tags=FLOW_TAGS,
+    fields=(
+        Field("tx_bytes", "int", "bytes", "Bytes the process sent to this peer (successful send calls)."),
+        Field("rx_bytes", "int", "bytes", "Bytes the process read from this peer (MSG_PEEK excluded)."),
+        Field("rx_segments", "int", "segments", "Segments received on established connections (tcp_probe), pure ACKs included."),
+        Field("active_opens", "int", "connections", "Connections this process opened that reached ESTABLISHED."),
+        Field("passive_opens", "int", "connections", "Connections this process accepted."),
+        Field("connect_refused", "int", "connections", "Connects answered with a reset (port closed, or refused)."),
+        Field("connect_timeouts", "int", "connections",
+              "Connects that failed without a reset: SYN retries exhausted, or abandoned by the caller."),
+        Field("closes", "int", "connections", "Established connections that reached CLOSE."),
+        Field("retransmits", "int", "segments", "Retransmitted segments (one per retransmitted skb)."),
+        Field("resets_sent", "int", "segments", "Resets this side sent."),
+        Field("resets_received", "int", "segments", "Resets this side received."),
+        Field("zero_window_segments", "int", "segments", "Received segments advertising a zero receive window."),
+    ),
+))
+
+TCP_WINDOW = _declare(Measurement(
+    name="tcp_window",
+    kind="gauge",
+    help="Round-trip time and windows per process and peer over the interval, from every segment "
+         "received on an established connection. Written only for intervals with samples.",
+    source="tcp:tcp_probe (probe tcp_flow)",
+    tags=FLOW_TAGS,
+    fields=(
+        Field("samples", "int", "segments", "Segments sampled this interval."),
+        Field("srtt_max_us", "int", "us", "Largest smoothed RTT seen this interval."),
+        Field("srtt_mean_us", "float", "us", "Mean smoothed RTT over the interval's samples."),
+        Field("srtt_last_us", "int", "us", "Smoothed RTT at the last sample."),
+        Field("snd_cwnd_min", "int", "segments", "Smallest congestion window this interval."),
+        Field("snd_cwnd_mean", "float", "segments", "Mean congestion window."),
+        Field("snd_cwnd_last", "int", "segments", "Congestion window at the last sample."),
+        Field("snd_wnd_min_bytes", "int", "bytes", "Smallest send window (the peer's advertised window)."),
+        Field("snd_wnd_mean_bytes", "float", "bytes", "Mean send window."),
+        Field("snd_wnd_last_bytes", "int", "bytes", "Send window at the last sample."),
+        Field("rcv_wnd_min_bytes", "int", "bytes", "Smallest receive window this side advertised."),
+        Field("rcv_wnd_mean_bytes", "float", "bytes", "Mean receive window."),
+        Field("rcv_wnd_last_bytes", "int", "bytes", "Receive window at the last sample."),
+    ),
+))
+
+
+def _histogram(name: str, what: str, source: str) -> None:
+    """A histogram is two measurements: `<name>_hist` buckets and `<name>` summary."""
+    _declare(Measurement(
+        name=f"{name}_hist",
+        kind="delta",
+        help=f"{what}: exp2 histogram buckets, non-cumulative counts per interval. Sum `count` "
+             f"over hosts and time, then take percentiles from the summed buckets.",
+        source=source,
+        tags=FLOW_TAGS + (LE,),
+        fields=(Field("count", "int", "observations", "Observations in this bucket this interval."),),
+    ))
+    _declare(Measurement(
+        name=name,
+        kind="delta",
+        help=f"{what}: per-interval summary. Percentiles are bucket upper bounds from this "
+             f"interval's buckets (alerts may use them; backtrack recomputes from `{name}_hist`).",
+        source=source,
+        tags=FLOW_TAGS,
+        fields=(
+            Field("count", "int", "observations", "Observations this interval."),
+            Field("sum_us", "int", "us", "Sum of observed values."),
+            Field("max_us", "int", "us", "Largest observed value this interval."),
+            Field("p50_us", "int", "us", "Median (bucket upper bound)."),
+            Field("p90_us", "int", "us", "90th percentile (bucket upper bound)."),
+            Field("p99_us", "int", "us", "99th percentile (bucket upper bound)."),
+        ),
+    ))
+
+
+_histogram("tcp_srtt", "Smoothed RTT per received segment, in microseconds", "tcp:tcp_probe (probe tcp_flow)")
+_histogram("tcp_connect_latency", "Connect latency, SYN_SENT to ESTABLISHED, in microseconds",
+           "sock:inet_sock_set_state (probe tcp_flow)")
+_histogram("tcp_lifetime", "Connection lifetime, ESTABLISHED to CLOSE, in microseconds",
+           "sock:inet_sock_set_state (probe tcp_flow)")
+
+TCP_STATES = _declare(Measurement(
+    name="tcp_states",
+    kind="gauge",
+    help="Sockets per TCP state per process at poll time: the `ss -tan` picture over time. "
+         "Counts sockets the agent has seen open or used.",
+    source="sock:inet_sock_set_state (probe tcp_flow)",
+    tags=(HOST, PID, COMM, STATE),
+    fields=(Field("sockets", "int", "sockets", "Sockets in this state."),),
+))
+
+TCP_RESETS_SENT = _declare(Measurement(
+    name="tcp_resets_sent",
+    kind="delta",
+    help="Resets sent per process and kernel reason. " + _INTERVAL_NOTE,
+    source="tcp:tcp_send_reset (probe tcp_flow)",
+    tags=(HOST, PID, COMM, REASON),
+    fields=(Field("resets", "int", "segments", "Resets sent for this reason."),),
 ))
 
 SONDE_PROBE = _declare(Measurement(

@@ -76,6 +76,15 @@ class ProbeConfig(_Strict):
     map_entries: int = Field(10240, ge=16, le=1_048_576)
     # Top-N processes kept per interval; the rest are summed into pid=other, comm=other.
     max_processes: int = Field(200, ge=1, le=100_000)
+    # Top-M peers per process kept per interval (probes with peers); the rest fold into peer=other.
+    max_peers: int = Field(20, ge=1, le=100_000)
+
+
+class Cardinality(_Strict):
+    # Hard cap on series one host creates per window, across all probes. InfluxDB 1.x
+    # refuses writes past max-series-per-database (1M by default), shared by the fleet.
+    max_series: int = Field(20_000, ge=10)
+    window_hours: float = Field(24.0, gt=0)
 
 
 class Config(_Strict):
@@ -87,6 +96,7 @@ class Config(_Strict):
     influxdb: InfluxDB = InfluxDB()
     embedded: Embedded = Embedded()
     spool: Spool = Spool()
+    cardinality: Cardinality = Cardinality()
     probes: dict[str, ProbeConfig] = {}
 
     def probe(self, name: str) -> ProbeConfig:

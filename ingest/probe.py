@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import bpf as bpf_pkg
@@ -25,12 +25,13 @@ from . import catalog
 from .config import Config
 from .errors import ProbeError
 from .lineproto import Point, printable_name
+from .cardinality import OTHER, SeriesBudget, top_n
+from .delta import DeltaTracker
 from .procfs import Procfs
 
 log = logging.getLogger("sonde.probe")
 BPF_DIR = Path(bpf_pkg.__file__).parent
 DROPS_MAP = "sonde_drops"  # optional per-probe PERCPU_ARRAY[1]: events lost to a full map
-OTHER = "other"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,11 @@ class CounterMap:
 class Probe:
     name: str
     hooks: tuple[str, ...]         # "category:event" tracepoints that must exist
-    maps: tuple[CounterMap, ...]
+    maps: tuple[CounterMap, ...] = ()
     doc: str = ""
+    # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
+    # whose poll(ts_ns) returns (points, live map entries).
+    decoder: type | None = None
 
 
 def discover() -> dict[str, Probe]:
@@ -110,23 +114,22 @@ def _kernel_comm(leaf, member: str) -> bytes:
     return b""
 
 
-@dataclass
-class _MapState:
-    prev: dict[int, tuple[int, ...]] = field(default_factory=dict)
-
-
 class LoadedProbe:
-    def __init__(self, spec: Probe, config: Config, bpf_obj):
+    """A loaded BPF object plus the state its polls need (previous reads, budget)."""
+
+    def __init__(self, spec: Probe, config: Config, bpf_obj, budget: SeriesBudget | None = None):
         self.spec = spec
         self.config = config
         self.bpf = bpf_obj
         self.procfs = Procfs(config.paths.proc)
-        self.max_processes = config.probe(spec.name).max_processes
-        self._state = {m.map: _MapState() for m in spec.maps}
+        self.settings = config.probe(spec.name)
+        self.budget = budget or SeriesBudget(config.cardinality.max_series, config.cardinality.window_hours * 3600)
+        self._deltas = {m.map: DeltaTracker() for m in spec.maps}
         self._prev_drops = 0
+        self.decoder = spec.decoder(self) if spec.decoder else None
 
     @classmethod
-    def load(cls, spec: Probe, config: Config) -> "LoadedProbe":
+    def load(cls, spec: Probe, config: Config, budget: SeriesBudget | None = None) -> "LoadedProbe":
         missing = missing_hooks(spec, config.paths.tracefs)
         if missing:
             raise ProbeError(
@@ -146,7 +149,10 @@ class LoadedProbe:
             raise ProbeError(f"probe {spec.name}: bcc could not load {src.name}: {str(e).splitlines()[0]}; "
                              f"check kernel headers under /lib/modules/{os.uname().release}/build")
         _malloc_trim()
-        return cls(spec, config, obj)
+        return cls(spec, config, obj, budget)
+
+    def table(self, name: str):
+        return self.bpf.get_table(name.encode())
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -160,12 +166,17 @@ class LoadedProbe:
         entries = 0
         ok = 1
         try:
+            if self.decoder:
+                points, entries = self.decoder.poll(ts_ns)
             for m in self.spec.maps:
                 new, n = self._poll_counter_map(m, ts_ns)
                 points.extend(new)
                 entries += n
+            for p in points:
+                catalog.validate_point(p.measurement, p.tags, p.fields)
         except Exception:
             ok = 0
+            points = []
             log.exception("probe %s: poll failed", self.spec.name)
         drops = self._drops_delta()
         self_point = Point("sonde_probe", {"host": self.config.host, "probe": self.spec.name}, {
@@ -179,17 +190,22 @@ class LoadedProbe:
 
     def _drops_delta(self) -> int:
         try:
-            table = self.bpf.get_table(DROPS_MAP.encode())
+            table = self.table(DROPS_MAP)
         except KeyError:
             return 0
         total = sum(int(v) for leaf in table.values() for v in (leaf if hasattr(leaf, "__len__") else [leaf]))
         delta, self._prev_drops = total - self._prev_drops, total
         return max(delta, 0)
 
+    def process_name(self, tgid: int, kernel_comm: bytes, exited: bool = False) -> str:
+        """/proc's name while the process lives, else the comm the kernel recorded."""
+        name = None if exited else self.procfs.comm(tgid)
+        return printable_name(name if name is not None else kernel_comm)
+
     def _poll_counter_map(self, m: CounterMap, ts_ns: int) -> tuple[list[Point], int]:
-        table = self.bpf.get_table(m.map.encode())
+        table = self.table(m.map)
         members = list(m.fields.values())
-        state = self._state[m.map]
+        deltas = self._deltas[m.map]
         rows = []  # (ctypes key, tgid, values, leaf)
         for key, leaf in table.items():
             tgid = int(getattr(key, m.tgid) if m.tgid else key.value)
@@ -207,44 +223,37 @@ class LoadedProbe:
             final[tgid] = (_sum_members(leaf, members), leaf)
 
         per_process = []
-        seen = set()
         for key, tgid, values, leaf in rows:
             if tgid in final:
                 values, leaf = final[tgid]
-            seen.add(tgid)
-            prev = state.prev.get(tgid)
-            # A counter below its previous read means the entry was re-created (pid reuse).
-            deltas = [v - p if prev and v >= p else v for v, p in zip(values, prev or values)]
-            state.prev[tgid] = tuple(values)
-            if any(deltas):
-                name = None if tgid in final else self.procfs.comm(tgid)
-                if name is None:
-                    name = _kernel_comm(leaf, m.comm)
-                per_process.append((tgid, name, dict(zip(m.fields, deltas))))
+            d = deltas.delta(tgid, tuple(values))
+            if any(d):
+                name = self.process_name(tgid, _kernel_comm(leaf, m.comm), exited=tgid in final)
+                per_process.append((str(tgid), name, dict(zip(m.fields, d))))
 
         for key, tgid in dead:
             try:
                 del table[key]
             except KeyError:
                 pass
-            state.prev.pop(tgid, None)
-        for tgid in list(state.prev):
-            if tgid not in seen:
-                del state.prev[tgid]
-
+        deltas.keep_only(tgid for _, tgid, _, _ in rows if tgid not in final)
         return self._fold(m, per_process, ts_ns), len(rows) - len(dead)
 
     def _fold(self, m: CounterMap, per_process, ts_ns: int) -> list[Point]:
-        """Keep the top-N processes by activity; sum the rest into pid=other, comm=other."""
+        """Keep the top-N processes by activity, within the series budget; sum the
+        rest into pid=other, comm=other so totals stay exact."""
         rank = m.rank_by or tuple(m.fields)
-        per_process.sort(key=lambda r: sum(r[2][f] for f in rank), reverse=True)
-        keep, rest = per_process[:self.max_processes], per_process[self.max_processes:]
+        keep, rest = top_n(per_process, self.settings.max_processes, lambda r: sum(r[2][f] for f in rank))
         host = self.config.host
-        points = [Point(m.map, {"host": host, "pid": str(tgid), "comm": printable_name(name)}, fields, ts_ns)
-                  for tgid, name, fields in keep]
+        points = []
+        for pid, name, fields in keep:
+            tags = {"host": host, "pid": pid, "comm": name}
+            if self.budget.admit({(m.map, pid, name)}):
+                points.append(Point(m.map, tags, fields, ts_ns))
+            else:
+                rest.append((pid, name, fields))
         if rest:
             folded = {f: sum(r[2][f] for r in rest) for f in m.fields}
+            self.budget.admit({(m.map, OTHER, OTHER)}, force=True)
             points.append(Point(m.map, {"host": host, "pid": OTHER, "comm": OTHER}, folded, ts_ns))
-        for p in points:
-            catalog.validate_point(p.measurement, p.tags, p.fields)
         return points
