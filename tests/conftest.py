@@ -143,8 +143,10 @@ def select(server: InfluxServer, db: str, q: str) -> list[dict]:
 class Child:
     """A traffic endpoint in its own process (tests/traffic.py), cleaned up by pid."""
 
-    def __init__(self, *args, stdin=False):
+    def __init__(self, *args, stdin=False, netns: str | None = None):
         argv = [sys.executable, str(TRAFFIC)] + [a if isinstance(a, bytes) else str(a) for a in args]
+        if netns:  # `ip netns exec` execs the command, so the pid stays the child's
+            argv = ["ip", "netns", "exec", netns] + argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE if stdin else None,
                                      text=True)
         self.pid = self.proc.pid
@@ -195,3 +197,57 @@ def wait_until(fn, timeout=20.0, interval=0.2, what="condition"):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
+
+
+def sh(*cmd: str) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+class Net:
+    """Two test hosts in network namespaces joined by a veth pair.
+
+    client: 198.18.0.1 / 2001:db8::1 on veth `c0`; server: 198.18.0.2 / 2001:db8::2 on `s0`
+    (benchmarking and documentation ranges only).
+    """
+    V4 = {"client": "198.18.0.1", "server": "198.18.0.2"}
+    V6 = {"client": "2001:db8::1", "server": "2001:db8::2"}
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:6]
+        self.ns = {"client": f"sonde-c-{tag}", "server": f"sonde-s-{tag}"}
+        self.dev = {"client": "c0", "server": "s0"}
+        for ns in self.ns.values():
+            sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", f"c{tag}", "type", "veth", "peer", "name", f"s{tag}")
+        for side, ns in self.ns.items():
+            host_dev = f"{side[0]}{tag}"
+            sh("ip", "link", "set", host_dev, "netns", ns)
+            self.exec(side, "ip", "link", "set", host_dev, "name", self.dev[side])
+            self.exec(side, "ip", "addr", "add", f"{self.V4[side]}/24", "dev", self.dev[side])
+            self.exec(side, "ip", "-6", "addr", "add", f"{self.V6[side]}/64", "dev", self.dev[side], "nodad")
+            self.exec(side, "ip", "link", "set", self.dev[side], "up")
+            self.exec(side, "ip", "link", "set", "lo", "up")
+
+    def exec(self, side: str, *cmd: str) -> str:
+        return sh("ip", "netns", "exec", self.ns[side], *cmd)
+
+    def snmp(self, side: str) -> dict[str, int]:
+        """The namespace's Tcp: counters from /proc/net/snmp (what nstat reads)."""
+        lines = [l.split() for l in self.exec(side, "cat", "/proc/net/snmp").splitlines() if l.startswith("Tcp:")]
+        return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
+
+    def close(self) -> None:
+        for ns in self.ns.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture
+def net():
+    need(shutil.which("ip") is not None, "iproute2 not installed")
+    need(os.geteuid() == 0, "network namespaces need root")
+    n = Net()
+    yield n
+    n.close()

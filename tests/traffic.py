@@ -1,13 +1,27 @@
 """Traffic endpoints run as child processes with a chosen comm, so the kernel
-attributes their bytes to a pid and a name the test knows.
+attributes their bytes to a pid and a name the test knows. Servers write their
+port to PORTFILE once listening.
 
-  traffic.py recv PORTFILE COMM          accept connections, read to EOF, print total per connection
-  traffic.py send HOST PORT COMM N [CHUNK]   connect, send exactly N bytes, close
-  traffic.py burst HOST PORT COMM        connect; for each line N on stdin send N bytes, answer "ok"
+  recv PORTFILE COMM [COUNT] [BIND]      accept COUNT connections, read each to EOF, print bytes
+  send HOST PORT COMM N [CHUNK]          connect, send exactly N bytes, close
+  burst HOST PORT COMM                   connect; per stdin line N send N bytes, answer "ok"
+  accept PORTFILE COMM COUNT MODE BIND   accept COUNT connections; MODE eof: read to EOF and
+                                         close; rst: read one byte, close with SO_LINGER {1,0}
+  connects HOST PORT COMM K [MODE]       K connects; MODE close: close at once; byte: send one
+                                         byte, wait for the peer's close or reset. Prints counts.
+  echo PORTFILE COMM BIND                echo one connection's bytes until EOF
+  pingpong HOST PORT COMM N              N one-byte round trips; prints the median RTT in us
+  messages HOST PORT COMM N SIZE GAP_MS  N writes of SIZE bytes with TCP_NODELAY, GAP_MS apart
+  udpflood HOST PORT COMM SECONDS        UDP datagrams as fast as possible (keeps a qdisc full;
+                                         TCP cannot, its small-queue limit stops it)
 """
 import ctypes
+import os
 import socket
+import statistics
+import struct
 import sys
+import time
 
 PR_SET_NAME = 15
 
@@ -16,34 +30,50 @@ def set_comm(name: bytes) -> None:
     ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
 
 
-def comm_arg(s: str) -> bytes:
-    return s.encode("utf-8", "surrogateescape")
+def arg_bytes(s: str) -> bytes:
+    return os.fsencode(s)
 
 
-def recv(portfile: str, comm: bytes, count: int = 1) -> None:
-    set_comm(comm)
-    host = "::1" if portfile.endswith(".v6") else "127.0.0.1"
-    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    srv.bind((host, 0))
-    srv.listen(16)
+def family_of(host: str):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listen(portfile: str, bind: str) -> socket.socket:
+    srv = socket.socket(family_of(bind))
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((bind, 0))
+    srv.listen(1024)
     with open(portfile + ".tmp", "w") as f:
         f.write(str(srv.getsockname()[1]))
-    import os
     os.rename(portfile + ".tmp", portfile)
+    return srv
+
+
+def read_to_eof(conn) -> int:
+    total = 0
+    while True:
+        try:
+            data = conn.recv(1 << 16)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        total += len(data)
+    return total
+
+
+def recv(portfile, count=1, bind=None):
+    if bind is None:
+        bind = "::1" if portfile.endswith(".v6") else "127.0.0.1"
+    srv = listen(portfile, bind)
     for _ in range(count):
         conn, _ = srv.accept()
-        total = 0
-        while True:
-            data = conn.recv(1 << 16)
-            if not data:
-                break
-            total += len(data)
+        total = read_to_eof(conn)
         conn.close()
         print(total, flush=True)
 
 
-def send(host: str, port: int, comm: bytes, n: int, chunk: int) -> None:
-    set_comm(comm)
+def send(host, port, n, chunk):
     s = socket.create_connection((host, port))
     payload = b"s" * chunk
     left = n
@@ -54,22 +84,117 @@ def send(host: str, port: int, comm: bytes, n: int, chunk: int) -> None:
     s.close()
 
 
-def burst(host: str, port: int, comm: bytes) -> None:
-    set_comm(comm)
+def burst(host, port):
     s = socket.create_connection((host, port))
     for line in sys.stdin:
-        n = int(line)
-        s.sendall(b"b" * n)
+        s.sendall(b"b" * int(line))
         print("ok", flush=True)
     s.close()
 
 
+def accept(portfile, count, bind, mode):
+    srv = listen(portfile, bind)
+    for _ in range(count):
+        conn, _ = srv.accept()
+        if mode == "rst":
+            conn.recv(1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            read_to_eof(conn)
+        conn.close()
+    print("done", flush=True)
+
+
+def connects(host, port, k, mode):
+    ok = refused = reset = 0
+    for _ in range(k):
+        s = socket.socket(family_of(host))
+        try:
+            s.connect((host, port))
+            ok += 1
+            if mode == "byte":
+                s.sendall(b"x")
+                try:
+                    if s.recv(1) == b"":
+                        pass
+                except ConnectionResetError:
+                    reset += 1
+        except ConnectionRefusedError:
+            refused += 1
+        finally:
+            s.close()
+    print(f"ok={ok} refused={refused} reset={reset}", flush=True)
+
+
+def echo(portfile, bind):
+    srv = listen(portfile, bind)
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        data = conn.recv(4096)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.close()
+
+
+def pingpong(host, port, n):
+    s = socket.create_connection((host, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rtts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        s.sendall(b"p")
+        assert s.recv(1) == b"p"
+        rtts.append((time.perf_counter() - t) * 1e6)
+    s.close()
+    print(int(statistics.median(rtts)), flush=True)
+
+
+def messages(host, port, n, size, gap_ms):
+    s = socket.create_connection((host, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for _ in range(n):
+        s.sendall(b"m" * size)
+        time.sleep(gap_ms / 1000)
+    s.shutdown(socket.SHUT_WR)
+    read_to_eof(s)
+    s.close()
+
+
+def udpflood(host, port, seconds):
+    s = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    payload = b"u" * 1200
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(64):
+            try:
+                s.sendto(payload, (host, port))
+            except OSError:  # ENOBUFS when the qdisc is full: that is the point
+                pass
+
+
 if __name__ == "__main__":
-    cmd = sys.argv[1]
+    a = sys.argv[1:]
+    cmd = a[0]
+    set_comm(arg_bytes(a[2] if cmd in ("recv", "accept", "echo") else a[3]))
     if cmd == "recv":
-        recv(sys.argv[2], comm_arg(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+        recv(a[1], int(a[3]) if len(a) > 3 else 1, a[4] if len(a) > 4 else None)
     elif cmd == "send":
-        send(sys.argv[2], int(sys.argv[3]), comm_arg(sys.argv[4]), int(sys.argv[5]),
-             int(sys.argv[6]) if len(sys.argv) > 6 else 65536)
+        send(a[1], int(a[2]), int(a[4]), int(a[5]) if len(a) > 5 else 65536)
     elif cmd == "burst":
-        burst(sys.argv[2], int(sys.argv[3]), comm_arg(sys.argv[4]))
+        burst(a[1], int(a[2]))
+    elif cmd == "accept":
+        accept(a[1], int(a[3]), a[5], a[4])
+    elif cmd == "connects":
+        connects(a[1], int(a[2]), int(a[4]), a[5] if len(a) > 5 else "close")
+    elif cmd == "echo":
+        echo(a[1], a[3])
+    elif cmd == "pingpong":
+        pingpong(a[1], int(a[2]), int(a[4]))
+    elif cmd == "messages":
+        messages(a[1], int(a[2]), int(a[4]), int(a[5]), float(a[6]))
+    elif cmd == "udpflood":
+        udpflood(a[1], int(a[2]), float(a[4]))
+    else:
+        sys.exit(f"unknown mode {cmd}")
