@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -33,7 +34,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+OTHER_CPU_WARN = 10  # % of one core used by processes not ours during a run: flag it
 
 NGINX_CONF = """\
 worker_processes 2;
@@ -328,12 +329,30 @@ def parse_rps(out: str) -> float:
     return float(m.group(1))
 
 
-def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] | None = None) -> tuple[float, dict, str]:
-    """Run wrk to the end; meanwhile sample the CPU and RSS of `sample_pids`.
-    Returns (req/s, {name: {"cpu_pct", "rss_kb_max"}}, wrk stdout)."""
+def system_ticks() -> dict[str, int]:
+    """Machine-wide CPU ticks from /proc/stat: task time (user+nice+system), softirq+irq, steal."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    f += [0] * (10 - len(f))
+    return {"task": f[0] + f[1] + f[2], "irq": f[5] + f[6], "steal": f[7]}
+
+
+def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] | None = None,
+            nginx_pid: int | None = None) -> tuple[float, dict, str]:
+    """Run wrk to the end; meanwhile sample the CPU and RSS of `sample_pids`, and the CPU of
+    nginx (master and workers), wrk, this script and the whole machine, so that CPU used by
+    processes that are not ours ("other": other people's tests, builds) shows per run.
+    Returns (req/s, {name: {"cpu_pct", "rss_kb_max"}, "system": {...}}, wrk stdout)."""
     sample_pids = {k: v for k, v in (sample_pids or {}).items() if v}
-    start_ticks = {k: cpu_ticks(p) for k, p in sample_pids.items()}
+    ours = dict(sample_pids)
+    ours["bench"] = os.getpid()
+    if nginx_pid:
+        ours["nginx"] = nginx_pid
+        for i, kid in enumerate(children_of(nginx_pid)):
+            ours[f"nginx-worker-{i}"] = kid
+    start_ticks = {k: cpu_ticks(p) for k, p in ours.items()}
     rss_max = {k: rss_kb(p) or 0 for k, p in sample_pids.items()}
+    sys0 = system_ticks()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -348,7 +367,9 @@ def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] 
             if time.monotonic() - t0 > duration + 60:
                 raise BenchError(f"wrk still running {duration + 60:.0f} s after start")
         t1 = time.monotonic()
-        end_ticks = {k: cpu_ticks(p) for k, p in sample_pids.items()}
+        end_ticks = {k: cpu_ticks(p) for k, p in ours.items()}
+        sys1 = system_ticks()
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped in the window
         out = proc.stdout.read().decode(errors="replace")
     finally:
         stop_proc(proc, signal.SIGTERM, timeout=5, what="wrk")
@@ -356,11 +377,24 @@ def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] 
             proc.stdout.close()
     if proc.returncode != 0:
         raise BenchError(f"wrk exited with {proc.returncode}:\n{out}")
-    stats = {}
-    for k in sample_pids:
-        a, b = start_ticks[k], end_ticks[k]
-        cpu = None if a is None or b is None else round((b - a) / CLK_TCK / (t1 - t0) * 100, 2)
-        stats[k] = {"cpu_pct": cpu, "rss_kb_max": rss_max[k]}
+    wall = t1 - t0
+
+    def pct(ticks: float | None) -> float | None:
+        return None if ticks is None else round(ticks / CLK_TCK / wall * 100, 2)
+
+    deltas = {k: (None if start_ticks[k] is None or end_ticks[k] is None else end_ticks[k] - start_ticks[k])
+              for k in ours}
+    stats: dict = {k: {"cpu_pct": pct(deltas[k]), "rss_kb_max": rss_max[k]} for k in sample_pids}
+    wrk_s = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    own = sum(d for d in deltas.values() if d) + wrk_s * CLK_TCK
+    stats["system"] = {
+        "nginx_cpu_pct": pct(sum(d or 0 for k, d in deltas.items() if k.startswith("nginx"))),
+        "wrk_cpu_pct": round(wrk_s / wall * 100, 2),
+        "softirq_cpu_pct": pct(sys1["irq"] - sys0["irq"]),
+        "steal_pct": pct(sys1["steal"] - sys0["steal"]),
+        # task time of processes that are not ours; tick rounding makes a few % either way
+        "other_cpu_pct": pct(max(0.0, (sys1["task"] - sys0["task"]) - own)),
+    }
     return parse_rps(out), stats, out
 
 
@@ -374,15 +408,16 @@ def the_command() -> str:
     return shlex.join([exe] + sys.argv)
 
 
-def git(*args: str, cwd: Path = REPO) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+def git(*args: str, cwd: Path = REPO, strip: bool = True) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+    return out.strip() if strip else out.rstrip("\n")
 
 
 def source_description() -> str:
     """Which code the agent ran: HEAD, and whether ingest/ or bpf/ had uncommitted changes."""
     try:
         head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--", "ingest", "bpf")
+        dirty = git("status", "--porcelain", "--", "ingest", "bpf", strip=False)
     except (OSError, subprocess.CalledProcessError):
         return "working tree (not a git checkout?)"
     if not dirty:
@@ -402,6 +437,11 @@ def export_rev(rev: str, dest: Path) -> str:
         if archive.wait() != 0:
             raise BenchError(f"git archive {sha} failed")
     return sha
+
+
+def fmt_system(st: dict) -> str:
+    return (f"nginx {st['nginx_cpu_pct']} %, wrk {st['wrk_cpu_pct']} %, softirq {st['softirq_cpu_pct']} %, "
+            f"steal {st['steal_pct']} %, other processes {st['other_cpu_pct']} %")
 
 
 def median(xs: list[float]) -> float | None:
@@ -462,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     order: list[str] = []
     points_seen: list[dict | None] = []
+    detail: list[dict] = []  # per run, in order: arm, req/s and where the CPU went
 
     tmp = Path(tempfile.mkdtemp(prefix="sonde-ab-"))
     nginx = Nginx(tmp)
@@ -483,19 +524,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"nginx {nginx.proc.pid} on {nginx.url}; temp dir {tmp}")
         if args.warmup:
             log(f"warm-up: {args.warmup} s of wrk, not recorded")
-            run_wrk(wrk[:3] + [f"-d{args.warmup}s", nginx.url], args.warmup)
+            run_wrk(wrk[:3] + [f"-d{args.warmup}s", nginx.url], args.warmup, nginx_pid=nginx.proc.pid)
         for i in range(args.runs):
             # B then A
-            rps, _, _ = run_wrk(wrk, args.duration)
+            rps, stats, _ = run_wrk(wrk, args.duration, nginx_pid=nginx.proc.pid)
             baseline.append(rps)
             order.append("B")
-            log(f"run {i + 1}/{args.runs} baseline: {rps:.0f} req/s")
+            detail.append({"arm": "baseline", "req_s": rps, **stats["system"]})
+            log(f"run {i + 1}/{args.runs} baseline: {rps:.0f} req/s; {fmt_system(stats['system'])}")
 
             run = AgentRun(tmp / f"agent-{i + 1}", sonde, args.probe, args.interval, agent_env)
             try:
                 run.start()
                 loaded = loaded or run.loaded_probes()
-                rps, stats, _ = run_wrk(wrk, args.duration, {"agent": run.proc.pid, "influxd": run.influxd_pid})
+                rps, stats, _ = run_wrk(wrk, args.duration, {"agent": run.proc.pid, "influxd": run.influxd_pid},
+                                        nginx_pid=nginx.proc.pid)
                 if run.proc.poll() is not None:
                     raise BenchError(f"agent exited with {run.proc.returncode} during the wrk run; its stderr:\n"
                                      f"{tail(run.stderr_path, 40)}")
@@ -511,12 +554,14 @@ def main(argv: list[str] | None = None) -> int:
             order.append("A")
             points_seen.append(seen)
             a, f = stats.get("agent", {}), stats.get("influxd", {})
+            detail.append({"arm": "agent", "req_s": rps, "agent_cpu_pct": a.get("cpu_pct"),
+                           "influxd_cpu_pct": f.get("cpu_pct"), **stats["system"]})
             agent_cpu.append(a.get("cpu_pct"))
             agent_rss_kb.append(a.get("rss_kb_max") or 0)
             influxd_cpu.append(f.get("cpu_pct"))
             influxd_rss_kb.append(f.get("rss_kb_max") or 0)
             log(f"run {i + 1}/{args.runs} agent:    {rps:.0f} req/s; agent CPU {a.get('cpu_pct')} %, "
-                f"RSS {(a.get('rss_kb_max') or 0) / 1024:.1f} MB; influxd CPU {f.get('cpu_pct')} %; points {seen}")
+                f"RSS {(a.get('rss_kb_max') or 0) / 1024:.1f} MB; influxd CPU {f.get('cpu_pct')} %; points {seen}; {fmt_system(stats['system'])}")
     except BenchError as e:
         print(f"ab: {e}", file=sys.stderr)
         return 1
@@ -531,6 +576,18 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     b_med, a_med = median(baseline), median(agent)
+    other_max = max((d["other_cpu_pct"] or 0) for d in detail)
+    steal_max = max((d["steal_pct"] or 0) for d in detail)
+    warnings = []
+    if other_max > OTHER_CPU_WARN:
+        busy = [f"{d['arm']} run {j // 2 + 1}: {d['other_cpu_pct']} %" for j, d in enumerate(detail)
+                if (d["other_cpu_pct"] or 0) > OTHER_CPU_WARN]
+        warnings.append(f"processes not started by this benchmark used more than {OTHER_CPU_WARN} % of a core "
+                        f"during: {'; '.join(busy)}; those runs are suspect, rerun on a quiet machine")
+    if steal_max > OTHER_CPU_WARN:
+        warnings.append(f"hypervisor steal time reached {steal_max} % of a core in a run")
+    for w in warnings:
+        log(f"warning: {w}")
     probes = args.probe or loaded
     result = {
         "name": args.name,
@@ -556,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         "influxd_cpu_pct_median": median(influxd_cpu),
         "influxd_rss_mb_max": round(max(influxd_rss_kb) / 1024, 1) if influxd_rss_kb else None,
         "agent_points_in_influxdb_after_wrk": points_seen,
+        "other_cpu_pct_max": other_max,
+        "steal_pct_max": steal_max,
+        "warnings": warnings,
+        "run_detail": detail,
         "agent_source": source,
         "probes": probes,
         "probes_requested": args.probe or "all",

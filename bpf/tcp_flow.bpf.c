@@ -294,7 +294,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     }
 
     struct sock_t *s = socks.lookup(&sk);
-    if (os == TCP_SYN_RECV && ns == TCP_ESTABLISHED && !s) {  /* passive open: softirq */
+    if (os == TCP_SYN_RECV && ns == TCP_ESTABLISHED && (!s || s->state != TCP_SYN_RECV)) {
+        /* Passive open, in softirq. A new child socket: an entry already under this
+         * pointer is stale (a socket whose destroy we did not see), so replace it. */
         struct sock_t n = {};
         n.fk.role = ROLE_SERVER;
         n.fk.port = args->sport;
@@ -375,6 +377,7 @@ static __always_inline struct flow_val *flow_of_sock(u64 sk, struct flow_key *un
     return flow_entry(unknown, comm);
 }
 
+#ifndef SONDE_NO_tcp_tcp_probe
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {
     u64 sk = (u64)args->skaddr;
@@ -423,7 +426,9 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     hist_observe(&s->fk, HIST_SRTT, srtt);
     return 0;
 }
+#endif
 
+#ifndef SONDE_NO_tcp_tcp_retransmit_skb
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
     struct flow_key unknown = {};
@@ -435,7 +440,9 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
         __sync_fetch_and_add(&v->retransmits, 1);
     return 0;
 }
+#endif
 
+#ifndef SONDE_NO_tcp_tcp_receive_reset
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
     u64 sk = (u64)args->skaddr;
@@ -451,7 +458,9 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
         __sync_fetch_and_add(&v->resets_received, 1);
     return 0;
 }
+#endif
 
+#ifndef SONDE_NO_tcp_tcp_send_reset
 TRACEPOINT_PROBE(tcp, tcp_send_reset)
 {
     u64 sk = (u64)args->skaddr;
@@ -493,6 +502,7 @@ TRACEPOINT_PROBE(tcp, tcp_send_reset)
         count_drop();
     return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock)
 {

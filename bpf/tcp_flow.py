@@ -190,37 +190,45 @@ class FlowDecoder:
     # --- folding and points ------------------------------------------------------------
 
     def _emit(self, ts: int, flows: list[Flow]) -> list[Point]:
+        """Top-N processes, top-M peers each, within the host's series budget.
+
+        What does not fit folds first into the process's own `peer=other` flow, and
+        when that does not fit either, into `pid=other`: the only series admitted
+        past the budget, a fixed set per role. Counter totals stay exact."""
         settings = self.probe.settings
+        budget = self.probe.budget
         by_proc: dict[int, list[Flow]] = {}
         for f in flows:
             by_proc.setdefault(f.tgid, []).append(f)
-        procs = [(t, fl) for t, fl in by_proc.items()]
-        keep, rest = top_n(procs, settings.max_processes,
+        keep, rest = top_n(list(by_proc.items()), settings.max_processes,
                            lambda p: (sum(f.weight[0] for f in p[1]), sum(f.weight[1] for f in p[1])))
         out: list[Flow] = []
-        other_proc: dict[str, Flow] = {}
+        global_other: dict[str, Flow] = {}
         self.kept_tgids = set()
         for tgid, fl in keep:
             name = self.probe.process_name(tgid, fl[0].comm, exited=fl[0].exited) if tgid else "[unattributed]"
             top, tail = top_n(fl, settings.max_peers, lambda f: f.weight)
-            folded: dict[str, Flow] = {}
             for f in top:
                 f.comm = name
-                if self.probe.budget.admit(self._series(f)):
+                if budget.admit(self._series(f)):
                     out.append(f)
+                    self.kept_tgids.add(tgid)
                 else:
                     tail.append(f)
+            folded: dict[str, Flow] = {}
             for f in tail:
                 self._fold_into(folded, f, str(tgid), name)
             for f in folded.values():
-                self.probe.budget.admit(self._series(f), force=True)
-                out.append(f)
-            self.kept_tgids.add(tgid)
+                if budget.admit(self._series(f)):
+                    out.append(f)
+                    self.kept_tgids.add(tgid)
+                else:
+                    self._fold_into(global_other, f, OTHER, OTHER)
         for tgid, fl in rest:
             for f in fl:
-                self._fold_into(other_proc, f, OTHER, OTHER)
-        for f in other_proc.values():
-            self.probe.budget.admit(self._series(f), force=True)
+                self._fold_into(global_other, f, OTHER, OTHER)
+        for f in global_other.values():
+            budget.admit(self._series(f), force=True)
             out.append(f)
         points = []
         for f in out:
@@ -295,7 +303,7 @@ class FlowDecoder:
             key = (tgid if tgid in self.kept_tgids else OTHER, STATES.get(s.state, str(s.state)))
             counts[key] = counts.get(key, 0) + 1
         self._socks_count = n
-        pts = []
+        merged: dict[tuple, int] = {}
         for (tgid, state), c in counts.items():
             if tgid == OTHER:
                 pid, comm = OTHER, OTHER
@@ -303,9 +311,11 @@ class FlowDecoder:
                 pid, comm = "0", "[unattributed]"
             else:
                 pid, comm = str(tgid), self.probe.process_name(tgid, names[tgid])
-            pts.append(Point("tcp_states", {"host": self.host, "pid": pid, "comm": comm, "state": state},
-                             {"sockets": c}, ts))
-        return pts
+            if pid != OTHER and not self.probe.budget.admit({("tcp_states", pid, comm, state)}):
+                pid, comm = OTHER, OTHER
+            merged[(pid, comm, state)] = merged.get((pid, comm, state), 0) + c
+        return [Point("tcp_states", {"host": self.host, "pid": pid, "comm": comm, "state": state},
+                      {"sockets": c}, ts) for (pid, comm, state), c in merged.items()]
 
     def _resets(self, ts: int, dead: set[int]) -> list[Point]:
         pts = []
@@ -318,9 +328,11 @@ class FlowDecoder:
                 pid = str(k.tgid) if kept else OTHER
                 comm = (self.probe.process_name(k.tgid, bytes(v.comm).split(b"\0", 1)[0], exited=k.tgid in dead)
                         if kept and k.tgid else ("[unattributed]" if kept else OTHER))
-                pts.append(Point("tcp_resets_sent", {
-                    "host": self.host, "pid": pid, "comm": comm,
-                    "reason": self.reason_names.get(k.reason, str(k.reason))}, {"resets": d}, ts))
+                reason = self.reason_names.get(k.reason, str(k.reason))
+                if pid != OTHER and not self.probe.budget.admit({("tcp_resets_sent", pid, comm, reason)}):
+                    pid, comm = OTHER, OTHER
+                pts.append(Point("tcp_resets_sent", {"host": self.host, "pid": pid, "comm": comm, "reason": reason},
+                                 {"resets": d}, ts))
             if k.tgid in dead:
                 self._delete(self.reasons_map, k)
                 self.reason_deltas.forget((k.tgid, k.reason))
@@ -338,7 +350,12 @@ class FlowDecoder:
 PROBE = Probe(
     name="tcp_flow",
     doc=__doc__,
-    hooks=("sock:sock_send_length", "sock:sock_recv_length", "sock:inet_sock_set_state", "tcp:tcp_probe",
-           "tcp:tcp_retransmit_skb", "tcp:tcp_send_reset", "tcp:tcp_receive_reset", "tcp:tcp_destroy_sock"),
+    hooks=("sock:sock_send_length", "sock:sock_recv_length", "sock:inet_sock_set_state", "tcp:tcp_destroy_sock"),
+    optional_hooks={
+        "tcp:tcp_probe": "tcp_window, tcp_srtt and rx_segments/zero_window_segments",
+        "tcp:tcp_retransmit_skb": "tcp_flow.retransmits",
+        "tcp:tcp_send_reset": "tcp_flow.resets_sent and tcp_resets_sent",
+        "tcp:tcp_receive_reset": "tcp_flow.resets_received, and refused connects count as timeouts",
+    },
     decoder=FlowDecoder,
 )

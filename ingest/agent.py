@@ -54,7 +54,9 @@ class Agent:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> "Agent":
+    def start(self, deliver: bool = True) -> "Agent":
+        """Start the store (if embedded), the sink and the probes; `deliver=False`
+        leaves points in the spool until `deliverer.start()`."""
         try:
             if self.config.influxdb.api == "embedded":
                 self.embedded = start_embedded(self.config)
@@ -62,7 +64,8 @@ class Agent:
             self.sink = make_sink(sink_cfg)
             self.deliverer = Deliverer(self.spool, self.sink, sink_cfg.batch_points, max_backoff=self._max_backoff)
             self.load_probes()
-            self.deliverer.start()
+            if deliver:
+                self.deliverer.start()
         except BaseException:
             self.stop()
             raise

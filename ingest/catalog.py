@@ -213,6 +213,11 @@ SONDE_PROBE = _declare(Measurement(
         Field("map_full_drops", "int", "events",
               "Events not counted because a map was full, this interval. Non-zero means lost data: raise the map size."),
         Field("points", "int", "points", "Points the poll produced."),
+        Field("kernel_misses", "int", "events",
+              "Hook invocations the kernel skipped this interval because another BPF program was running on "
+              "that CPU (bpf_prog_info.recursion_misses). Counts in this probe are short by at most this many."),
+        Field("hooks_missing", "int", "hooks",
+              "Optional tracepoints this kernel lacks; the metrics they feed are off (named in the agent's log)."),
     ),
 ))
 

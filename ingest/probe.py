@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpf as bpf_pkg
@@ -25,6 +25,7 @@ from . import catalog
 from .config import Config
 from .errors import ProbeError
 from .lineproto import Point, printable_name
+from .bpfinfo import recursion_misses
 from .cardinality import OTHER, SeriesBudget, top_n
 from .delta import DeltaTracker
 from .procfs import Procfs
@@ -53,6 +54,9 @@ class Probe:
     name: str
     hooks: tuple[str, ...]         # "category:event" tracepoints that must exist
     maps: tuple[CounterMap, ...] = ()
+    # Hooks the probe can run without: hook -> the metrics lost when it is missing.
+    # The C wraps each in `#ifndef SONDE_NO_<category>_<event>`.
+    optional_hooks: dict[str, str] = field(default_factory=dict)
     doc: str = ""
     # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
     # whose poll(ts_ns) returns (points, live map entries).
@@ -74,9 +78,9 @@ def discover() -> dict[str, Probe]:
     return found
 
 
-def missing_hooks(spec: Probe, tracefs: Path) -> list[str]:
+def missing_hooks(spec: Probe, tracefs: Path, hooks=None) -> list[str]:
     events = Path(tracefs) / "events"
-    return [h for h in spec.hooks if not (events / h.replace(":", "/")).is_dir()]
+    return [h for h in (spec.hooks if hooks is None else hooks) if not (events / h.replace(":", "/")).is_dir()]
 
 
 def ensure_tracefs(tracefs: Path) -> None:
@@ -117,8 +121,10 @@ def _kernel_comm(leaf, member: str) -> bytes:
 class LoadedProbe:
     """A loaded BPF object plus the state its polls need (previous reads, budget)."""
 
-    def __init__(self, spec: Probe, config: Config, bpf_obj, budget: SeriesBudget | None = None):
+    def __init__(self, spec: Probe, config: Config, bpf_obj, budget: SeriesBudget | None = None,
+                 missing_optional: tuple[str, ...] = ()):
         self.spec = spec
+        self.missing_optional = missing_optional
         self.config = config
         self.bpf = bpf_obj
         self.procfs = Procfs(config.paths.proc)
@@ -126,6 +132,7 @@ class LoadedProbe:
         self.budget = budget or SeriesBudget(config.cardinality.max_series, config.cardinality.window_hours * 3600)
         self._deltas = {m.map: DeltaTracker() for m in spec.maps}
         self._prev_drops = 0
+        self._prev_misses = 0
         self.decoder = spec.decoder(self) if spec.decoder else None
 
     @classmethod
@@ -142,6 +149,11 @@ class LoadedProbe:
             raise ProbeError("bcc is not importable; install Debian's python3-bpfcc and use a venv "
                              "made with --system-site-packages (scripts/setup.sh does both)")
         cflags = [f"-DMAX_ENTRIES={config.probe(spec.name).map_entries}", f"-I{BPF_DIR}"]
+        optional_missing = tuple(missing_hooks(spec, config.paths.tracefs, spec.optional_hooks))
+        for hook in optional_missing:
+            log.warning("probe %s: tracepoint %s is missing from this kernel; %s not reported",
+                        spec.name, hook, spec.optional_hooks[hook])
+            cflags.append("-DSONDE_NO_" + hook.replace(":", "_"))
         src = BPF_DIR / f"{spec.name}.bpf.c"
         try:
             obj = BPF(src_file=str(src).encode(), cflags=cflags)
@@ -149,7 +161,7 @@ class LoadedProbe:
             raise ProbeError(f"probe {spec.name}: bcc could not load {src.name}: {str(e).splitlines()[0]}; "
                              f"check kernel headers under /lib/modules/{os.uname().release}/build")
         _malloc_trim()
-        return cls(spec, config, obj, budget)
+        return cls(spec, config, obj, budget, optional_missing)
 
     def table(self, name: str):
         return self.bpf.get_table(name.encode())
@@ -179,14 +191,22 @@ class LoadedProbe:
             points = []
             log.exception("probe %s: poll failed", self.spec.name)
         drops = self._drops_delta()
+        misses = self._misses_delta()
         self_point = Point("sonde_probe", {"host": self.config.host, "probe": self.spec.name}, {
             "poll_duration_seconds": time.perf_counter() - started,
             "poll_success": ok,
             "map_entries": entries,
             "map_full_drops": drops,
             "points": len(points),
+            "hooks_missing": len(self.missing_optional),
+            "kernel_misses": misses,
         }, ts_ns)
         return points, self_point
+
+    def _misses_delta(self) -> int:
+        total = sum(recursion_misses(fn.fd) for fn in self.bpf.funcs.values())
+        delta, self._prev_misses = total - self._prev_misses, total
+        return max(delta, 0)
 
     def _drops_delta(self) -> int:
         try:

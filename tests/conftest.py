@@ -235,8 +235,10 @@ class Net:
         return sh("ip", "netns", "exec", self.ns[side], *cmd)
 
     def snmp(self, side: str) -> dict[str, int]:
-        """The namespace's Tcp: counters from /proc/net/snmp (what nstat reads)."""
-        lines = [l.split() for l in self.exec(side, "cat", "/proc/net/snmp").splitlines() if l.startswith("Tcp:")]
+        """The namespace's Tcp: counters from /proc/net/snmp (what nstat reads); side
+        `host` is the agent's own (root) namespace."""
+        text = Path("/proc/net/snmp").read_text() if side == "host" else self.exec(side, "cat", "/proc/net/snmp")
+        lines = [l.split() for l in text.splitlines() if l.startswith("Tcp:")]
         return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
 
     def close(self) -> None:

@@ -6,9 +6,11 @@ port to PORTFILE once listening.
   send HOST PORT COMM N [CHUNK]          connect, send exactly N bytes, close
   burst HOST PORT COMM                   connect; per stdin line N send N bytes, answer "ok"
   accept PORTFILE COMM COUNT MODE BIND   accept COUNT connections; MODE eof: read to EOF and
-                                         close; rst: read one byte, close with SO_LINGER {1,0}
+                                         close; rst: read one byte, close with SO_LINGER {1,0};
+                                         close: close at once (TIME_WAIT stays on this side)
   connects HOST PORT COMM K [MODE]       K connects; MODE close: close at once; byte: send one
-                                         byte, wait for the peer's close or reset. Prints counts.
+                                         byte, wait for the peer's close or reset; eof: wait for
+                                         the peer's close, then close. Prints counts.
   echo PORTFILE COMM BIND                echo one connection's bytes until EOF
   pingpong HOST PORT COMM N              N one-byte round trips; prints the median RTT in us
   messages HOST PORT COMM N SIZE GAP_MS  N writes of SIZE bytes with TCP_NODELAY, GAP_MS apart
@@ -99,6 +101,8 @@ def accept(portfile, count, bind, mode):
         if mode == "rst":
             conn.recv(1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif mode == "close":
+            pass
         else:
             read_to_eof(conn)
         conn.close()
@@ -112,7 +116,9 @@ def connects(host, port, k, mode):
         try:
             s.connect((host, port))
             ok += 1
-            if mode == "byte":
+            if mode == "eof":
+                read_to_eof(s)
+            elif mode == "byte":
                 s.sendall(b"x")
                 try:
                     if s.recv(1) == b"":
