@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 
 from ingest import hist
+from ingest.bpfmap import read_all
 from ingest.cardinality import OTHER, top_n
 from ingest.delta import DeltaTracker
 from ingest.lineproto import Point
@@ -129,10 +130,10 @@ class FlowDecoder:
         self._set_epoch(self.epoch)  # samples from now on land in the other slot
         slot = closing & 1
 
-        raw_flows = [(k, v) for k, v in self.flows.items()]
+        raw_flows = read_all(self.flows)
         tgids = {k.tgid for k, _ in raw_flows if k.tgid}
         dead = {t for t in tgids if not self.probe.procfs.alive(t)}
-        raw_hists = [(k, v.value) for k, v in self.hists.items()]
+        raw_hists = [(k, v.value) for k, v in read_all(self.hists)]
         if dead:  # re-read the dead processes' entries now that they cannot change
             raw_flows = [(k, self.flows[k] if k.tgid in dead else v) for k, v in raw_flows]
 
@@ -167,7 +168,7 @@ class FlowDecoder:
         # Reclaim entries of exited processes after their last delta is out.
         for k, _ in raw_flows:
             if k.tgid in dead:
-                self.flows.pop(k, None) if hasattr(self.flows, "pop") else self._delete(self.flows, k)
+                self._delete(self.flows, k)
                 self.flow_deltas.forget(self._fk(k))
         for k, _ in raw_hists:
             if k.fk.tgid in dead:
@@ -296,7 +297,7 @@ class FlowDecoder:
         counts: dict[tuple, int] = {}
         names: dict[int, bytes] = {}
         n = 0
-        for _, s in self.socks.items():
+        for _, s in read_all(self.socks):
             n += 1
             tgid = s.fk.tgid
             names.setdefault(tgid, bytes(s.comm).split(b"\0", 1)[0])

@@ -43,27 +43,37 @@ static __always_inline int is_tcp(u16 family, u16 protocol)
            (family == SONDE_AF_INET || family == SONDE_AF_INET6);
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+static __always_inline int on_send(u16 family, u16 protocol, int ret)
 {
-    if (args->ret <= 0 || !is_tcp(args->family, args->protocol))
+    if (ret <= 0 || !is_tcp(family, protocol))
         return 0;
     struct traffic_t *v = traffic_entry();
     if (v) {
-        v->tx_bytes += args->ret;
+        v->tx_bytes += ret;
         v->tx_calls += 1;
     }
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+static __always_inline int on_recv(u16 family, u16 protocol, int ret, int flags)
 {
     /* A MSG_PEEK read leaves the bytes queued: the real read counts them. */
-    if (args->ret <= 0 || (args->flags & SONDE_MSG_PEEK) || !is_tcp(args->family, args->protocol))
+    if (ret <= 0 || (flags & SONDE_MSG_PEEK) || !is_tcp(family, protocol))
         return 0;
     struct traffic_t *v = traffic_entry();
     if (v) {
-        v->rx_bytes += args->ret;
+        v->rx_bytes += ret;
         v->rx_calls += 1;
     }
     return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    return on_send(args->family, args->protocol, args->ret);
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    return on_recv(args->family, args->protocol, args->ret, args->flags);
 }

@@ -77,6 +77,9 @@ class Agent:
         unknown = set(self.config.probes) - set(specs)
         if unknown:
             raise SondeError(f"config: probes.{sorted(unknown)[0]} names no probe; known probes: {', '.join(specs)}")
+        unknown = set(self._only or ()) - set(specs)
+        if unknown:
+            raise SondeError(f"--probe {sorted(unknown)[0]} names no probe; known probes: {', '.join(specs)}")
         for name, spec in specs.items():
             if self._only is not None and name not in self._only:
                 continue

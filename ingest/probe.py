@@ -57,6 +57,7 @@ class Probe:
     # Hooks the probe can run without: hook -> the metrics lost when it is missing.
     # The C wraps each in `#ifndef SONDE_NO_<category>_<event>`.
     optional_hooks: dict[str, str] = field(default_factory=dict)
+
     doc: str = ""
     # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
     # whose poll(ts_ns) returns (points, live map entries).
