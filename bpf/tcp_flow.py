@@ -133,7 +133,7 @@ class FlowDecoder:
         raw_flows = read_all(self.flows)
         tgids = {k.tgid for k, _ in raw_flows if k.tgid}
         dead = {t for t in tgids if not self.probe.procfs.alive(t)}
-        raw_hists = [(k, v.value) for k, v in read_all(self.hists)]
+        raw_hists = [(k, v if isinstance(v, int) else v.value) for k, v in read_all(self.hists)]
         if dead:  # re-read the dead processes' entries now that they cannot change
             raw_flows = [(k, self.flows[k] if k.tgid in dead else v) for k, v in raw_flows]
 

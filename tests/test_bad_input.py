@@ -104,6 +104,14 @@ def test_missing_hook(bpf_ready, tmp_path):
     fake = tmp_path / "tracefs"
     (fake / "events/sock/sock_send_length").mkdir(parents=True)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\n")
+    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\nprobes:\n  tcp_flow:\n    enabled: false\n")
     for command in ("check", "run"):
         one_line_error(sonde(command, "-c", str(cfg)), "tcp_traffic", "sock:sock_recv_length", "enabled: false")
+    # with every probe on, check names each missing hook on its own line
+    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\n")
+    r = sonde("check", "-c", str(cfg))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert all(line.startswith("probe ") and "is missing" in line for line in lines)
+    assert {"probe tcp_traffic: tracepoint sock:sock_recv_length", "probe tcp_flow: tracepoint tcp:tcp_destroy_sock"} <= \
+        {line.split(" is missing")[0] for line in lines}
