@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 CHILD = textwrap.dedent("""
     import os, resource, socket, sys, time
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     mode, n = sys.argv[1], int(sys.argv[2])
     socks = []
     if mode == "server":
@@ -37,7 +38,7 @@ CHILD = textwrap.dedent("""
         print(" ".join(str(s.getsockname()[1]) for s in socks), flush=True)
         conns = []
         for s in socks:
-            c, _ = s.accept(); c.recv(16); c.sendall(b"ok"); conns.append(c)
+            c, _ = s.accept(); s.close(); c.recv(16); c.sendall(b"ok"); conns.append(c)
         print("ready", flush=True)
     else:
         ports = sys.stdin.readline().split()

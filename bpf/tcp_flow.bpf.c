@@ -118,7 +118,7 @@ struct reason_val {
 };
 
 BPF_HASH(socks, u64, struct sock_t, MAX_SOCKS);
-BPF_HASH(listeners, struct listen_key, struct owner_t, 4096);
+BPF_HASH(listeners, struct listen_key, struct owner_t, MAX_ENTRIES);
 BPF_HASH(tcp_flow, struct flow_key, struct flow_val, MAX_ENTRIES);
 BPF_HASH(tcp_hist, struct hist_key, u64, MAX_ENTRIES * 8);
 BPF_HASH(tcp_reset_reason, struct reason_key, struct reason_val, 4096);
@@ -209,6 +209,11 @@ static __always_inline void claim(struct sock_t *s)
         struct flow_val *v = flow_entry(&s->fk, s->comm);
         if (v)
             __sync_fetch_and_add(&v->passive_opens, 1);
+        struct listen_key lk = {.port = s->fk.port, .family = s->fk.family};
+        struct owner_t o = {.tgid = s->fk.tgid};
+        __builtin_memcpy(o.comm, s->comm, sizeof(o.comm));
+        if (listeners.update(&lk, &o))
+            count_drop();
     }
 }
 
@@ -269,12 +274,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     int os = args->oldstate, ns = args->newstate;
     u64 now = bpf_ktime_get_ns();
 
-    if (ns == TCP_LISTEN) {             /* listen(): process context */
+    /* listen() stores its state without this tracepoint, so there is no CLOSE->LISTEN
+     * event; port owners are learnt from the processes that claim accepted sockets. */
+    if (os == TCP_LISTEN) {             /* the listener closed */
         struct listen_key lk = {.port = args->sport, .family = args->family};
-        struct owner_t o = {};
-        o.tgid = bpf_get_current_pid_tgid() >> 32;
-        bpf_get_current_comm(&o.comm, sizeof(o.comm));
-        listeners.update(&lk, &o);
+        listeners.delete(&lk);
         return 0;
     }
     if (os == TCP_CLOSE && ns == TCP_SYN_SENT) {   /* connect(): process context */
@@ -304,7 +308,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         copy_addr(n.fk.addr, args->daddr, args->daddr_v6, args->family);
         n.t_est = now;
         n.state = ns;
-        /* provisional owner: whoever listened on the port, until a process uses it */
+        /* provisional owner: the last process that used a connection accepted on
+         * this port, until a process uses this one */
         struct listen_key lk = {.port = args->sport, .family = args->family};
         struct owner_t *o = listeners.lookup(&lk);
         if (o) {

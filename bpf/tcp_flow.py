@@ -15,9 +15,10 @@ Attribution. Hooks in softirq or timer context (tcp_probe, retransmits, resets,
 passive handshakes) run with an unrelated current task, so the owner comes from a
 socket map keyed by the socket pointer's value (never dereferenced), filled in
 process context and evicted at tcp_destroy_sock. Where it can still miss:
-- a passive connection counts under the process that called listen() until a
-  process first sends, receives or closes on it (nginx: the master, then the
-  worker); segments and retransmits in that window stay with the listener;
+- a passive connection belongs to the first process that sends, receives or closes
+  on it. Before that (handshake to first read) its segments and retransmits count
+  under the process that last claimed a connection on the same listening port (for
+  nginx, possibly the other worker), or under pid 0 for a port's first connection;
 - sockets opened before the agent started get an owner at their first send or
   receive and a peer at their next received segment or state change (`role=unknown`);
 - resets sent for segments that match no socket (a closed port), and events on
