@@ -6,6 +6,11 @@ Filtered in the kernel to protocol TCP and family AF_INET/AF_INET6; failed calls
 zero-byte calls and MSG_PEEK reads are not counted, so the bytes equal what the
 application moved through its sockets.
 
+Off by default: tcp_flow reports the same bytes per process (and per peer), and
+with both on every send and receive pays for two programs. Enable this one alone
+(`probes: {tcp_traffic: {enabled: true}, tcp_flow: {enabled: false}}`) for the
+cheapest per-process view.
+
 Limits:
 - Data moved without sendmsg/recvmsg (sendfile, splice, io_uring's direct ops,
   kernel TLS offload) does not pass these tracepoints and is not counted.
@@ -20,6 +25,7 @@ PROBE = Probe(
     name="tcp_traffic",
     doc=__doc__,
     hooks=("sock:sock_send_length", "sock:sock_recv_length"),
+    default_enabled=False,
     maps=(
         CounterMap(
             map="tcp_traffic",

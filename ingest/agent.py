@@ -14,6 +14,7 @@ from .embedded import InfluxServer
 from .errors import ProbeError, SondeError
 from .lineproto import Point, encode
 from .probe import LoadedProbe, discover, ensure_tracefs
+from .probe import enabled as probe_enabled
 from .sinks import V1Sink, make_sink
 from .spool import Spool
 
@@ -81,9 +82,10 @@ class Agent:
         if unknown:
             raise SondeError(f"--probe {sorted(unknown)[0]} names no probe; known probes: {', '.join(specs)}")
         for name, spec in specs.items():
-            if self._only is not None and name not in self._only:
-                continue
-            if not self.config.probe(name).enabled:
+            if self._only is not None:  # --probe names what to run, whatever the defaults
+                if name not in self._only:
+                    continue
+            elif not probe_enabled(spec, self.config):
                 continue
             started = time.monotonic()
             self.probes[name] = LoadedProbe.load(spec, self.config, self.budget)

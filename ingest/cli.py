@@ -68,6 +68,7 @@ def check_problems(cfg) -> list[str]:
     """Every problem `sonde check` finds, one line each."""
     from .agent import effective_sink_config
     from .probe import discover, missing_hooks
+    from .probe import enabled as probe_enabled
     from .sinks import make_sink
 
     problems = []
@@ -84,7 +85,7 @@ def check_problems(cfg) -> list[str]:
         problems.append(f"tracefs: not mounted at {cfg.paths.tracefs}; run: mount -t tracefs tracefs {cfg.paths.tracefs}")
     else:
         for name, spec in specs.items():
-            if cfg.probe(name).enabled:
+            if probe_enabled(spec, cfg):
                 for hook in missing_hooks(spec, cfg.paths.tracefs):
                     problems.append(f"probe {name}: tracepoint {hook} is missing from this kernel; "
                                     f"disable it with probes.{name}.enabled: false")

@@ -71,7 +71,9 @@ class Spool(_Strict):
 
 
 class ProbeConfig(_Strict):
-    enabled: bool = True
+    # null: the probe's own default (tcp_traffic is off by default: tcp_flow reports
+    # the same bytes per process and peer, and both on would pay for every send twice)
+    enabled: bool | None = None
     interval_seconds: float | None = Field(None, gt=0)
     map_entries: int = Field(10240, ge=16, le=1_048_576)
     # Top-N processes kept per interval; the rest are summed into pid=other, comm=other.

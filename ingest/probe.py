@@ -57,6 +57,8 @@ class Probe:
     # Hooks the probe can run without: hook -> the metrics lost when it is missing.
     # The C wraps each in `#ifndef SONDE_NO_<category>_<event>`.
     optional_hooks: dict[str, str] = field(default_factory=dict)
+    # Whether `sonde run` loads it when the config does not say (probes.<name>.enabled).
+    default_enabled: bool = True
 
     doc: str = ""
     # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
@@ -77,6 +79,11 @@ def discover() -> dict[str, Probe]:
             raise ProbeError(f"probe {name}: bpf/{name}.py must define PROBE = Probe(name={name!r}, ...)")
         found[name] = spec
     return found
+
+
+def enabled(spec: Probe, config: Config) -> bool:
+    setting = config.probe(spec.name).enabled
+    return spec.default_enabled if setting is None else setting
 
 
 def missing_hooks(spec: Probe, tracefs: Path, hooks=None) -> list[str]:

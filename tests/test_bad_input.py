@@ -104,11 +104,12 @@ def test_missing_hook(bpf_ready, tmp_path):
     fake = tmp_path / "tracefs"
     (fake / "events/sock/sock_send_length").mkdir(parents=True)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\nprobes:\n  tcp_flow:\n    enabled: false\n")
+    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\n"
+                   "probes:\n  tcp_flow:\n    enabled: false\n  tcp_traffic:\n    enabled: true\n")
     for command in ("check", "run"):
         one_line_error(sonde(command, "-c", str(cfg)), "tcp_traffic", "sock:sock_recv_length", "enabled: false")
     # with every probe on, check names each missing hook on its own line
-    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\n")
+    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\nprobes:\n  tcp_traffic:\n    enabled: true\n")
     r = sonde("check", "-c", str(cfg))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
