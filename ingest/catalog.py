@@ -146,7 +146,7 @@ TCP_WINDOW = _declare(Measurement(
 ))
 
 
-def _histogram(name: str, what: str, source: str) -> None:
+def _histogram(name: str, what: str, source: str, tags: tuple[Tag, ...] = FLOW_TAGS) -> None:
     """A histogram is two measurements: `<name>_hist` buckets and `<name>` summary."""
     _declare(Measurement(
         name=f"{name}_hist",
@@ -154,7 +154,7 @@ def _histogram(name: str, what: str, source: str) -> None:
         help=f"{what}: exp2 histogram buckets, non-cumulative counts per interval. Sum `count` "
              f"over hosts and time, then take percentiles from the summed buckets.",
         source=source,
-        tags=FLOW_TAGS + (LE,),
+        tags=tags + (LE,),
         fields=(Field("count", "int", "observations", "Observations in this bucket this interval."),),
     ))
     _declare(Measurement(
@@ -163,7 +163,7 @@ def _histogram(name: str, what: str, source: str) -> None:
         help=f"{what}: per-interval summary. Percentiles are bucket upper bounds from this "
              f"interval's buckets (alerts may use them; backtrack recomputes from `{name}_hist`).",
         source=source,
-        tags=FLOW_TAGS,
+        tags=tags,
         fields=(
             Field("count", "int", "observations", "Observations this interval."),
             Field("sum_us", "int", "us", "Sum of observed values."),
@@ -199,6 +199,26 @@ TCP_RESETS_SENT = _declare(Measurement(
     tags=(HOST, PID, COMM, REASON),
     fields=(Field("resets", "int", "segments", "Resets sent for this reason."),),
 ))
+
+PROCESS_CPU = _declare(Measurement(
+    name="process_cpu",
+    kind="delta",
+    help="CPU time and context switches per process, from every context switch. " + _INTERVAL_NOTE,
+    source="sched:sched_switch (probe sched_cpu)",
+    tags=(HOST, PID, COMM),
+    fields=(
+        Field("oncpu_us", "int", "us", "Time the process's threads ran on a CPU this interval."),
+        Field("cpu_pct", "float", "percent",
+              "oncpu_us over the interval, in percent of one CPU (100 = one core pinned; can exceed 100)."),
+        Field("interval_us", "int", "us", "Length of the interval the deltas cover."),
+        Field("voluntary_switches", "int", "switches", "Switches out while blocking (sleep, I/O, lock)."),
+        Field("involuntary_switches", "int", "switches", "Switches out while still runnable (preempted or yielded)."),
+    ),
+))
+
+_histogram("process_runq_latency", "Run-queue latency per process, wakeup to switch-in, in microseconds",
+           "sched:sched_wakeup, sched:sched_wakeup_new, sched:sched_switch (probe sched_cpu)",
+           tags=(HOST, PID, COMM))
 
 SONDE_PROBE = _declare(Measurement(
     name="sonde_probe",
