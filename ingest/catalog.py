@@ -220,6 +220,55 @@ _histogram("process_runq_latency", "Run-queue latency per process, wakeup to swi
            "sched:sched_wakeup, sched:sched_wakeup_new, sched:sched_switch (probe sched_cpu)",
            tags=(HOST, PID, COMM))
 
+DISK = Tag("disk", "Block device name from /sys/dev/block/<major>:<minor> (sda, nvme0n1, loop0), or `major:minor`.")
+OP = Tag("op", "I/O class from the request's rwbs: read, write, sync_write, flush, discard, other.")
+
+BLOCK_IO = _declare(Measurement(
+    name="block_io",
+    kind="delta",
+    help="Block requests completed per disk and I/O class. " + _INTERVAL_NOTE,
+    source="block:block_io_start (or block_rq_insert), block_rq_issue, block_rq_complete (probe block_io)",
+    tags=(HOST, DISK, OP),
+    fields=(
+        Field("requests", "int", "requests", "Requests completed."),
+        Field("bytes", "int", "bytes", "Bytes those requests moved."),
+        Field("errors", "int", "requests", "Requests completed with an error (EIO, ENOSPC, ...)."),
+    ),
+))
+
+for _kind, _what in (("queue", "start (accounting) to issue to the driver"),
+                     ("device", "issue to completion"), ("total", "start to completion")):
+    _histogram(f"block_{_kind}_latency", f"Block request latency, {_what}, in microseconds",
+               "block:block_io_start, block_rq_issue, block_rq_complete (probe block_io)", tags=(HOST, DISK, OP))
+
+DISK_BUSY = _declare(Measurement(
+    name="disk_busy",
+    kind="delta",
+    help="Time each disk had at least one request in flight, the rule /proc/diskstats io_ticks follows. "
+         + _INTERVAL_NOTE,
+    source="block:block_io_start, block_rq_complete (probe block_io)",
+    tags=(HOST, DISK),
+    fields=(
+        Field("busy_us", "int", "us", "Busy time this interval."),
+        Field("util_pct", "float", "percent", "busy_us over the interval, in percent."),
+        Field("interval_us", "int", "us", "Length of the interval."),
+    ),
+))
+
+PROCESS_IO = _declare(Measurement(
+    name="process_io",
+    kind="delta",
+    help="Block I/O per process at submit time. Page-cache writeback is submitted by kernel threads "
+         "(comm `kworker/...`, `jbd2/...`), so buffered writes show there, not under the writer. "
+         + _INTERVAL_NOTE,
+    source="block:block_io_start (probe block_io)",
+    tags=(HOST, PID, COMM),
+    fields=(
+        Field("bytes", "int", "bytes", "Bytes of the requests the process submitted."),
+        Field("requests", "int", "requests", "Requests the process submitted."),
+    ),
+))
+
 SONDE_PROBE = _declare(Measurement(
     name="sonde_probe",
     kind="gauge",
