@@ -175,6 +175,8 @@ class LoadedProbe:
         return self.bpf.get_table(name.encode())
 
     def close(self) -> None:
+        if self.decoder is not None and hasattr(self.decoder, "close"):
+            self.decoder.close()
         self.bpf.cleanup()
 
     # --- polling -----------------------------------------------------------------------
