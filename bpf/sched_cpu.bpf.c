@@ -8,6 +8,7 @@
  * first moment its tgid is current). A task switched out while still runnable
  * (preempted) waits in the run queue from that moment, and counts too.
  */
+#include <uapi/linux/bpf_perf_event.h>
 #include "sonde.h"
 
 #define STATE_MASK 0xff  /* prev_state: sleeping states; 0 = still runnable (preempted or yielded) */
@@ -66,6 +67,38 @@ TRACEPOINT_PROBE(sched, sched_wakeup_new)
     return 0;
 }
 
+/* Credit the running task's time so far, without waiting for it to switch out.
+ * Called by the per-CPU clock tick below and by sched_switch. */
+static __always_inline struct proc_cpu_t *credit_current(struct cpu_state_t *st, u64 now)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc_cpu_t *p = proc_cpu.lookup(&tgid);
+    if (!p) {
+        struct proc_cpu_t init = {};
+        bpf_get_current_comm(&init.comm, sizeof(init.comm));
+        if (proc_cpu.insert(&tgid, &init) && !proc_cpu.lookup(&tgid))
+            count_drop();
+        p = proc_cpu.lookup(&tgid);
+    }
+    if (p && st->switched_in && now > st->switched_in)
+        __sync_fetch_and_add(&p->oncpu_ns, now - st->switched_in);
+    st->switched_in = now;
+    return p;
+}
+
+/* A task that never leaves its CPU (a spinner on an idle core) has no
+ * sched_switch to credit it; a per-CPU clock event a few times a second does,
+ * in the running task's own context. */
+int on_cpu_tick(struct bpf_perf_event_data *ctx)
+{
+    int zero = 0;
+    struct cpu_state_t *st = cpu_state.lookup(&zero);
+    if (!st || (bpf_get_current_pid_tgid() & 0xffffffff) == 0)
+        return 0;
+    credit_current(st, bpf_ktime_get_ns());
+    return 0;
+}
+
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     int zero = 0;
@@ -76,17 +109,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
 
     if (args->prev_pid != 0) {  /* pid 0 is the idle task */
         u32 tgid = bpf_get_current_pid_tgid() >> 32;
-        struct proc_cpu_t *p = proc_cpu.lookup(&tgid);
-        if (!p) {
-            struct proc_cpu_t init = {};
-            bpf_get_current_comm(&init.comm, sizeof(init.comm));
-            if (proc_cpu.insert(&tgid, &init) && !proc_cpu.lookup(&tgid))
-                count_drop();
-            p = proc_cpu.lookup(&tgid);
-        }
+        struct proc_cpu_t *p = credit_current(st, now);
         if (p) {
-            if (st->switched_in)
-                __sync_fetch_and_add(&p->oncpu_ns, now - st->switched_in);
             if (args->prev_state & STATE_MASK) {
                 __sync_fetch_and_add(&p->voluntary, 1);
             } else {

@@ -6,9 +6,9 @@ for run-queue latency (wakeup, or preemption, to switch-in, per thread, credited
 the process at that thread's next switch-out).
 
 cpu_pct is on-CPU time over the interval in percent of one core: a thread spinning
-on one core reads ~100. Time of a task still running at poll time is credited at its
-next switch-out, so a task that never leaves the CPU shows up in bursts of one
-scheduler tick or time slice (a few ms), never lost.
+on one core reads ~100. Time is credited at each switch-out and by a per-CPU
+software clock event at 20 Hz in the running task's context, so a task that never
+leaves its CPU is credited within 50 ms, never in one late lump.
 
 Limits: the idle task is not reported; kernel threads are reported like processes
 (pid = their tid, comm like `kworker/0:1`).
@@ -115,5 +115,6 @@ PROBE = Probe(
     name="sched_cpu",
     doc=__doc__,
     hooks=("sched:sched_switch", "sched:sched_wakeup", "sched:sched_wakeup_new"),
+    cpu_clock={"on_cpu_tick": 20},
     decoder=SchedDecoder,
 )

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 
-_buffers: dict[int, tuple] = {}
+# Keyed by the map's fd *and* its types: fds are reused once a probe is closed.
+_buffers: dict[tuple, tuple] = {}
 
 
 def read_all(table) -> list[tuple]:
@@ -20,9 +21,12 @@ def read_all(table) -> list[tuple]:
 
     n = table.max_entries
     fd = table.map_fd
-    if fd not in _buffers:
-        _buffers[fd] = ((table.Key * n)(), (table.Leaf * n)())
-    keys, values = _buffers[fd]
+    slot = (fd, table.Key, table.Leaf, n)
+    if slot not in _buffers:
+        for stale in [k for k in _buffers if k[0] == fd]:
+            del _buffers[stale]
+        _buffers[slot] = ((table.Key * n)(), (table.Leaf * n)())
+    keys, values = _buffers[slot]
     ksz, vsz = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
     in_batch, out_batch = ct.c_uint32(0), ct.c_uint32(0)
     total, first = 0, True

@@ -59,6 +59,8 @@ class Probe:
     optional_hooks: dict[str, str] = field(default_factory=dict)
     # Whether `sonde run` loads it when the config does not say (probes.<name>.enabled).
     default_enabled: bool = True
+    # BPF functions run by a per-CPU software clock: function name -> frequency in Hz.
+    cpu_clock: dict[str, int] = field(default_factory=dict)
 
     doc: str = ""
     # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
@@ -168,6 +170,16 @@ class LoadedProbe:
         except Exception as e:  # bcc raises bare Exception for compile and attach failures
             raise ProbeError(f"probe {spec.name}: bcc could not load {src.name}: {str(e).splitlines()[0]}; "
                              f"check kernel headers under /lib/modules/{os.uname().release}/build")
+        try:
+            if spec.cpu_clock:
+                from bcc import PerfSWConfig, PerfType
+                for fn, hz in spec.cpu_clock.items():
+                    obj.attach_perf_event(ev_type=PerfType.SOFTWARE, ev_config=PerfSWConfig.CPU_CLOCK,
+                                          fn_name=fn.encode(), sample_freq=hz, cpu=-1)
+        except Exception as e:
+            obj.cleanup()
+            raise ProbeError(f"probe {spec.name}: cannot attach the CPU clock event ({str(e).splitlines()[0]}); "
+                             f"this kernel must allow perf software events for BPF")
         _malloc_trim()
         return cls(spec, config, obj, budget, optional_missing)
 
