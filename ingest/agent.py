@@ -11,9 +11,9 @@ from .cardinality import SeriesBudget
 from .config import Config
 from .delivery import Deliverer
 from .embedded import InfluxServer
-from .errors import ProbeError, SondeError
+from .errors import SondeError
 from .lineproto import Point, encode
-from .probe import LoadedProbe, discover, ensure_tracefs
+from .probe import LoadedProbe, discover, ensure_tracefs, require_hooks
 from .probe import enabled as probe_enabled
 from .sinks import V1Sink, make_sink
 from .spool import Spool
@@ -81,15 +81,15 @@ class Agent:
         unknown = set(self._only or ()) - set(specs)
         if unknown:
             raise SondeError(f"--probe {sorted(unknown)[0]} names no probe; known probes: {', '.join(specs)}")
-        for name, spec in specs.items():
-            if self._only is not None:  # --probe names what to run, whatever the defaults
-                if name not in self._only:
-                    continue
-            elif not probe_enabled(spec, self.config):
-                continue
+        chosen = [spec for name, spec in specs.items()
+                  if (name in self._only if self._only is not None else probe_enabled(spec, self.config))]
+        # Every hook is checked before anything loads: a missing one is one line, not a half-started agent.
+        for spec in chosen:
+            require_hooks(spec, self.config.paths.tracefs)
+        for spec in chosen:
             started = time.monotonic()
-            self.probes[name] = LoadedProbe.load(spec, self.config, self.budget)
-            log.info("probe %s loaded in %.2f s", name, time.monotonic() - started)
+            self.probes[spec.name] = LoadedProbe.load(spec, self.config, self.budget)
+            log.info("probe %s loaded in %.2f s", spec.name, time.monotonic() - started)
 
     def stop(self) -> None:
         if self.deliverer:

@@ -93,6 +93,16 @@ def missing_hooks(spec: Probe, tracefs: Path, hooks=None) -> list[str]:
     return [h for h in (spec.hooks if hooks is None else hooks) if not (events / h.replace(":", "/")).is_dir()]
 
 
+def require_hooks(spec: Probe, tracefs: Path) -> None:
+    """Raise the one-line error for the first required hook this kernel lacks."""
+    missing = missing_hooks(spec, tracefs)
+    if missing:
+        raise ProbeError(
+            f"probe {spec.name}: tracepoint {missing[0]} is missing from this kernel "
+            f"(no {tracefs}/events/{missing[0].replace(':', '/')}); "
+            f"disable it with probes.{spec.name}.enabled: false")
+
+
 def ensure_tracefs(tracefs: Path) -> None:
     """Mount tracefs where it is expected but absent (root only); bcc attaches through it."""
     if (tracefs / "events").is_dir():
@@ -147,12 +157,7 @@ class LoadedProbe:
 
     @classmethod
     def load(cls, spec: Probe, config: Config, budget: SeriesBudget | None = None) -> "LoadedProbe":
-        missing = missing_hooks(spec, config.paths.tracefs)
-        if missing:
-            raise ProbeError(
-                f"probe {spec.name}: tracepoint {missing[0]} is missing from this kernel "
-                f"(no {config.paths.tracefs}/events/{missing[0].replace(':', '/')}); "
-                f"disable it with probes.{spec.name}.enabled: false")
+        require_hooks(spec, config.paths.tracefs)
         try:
             from bcc import BPF
         except ImportError:
