@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--probe", action="append", metavar="NAME", help="run only this probe (repeatable)")
     check = sub.add_parser("check", help="validate config, sink reachability and credentials, and probe hooks")
     _add_config(check)
+    dash = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON) and provisioning files")
+    dash.add_argument("--out", metavar="DIR", help="directory to write the JSON and provisioning files into")
+    dash.add_argument("--readme", metavar="FILE", help="regenerate the dashboard list in this README")
+    dash.add_argument("--datasource-url", default="http://127.0.0.1:8086",
+                      help="InfluxDB URL for the provisioned datasource (default %(default)s)")
+    dash.add_argument("--database", default="sonde", help="InfluxDB database (default %(default)s)")
     cat = sub.add_parser("catalog", help="print the metric catalog")
     cat.add_argument("--markdown", action="store_true", help="as docs/metrics.md")
     return parser
@@ -116,6 +122,31 @@ def cmd_check(args) -> int:
     return EXIT_PROBLEM if problems else 0
 
 
+def cmd_dashboards(args) -> int:
+    from pathlib import Path
+
+    from dashboards import house, provisioning
+
+    if args.readme:
+        try:
+            house.update_readme(Path(args.readme))
+        except (OSError, ValueError) as e:
+            raise SondeError(f"dashboards: {e}")
+    if not args.out:
+        if not args.readme:
+            raise SondeError("dashboards: give --out DIR (and/or --readme FILE)")
+        return 0
+    out = Path(args.out)
+    try:
+        written = house.write_all(out)
+        written += provisioning.write(out / "provisioning", str(out.resolve()), args.datasource_url, args.database)
+    except OSError as e:
+        raise SondeError(f"dashboards: cannot write to {out}: {e.strerror}")
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_catalog(args) -> int:
     if args.markdown:
         sys.stdout.write(catalog.render_markdown())
@@ -128,7 +159,8 @@ def cmd_catalog(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "check": cmd_check, "catalog": cmd_catalog}[args.command](args)
+        return {"run": cmd_run, "check": cmd_check, "catalog": cmd_catalog,
+                "dashboards": cmd_dashboards}[args.command](args)
     except SondeError as e:
         for line in e.args:
             print(f"sonde: error: {line}", file=sys.stderr)

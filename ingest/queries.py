@@ -19,7 +19,7 @@ from .errors import CatalogError
 @dataclass(frozen=True)
 class Query:
     measurement: str
-    select: tuple[str, ...]                    # e.g. ("sum(tx_bytes)", "max(cpu_pct)")
+    select: tuple[str, ...]                    # e.g. ("sum(tx_bytes)", "count(x) - sum(x) as failed")
     where: tuple[tuple[str, str], ...] = ()    # (tag, regex or $var): tag =~ /^...$/
     group_by: tuple[str, ...] = ()             # tags
     per_second: bool = False                   # divide sums by the GROUP BY interval
@@ -33,6 +33,7 @@ class Query:
         if m is None:
             raise CatalogError(f"query names measurement {self.measurement!r}, which the catalog does not declare")
         for expr in self.select:
+            expr = expr.split(" as ")[0]
             for name in re.findall(r"\(([a-z_0-9]+)\)", expr) or [expr]:
                 if name not in m.field_names and name != "*":
                     raise CatalogError(f"query on {self.measurement} names field {name!r}, not in the catalog")
@@ -50,12 +51,14 @@ class Query:
     def influxql(self) -> str:
         self.check()
         sel = []
-        for expr in self.select:
-            fn, _, rest = expr.partition("(")
-            col = f'{fn}("{rest.rstrip(")")}")' if rest else f'"{expr}"'
-            name = (rest.rstrip(")") if rest else expr) if len(self.select) > 1 or not self.alias else self.alias
+        for item in self.select:
+            expr, _, name = item.partition(" as ")
+            fields = re.findall(r"\(([a-z_0-9]+)\)", expr)
+            col = re.sub(r"\(([a-z_0-9]+)\)", r'("\1")', expr) if fields else f'"{expr}"'
+            if not name:
+                name = self.alias if (self.alias and len(self.select) == 1) else (fields[0] if fields else expr)
             if self.per_second:
-                col = f"{col} / ($__interval_ms / 1000)"
+                col = f"({col}) / ($__interval_ms / 1000)"
             sel.append(f'{col} AS "{name}"')
         conds = ["$timeFilter"]
         conds += [f'"{tag}" =~ /^{value}$/' for tag, value in self.where]

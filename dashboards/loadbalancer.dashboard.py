@@ -1,0 +1,47 @@
+"""Load balancer: one service (nginx by default), frontends against backends.
+
+Frontend flows are the service's accepted connections (role=server: clients ->
+listening port); backend flows are those it opened (role=client: worker ->
+upstream). Per-backend shares show whether balancing is fair."""
+from dashboards.house import HOST_VAR, Grid, dashboard, table, timeseries, variable
+from ingest.queries import Query
+
+SERVICE = variable("service", "Service", 'SHOW TAG VALUES FROM "tcp_flow" WITH KEY = "comm" WHERE "host" =~ /^$host$/',
+                   include_all=False)
+FRONT = (("host", "$host"), ("comm", "$service"), ("role", "server"))
+BACK = (("host", "$host"), ("comm", "$service"), ("role", "client"))
+grid = Grid()
+dashboard = dashboard("sonde-lb", "Sonde / Load balancer", [
+    timeseries(grid, "Frontend: bytes per second by listening port", [
+        (Query("tcp_flow", ("sum(rx_bytes)",), FRONT, ("port",), per_second=True, alias="in", extra="fill(0)"),
+         "in :$tag_port"),
+        (Query("tcp_flow", ("sum(tx_bytes)",), FRONT, ("port",), per_second=True, alias="out", extra="fill(0)"),
+         "out :$tag_port")], unit="Bps"),
+    timeseries(grid, "Backend: bytes per second by upstream", [
+        (Query("tcp_flow", ("sum(tx_bytes)",), BACK, ("peer", "port"), per_second=True, alias="to",
+               extra="fill(0)"), "→ $tag_peer:$tag_port"),
+        (Query("tcp_flow", ("sum(rx_bytes)",), BACK, ("peer", "port"), per_second=True, alias="from",
+               extra="fill(0)"), "← $tag_peer:$tag_port")], unit="Bps"),
+    timeseries(grid, "Backend: connects by upstream", [
+        (Query("tcp_flow", ("sum(active_opens)",), BACK, ("peer", "port"), alias="connects", extra="fill(0)"),
+         "$tag_peer:$tag_port")]),
+    timeseries(grid, "Backend: failed connects and resets by upstream", [
+        (Query("tcp_flow", ("sum(connect_refused)",), BACK, ("peer", "port"), alias="refused", extra="fill(0)"),
+         "refused $tag_peer:$tag_port"),
+        (Query("tcp_flow", ("sum(connect_timeouts)",), BACK, ("peer", "port"), alias="timeouts", extra="fill(0)"),
+         "timeouts $tag_peer:$tag_port"),
+        (Query("tcp_flow", ("sum(resets_received)",), BACK, ("peer", "port"), alias="resets", extra="fill(0)"),
+         "resets $tag_peer:$tag_port")]),
+    timeseries(grid, "Backend: srtt p99 by upstream", [
+        (Query("tcp_srtt", ("max(p99_us)",), BACK, ("peer",), extra="fill(none)"), "$tag_peer")], unit="µs"),
+    timeseries(grid, "Backend: connect latency p99 by upstream", [
+        (Query("tcp_connect_latency", ("max(p99_us)",), BACK, ("peer",), extra="fill(none)"), "$tag_peer")],
+        unit="µs"),
+    table(grid, "Per-backend share in range (connections and bytes)", [
+        (Query("tcp_flow", ("sum(active_opens)", "sum(tx_bytes)", "sum(rx_bytes)", "sum(resets_received)",
+                            "sum(connect_refused)", "sum(connect_timeouts)"), BACK, ("peer", "port"),
+               time_bucket=False), "")]),
+    timeseries(grid, "Service CPU by worker (% of one core)", [
+        (Query("process_cpu", ("mean(cpu_pct)",), (("host", "$host"), ("comm", "$service")), ("pid",),
+               extra="fill(none)"), "pid $tag_pid")], unit="percent"),
+], [HOST_VAR, SERVICE], "Frontends (clients -> service) against backends (service -> upstreams).")
