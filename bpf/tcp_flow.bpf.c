@@ -452,8 +452,11 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
     u64 sk = (u64)args->skaddr;
     struct sock_t *s = socks.lookup(&sk);
-    if (s)
+    if (s && s->state == TCP_SYN_SENT) {
+        /* a reset answering our SYN is a refused connect, counted as such at CLOSE */
         s->got_rst = 1;
+        return 0;
+    }
     struct flow_key unknown = {};
     unknown.family = args->family;
     unknown.port = service_port(args->sport, args->dport);

@@ -9,6 +9,7 @@ from collections import defaultdict
 from . import catalog
 from .cardinality import SeriesBudget
 from .config import Config
+from .alerting import Evaluator
 from .delivery import Deliverer
 from .embedded import InfluxServer
 from .errors import SondeError
@@ -51,6 +52,7 @@ class Agent:
         self.sink = None
         self.deliverer: Deliverer | None = None
         self._spool_dropped = 0
+        self._evaluator = None
         self.budget = SeriesBudget(config.cardinality.max_series, config.cardinality.window_hours * 3600)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -133,6 +135,26 @@ class Agent:
         catalog.validate_point(p.measurement, p.tags, p.fields)
         return p
 
+    def evaluator(self):
+        if self._evaluator is None:
+            from alerts import rules
+
+            path = self.config.alerts.thresholds
+            self._evaluator = Evaluator(rules.load(path) if path else rules.load(), self.sink.query,
+                                        self.config.host, self.config.alerts.webhook_url)
+        return self._evaluator
+
+    def evaluate_alerts(self, now_ms: int | None = None) -> list[Point]:
+        """Run every alert rule now; spool the firing/resolved transitions."""
+        points = self.evaluator().evaluate(now_ms or int(time.time() * 1000))
+        for p in points:
+            log.warning("alert %s %s: %s", p.tags["rule"], p.tags["state"], p.fields["summary"])
+            catalog.validate_point(p.measurement, p.tags, p.fields)
+        self.spool.put([encode(p) for p in points])
+        if self.deliverer:
+            self.deliverer.wake.set()
+        return points
+
     def run_forever(self, stop: threading.Event) -> None:
         """One APScheduler job per distinct poll interval, until `stop` is set."""
         from apscheduler.schedulers.background import BackgroundScheduler
@@ -146,6 +168,9 @@ class Agent:
         for interval, names in groups.items():
             sched.add_job(self.poll, "interval", seconds=interval, args=[names or None],
                           id=f"poll-{interval}s", name=f"poll {','.join(names) or 'agent'} every {interval:g} s")
+        if self.config.alerts.enabled:
+            sched.add_job(self.evaluate_alerts, "interval", seconds=self.config.alerts.interval_seconds,
+                          id="alerts", name="alert rules")
         sched.start()
         log.info("polling %s; writing to %s", ", ".join(f"{', '.join(n)} every {i:g} s" for i, n in groups.items()),
                  effective_sink_config(self.config).url)

@@ -116,7 +116,8 @@ TCP_FLOW = _declare(Measurement(
         Field("closes", "int", "connections", "Established connections that reached CLOSE."),
         Field("retransmits", "int", "segments", "Retransmitted segments (one per retransmitted skb)."),
         Field("resets_sent", "int", "segments", "Resets this side sent."),
-        Field("resets_received", "int", "segments", "Resets this side received."),
+        Field("resets_received", "int", "segments",
+              "Resets this side received on connections past SYN_SENT (a reset answering a SYN is connect_refused)."),
         Field("zero_window_segments", "int", "segments", "Received segments advertising a zero receive window."),
     ),
 ))
@@ -294,6 +295,21 @@ OOM_KILLS = _declare(Measurement(
     source="oom:mark_victim (probe oom)",
     tags=(HOST,),
     fields=(Field("kills", "int", "kills", "OOM kills this interval."),),
+))
+
+SONDE_ALERT = _declare(Measurement(
+    name="sonde_alert",
+    kind="event",
+    help="Alert transitions from the agent's built-in evaluator (alerts/thresholds.yaml): one point when "
+         "an alert instance fires and one when it resolves.",
+    source="agent (ingest/alerting.py)",
+    tags=(HOST, Tag("rule", "Rule name, as in alerts/thresholds.yaml."),
+          Tag("severity", "critical or warning."), Tag("state", "firing or resolved.")),
+    fields=(
+        Field("value", "float", "rule unit", "The rule's value at the transition (its formula over its queries)."),
+        Field("labels", "str", "json", "The alert instance's labels (the series' tags), as a JSON object."),
+        Field("summary", "str", "text", "What fired, in words, with the labels filled in."),
+    ),
 ))
 
 SONDE_PROBE = _declare(Measurement(

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--datasource-url", default="http://127.0.0.1:8086",
                       help="InfluxDB URL for the provisioned datasource (default %(default)s)")
     dash.add_argument("--database", default="sonde", help="InfluxDB database (default %(default)s)")
+    al = sub.add_parser("alerts", help="write Grafana alerting provisioning for the alert rules")
+    al.add_argument("--out", metavar="DIR", help="directory to write alerting/sonde.yaml into")
+    al.add_argument("--readme", metavar="FILE", help="regenerate the rule list in this README")
     cat = sub.add_parser("catalog", help="print the metric catalog")
     cat.add_argument("--markdown", action="store_true", help="as docs/metrics.md")
     return parser
@@ -147,6 +150,32 @@ def cmd_dashboards(args) -> int:
     return 0
 
 
+def cmd_alerts(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from alerts import rules
+
+    if args.readme:
+        try:
+            rules.update_readme(Path(args.readme))
+        except (OSError, ValueError) as e:
+            raise SondeError(f"alerts: {e}")
+    if not args.out:
+        if not args.readme:
+            raise SondeError("alerts: give --out DIR (and/or --readme FILE)")
+        return 0
+    path = Path(args.out) / "alerting" / "sonde.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(rules.grafana_provisioning(), sort_keys=False, allow_unicode=True))
+    except OSError as e:
+        raise SondeError(f"alerts: cannot write {path}: {e.strerror}")
+    print(path)
+    return 0
+
+
 def cmd_catalog(args) -> int:
     if args.markdown:
         sys.stdout.write(catalog.render_markdown())
@@ -160,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"run": cmd_run, "check": cmd_check, "catalog": cmd_catalog,
-                "dashboards": cmd_dashboards}[args.command](args)
+                "dashboards": cmd_dashboards, "alerts": cmd_alerts}[args.command](args)
     except SondeError as e:
         for line in e.args:
             print(f"sonde: error: {line}", file=sys.stderr)

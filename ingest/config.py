@@ -89,6 +89,14 @@ class Cardinality(_Strict):
     window_hours: float = Field(24.0, gt=0)
 
 
+class Alerts(_Strict):
+    enabled: bool = True
+    interval_seconds: float = Field(30.0, gt=0)
+    # Alertmanager-compatible endpoint (e.g. http://alertmanager:9093/api/v2/alerts); none by default.
+    webhook_url: str | None = None
+    thresholds: Path | None = None  # default: alerts/thresholds.yaml shipped with Sonde
+
+
 class Config(_Strict):
     host: str = Field(default_factory=socket.gethostname, min_length=1)
     interval_seconds: float = Field(10.0, gt=0)
@@ -99,6 +107,7 @@ class Config(_Strict):
     embedded: Embedded = Embedded()
     spool: Spool = Spool()
     cardinality: Cardinality = Cardinality()
+    alerts: Alerts = Alerts()
     probes: dict[str, ProbeConfig] = {}
 
     def probe(self, name: str) -> ProbeConfig:

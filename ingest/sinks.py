@@ -178,6 +178,21 @@ class V2Sink:
             http.close()
         return []
 
+    def query(self, q: str) -> dict:
+        """InfluxQL through /query (InfluxDB 1.8+, 2.x with a DBRP mapping, 3.x), token auth."""
+        from urllib.parse import urlencode
+        token = self.cfg.token()
+        headers = {"Authorization": f"Token {token.get_secret_value()}"} if token else {}
+        http = _Http(self.cfg)
+        try:
+            r = http.request("POST", "/query?" + urlencode({"q": q, "db": self.cfg.bucket, "epoch": "ns"}),
+                             headers=headers)
+        finally:
+            http.close()
+        if r.status != 200:
+            raise _status_error(self.cfg.url, r.status, r.data.decode("utf-8", "replace"), "query endpoint")
+        return r.json()
+
     def close(self) -> None:
         self.client.close()
 

@@ -1,0 +1,211 @@
+"""Alert rules: one definition, two evaluators.
+
+Each rule is a few catalog-checked InfluxQL queries (refs A, B, ... over relative
+time windows), a formula over their per-series values (Grafana math syntax:
+`$A / $B`, comparisons give 0 or 1), and a comparison against a threshold from
+alerts/thresholds.yaml. `grafana_provisioning()` renders Grafana alerting
+provisioning (validated against the Grafana 11.6 schema); ingest/alerting.py
+evaluates the same queries and formula inside the agent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ingest.queries import Query
+
+THRESHOLDS = Path(__file__).resolve().parent / "thresholds.yaml"
+DATASOURCE_UID = "sonde-influxdb"
+FOLDER_UID = "sonde"
+GROUP = "sonde"
+EVAL_INTERVAL_S = 30
+
+
+@dataclass(frozen=True)
+class Ref:
+    query: Query
+    from_s: int   # window start, seconds before now
+    to_s: int = 0  # window end, seconds before now
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    summary: str       # {{ $labels.x }} placeholders, filled from the series' tags
+    severity: str
+    refs: dict         # refId -> Ref; A is the primary: its series are the alert instances
+    formula: str       # over $A, $B, ...
+    op: str            # gt | lt | ge
+    threshold: float
+    for_evals: int
+    why: str
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.refs["A"].query.group_by
+
+
+def _why(name: str) -> str:
+    """The comment above a rule in thresholds.yaml: why its threshold is what it is."""
+    lines = THRESHOLDS.read_text().splitlines()
+    start = lines.index(f"{name}:")
+    out = []
+    for line in lines[start + 1:]:
+        s = line.strip()
+        if not s.startswith("#"):
+            break
+        out.append(s.lstrip("# "))
+    return " ".join(out)
+
+
+def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
+    t = yaml.safe_load(path.read_text())
+
+    def q(measurement, select, where=(), group_by=()):
+        return Query(measurement, (select,), tuple(where), tuple(group_by), time_bucket=False)
+
+    client = (("role", "client"),)
+    flow_labels = ("host", "comm", "peer", "port")
+    rules = []
+
+    r = t["backend_resets"]
+    rules.append(Rule("backend_resets", "{{comm}} received resets from {{peer}}:{{port}}", "critical",
+                      {"A": Ref(q("tcp_flow", "sum(resets_received) as value", client, flow_labels), r["window"])},
+                      "$A", "gt", r["threshold"], r["for"], _why("backend_resets")))
+    r = t["failed_connects"]
+    rules.append(Rule("failed_connects", "{{comm}} cannot connect to {{peer}}:{{port}}", "critical",
+                      {"A": Ref(q("tcp_flow", "sum(connect_refused) + sum(connect_timeouts) as value", client,
+                                  flow_labels), r["window"])},
+                      "$A", "gt", r["threshold"], r["for"], _why("failed_connects")))
+    r = t["retransmit_ratio"]
+    lab = ("host", "comm", "peer")
+    rules.append(Rule("retransmit_ratio", "{{comm}} <-> {{peer}}: retransmit ratio high", "warning",
+                      {"A": Ref(q("tcp_flow", "sum(retransmits) as value", (), lab), r["window"]),
+                       "B": Ref(q("tcp_flow", "sum(rx_segments) as value", (), lab), r["window"])},
+                      f"($A / $B) * ($B >= {r['min_segments']})", "gt", r["threshold"], r["for"],
+                      _why("retransmit_ratio")))
+    r = t["srtt_p99_jump"]
+    rules.append(Rule("srtt_p99_jump", "{{comm}} <-> {{peer}}: srtt p99 jumped against the last hour", "warning",
+                      {"A": Ref(q("tcp_srtt", "max(p99_us) as value", (), lab), r["window"]),
+                       "B": Ref(q("tcp_srtt", "mean(p99_us) as value", (), lab), r["window"] + r["baseline"],
+                                r["window"])},
+                      f"($A / $B) * ($A >= {r['min_us']})", "gt", r["threshold"], r["for"], _why("srtt_p99_jump")))
+    r = t["cpu_pinned"]
+    plab = ("host", "pid", "comm")
+    rules.append(Rule("cpu_pinned", "{{comm}} (pid {{pid}}) pinned at a full core", "critical",
+                      {"A": Ref(q("process_cpu", "min(cpu_pct) as value", (), plab), r["window"]),
+                       "B": Ref(q("process_cpu", "count(cpu_pct) as value", (), plab), r["window"])},
+                      f"$A * ($B >= {r['intervals']})", "ge", r["threshold"], r["for"], _why("cpu_pinned")))
+    r = t["disk_latency_p99"]
+    rules.append(Rule("disk_latency_p99", "{{disk}}: p99 block latency high", "warning",
+                      {"A": Ref(q("block_total_latency", "max(p99_us) as value", (), ("host", "disk")), r["window"])},
+                      "$A", "gt", r["threshold_us"], r["for"], _why("disk_latency_p99")))
+    r = t["disk_utilisation"]
+    rules.append(Rule("disk_utilisation", "{{disk}}: busy most of the time", "warning",
+                      {"A": Ref(q("disk_busy", "mean(util_pct) as value", (), ("host", "disk")), r["window"])},
+                      "$A", "gt", r["threshold"], r["for"], _why("disk_utilisation")))
+    r = t["oom_kill"]
+    rules.append(Rule("oom_kill", "{{host}}: the kernel killed a process for memory", "critical",
+                      {"A": Ref(q("oom_kills", "sum(kills) as value", (), ("host",)), r["window"])},
+                      "$A", "gt", r["threshold"], r["for"], _why("oom_kill")))
+    r = t["throughput_drop"]
+    windows = r["baseline"] / r["window"]
+    rules.append(Rule("throughput_drop", "{{comm}} -> {{peer}}:{{port}}: throughput fell against the last hour",
+                      "warning",
+                      {"A": Ref(q("tcp_flow", "sum(tx_bytes) + sum(rx_bytes) as value", client, flow_labels),
+                                r["window"]),
+                       "B": Ref(q("tcp_flow", "sum(tx_bytes) + sum(rx_bytes) as value", client, flow_labels),
+                                r["window"] + r["baseline"], r["window"])},
+                      f"($A / ($B / {windows:g})) + 1000 * (($B / {windows:g}) < {r['min_baseline_bytes']})",
+                      "lt", r["threshold"], r["for"], _why("throughput_drop")))
+    r = t["agent_drops"]
+    rules.append(Rule("agent_drops", "{{host}}: Sonde lost events or points", "warning",
+                      {"A": Ref(q("sonde_probe", "sum(map_full_drops) as value", (), ("host",)), r["window"]),
+                       "B": Ref(q("sonde_spool", "sum(dropped_points) as value", (), ("host",)), r["window"])},
+                      "$A + $B", "gt", r["threshold"], r["for"], _why("agent_drops")))
+    r = t["agent_poll_failures"]
+    rules.append(Rule("agent_poll_failures", "{{host}}: probe {{probe}} failed to poll", "warning",
+                      {"A": Ref(q("sonde_probe", "count(poll_success) - sum(poll_success) as value", (),
+                                  ("host", "probe")), r["window"])},
+                      "$A", "gt", r["threshold"], r["for"], _why("agent_poll_failures")))
+    for rule in rules:
+        for ref in rule.refs.values():
+            ref.query.check()
+    return {r.name: r for r in rules}
+
+
+_GRAFANA_OP = {"gt": "gt", "lt": "lt", "ge": "gt"}
+
+
+def grafana_rule(rule: Rule) -> dict:
+    data = []
+    for ref_id, ref in rule.refs.items():
+        data.append({
+            "refId": ref_id, "datasourceUid": DATASOURCE_UID, "queryType": "",
+            "relativeTimeRange": {"from": ref.from_s, "to": ref.to_s},
+            "model": {"refId": ref_id, "query": ref.query.influxql(), "rawQuery": True,
+                      "resultFormat": "time_series", "intervalMs": 1000, "maxDataPoints": 43200},
+        })
+    reduced = {}
+    for ref_id in rule.refs:
+        rid = f"{ref_id}_last"
+        reduced[ref_id] = rid
+        data.append({"refId": rid, "datasourceUid": "__expr__", "queryType": "",
+                     "relativeTimeRange": {"from": 0, "to": 0},
+                     "model": {"refId": rid, "type": "reduce", "expression": ref_id, "reducer": "last",
+                               "settings": {"mode": "dropNN"}, "datasource": {"type": "__expr__", "uid": "__expr__"}}})
+    formula = rule.formula
+    for ref_id, rid in sorted(reduced.items(), key=lambda kv: -len(kv[0])):
+        formula = formula.replace(f"${ref_id}", f"${rid}")
+    data.append({"refId": "VALUE", "datasourceUid": "__expr__", "queryType": "",
+                 "relativeTimeRange": {"from": 0, "to": 0},
+                 "model": {"refId": "VALUE", "type": "math", "expression": formula,
+                           "datasource": {"type": "__expr__", "uid": "__expr__"}}})
+    # Grafana has no >=: a ge rule compares against the threshold nudged below it
+    threshold = rule.threshold - 1e-9 if rule.op == "ge" else rule.threshold
+    data.append({"refId": "ALERT", "datasourceUid": "__expr__", "queryType": "",
+                 "relativeTimeRange": {"from": 0, "to": 0},
+                 "model": {"refId": "ALERT", "type": "threshold", "expression": "VALUE",
+                           "conditions": [{"evaluator": {"type": _GRAFANA_OP[rule.op], "params": [threshold]}}],
+                           "datasource": {"type": "__expr__", "uid": "__expr__"}}})
+    summary = rule.summary
+    for label in rule.labels:
+        summary = summary.replace("{{" + label + "}}", "{{ $labels." + label + " }}")
+    return {
+        "uid": f"sonde-{rule.name.replace('_', '-')}"[:40], "title": rule.name, "orgID": 1,
+        "folderUID": FOLDER_UID, "ruleGroup": GROUP, "condition": "ALERT", "data": data,
+        "for": f"{rule.for_evals * EVAL_INTERVAL_S}s", "noDataState": "OK", "execErrState": "Error",
+        "labels": {"severity": rule.severity, "source": "sonde"},
+        "annotations": {"summary": summary, "description": rule.why},
+    }
+
+
+def grafana_provisioning(rules: dict[str, Rule] | None = None) -> dict:
+    rules = rules or load()
+    return {"apiVersion": 1, "groups": [{
+        "orgId": 1, "name": GROUP, "folder": "Sonde", "interval": f"{EVAL_INTERVAL_S}s",
+        "rules": [grafana_rule(r) for r in rules.values()]}]}
+
+
+_OPS = {"gt": ">", "lt": "<", "ge": ">="}
+
+
+def markdown_list(rules: dict[str, Rule] | None = None) -> str:
+    """The README's list of alert rules, generated so it cannot drift."""
+    rules = rules or load()
+    lines = ["| rule | severity | fires when | window | why |", "|---|---|---|---|---|"]
+    for r in rules.values():
+        window = r.refs["A"].from_s
+        lines.append(f"| `{r.name}` | {r.severity} | `{r.formula}` {_OPS[r.op]} {r.threshold:g} | {window} s | {r.why} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path) -> None:
+    text = readme.read_text()
+    head, sep, rest = text.partition("<!-- alerts:start -->\n")
+    _, sep2, tail = rest.partition("<!-- alerts:end -->")
+    if not sep or not sep2:
+        raise ValueError(f"{readme} has no <!-- alerts:start --> / <!-- alerts:end --> markers")
+    readme.write_text(head + sep + markdown_list() + sep2 + tail)

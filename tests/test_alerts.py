@@ -1,0 +1,241 @@
+"""Alert rules: Grafana provisioning against the schema, and the built-in evaluator
+firing on staged faults (real kernel, real InfluxDB) and staying silent on a clean load."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from alerts import rules as rules_mod
+from conftest import REPO, Child, free_port, make_config, need, select, wait_for_file, wait_until
+from ingest.agent import Agent
+from ingest.queries import expand
+
+pytestmark = [pytest.mark.dashboards]
+SCHEMA = REPO.parent / "shared/schemas/grafana-v11.6/alerting.jsonschema.json"
+
+
+def test_provisioned_rules_validate_against_grafana_schema():
+    need(SCHEMA.exists(), f"Grafana alerting schema at {SCHEMA}")
+    s = json.loads(SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator({"$ref": "#/definitions/Rule", "definitions": s["definitions"]})
+    prov = rules_mod.grafana_provisioning()
+    assert len(prov["groups"][0]["rules"]) == len(rules_mod.load()) >= 9
+    for rule in prov["groups"][0]["rules"]:
+        validator.validate(rule)
+
+
+def test_every_threshold_says_why():
+    for r in rules_mod.load().values():
+        assert len(r.why) > 40, f"{r.name}: the thresholds file needs a comment saying why"
+
+
+def test_readme_lists_rules_as_generated():
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- alerts:start -->\n", 1)[1].split("<!-- alerts:end -->", 1)[0]
+    assert block == rules_mod.markdown_list()
+
+
+# Test-scale windows: the same rules and formulas, over seconds instead of minutes.
+TEST_THRESHOLDS = yaml.safe_load(rules_mod.THRESHOLDS.read_text())
+for _r in TEST_THRESHOLDS.values():
+    _r["window"] = 20
+    if "baseline" in _r:
+        _r["baseline"] = 20
+TEST_THRESHOLDS["disk_utilisation"]["threshold"] = 30
+
+
+@pytest.fixture
+def staged(bpf_ready, influx, influx_db, tmp_path):
+    path = tmp_path / "thresholds.yaml"
+    text = rules_mod.THRESHOLDS.read_text()
+    # keep the comments (the why) and swap the values
+    for name, values in TEST_THRESHOLDS.items():
+        text = text.replace(f"{name}:\n", f"{name}:\n", 1)
+    path.write_text(yaml.safe_dump(TEST_THRESHOLDS))
+    agents = []
+
+    def make(*probes, extra=""):
+        cfg = make_config(tmp_path, f"alerts:\n  thresholds: {path}\n" + extra, api="v1", url=influx.url,
+                          database=influx_db)
+        a = Agent(cfg, only=list(probes), max_backoff=0.5).start()
+        agents.append(a)
+        a.poll()
+        return a
+    yield make
+    for a in agents:
+        a.stop()
+
+
+def evaluate(agent):
+    agent.poll()
+    wait_until(lambda: len(agent.spool) == 0, what="spool drained")
+    return agent.evaluate_alerts()
+
+
+def fired(points, rule):
+    return [json.loads(p.fields["labels"]) for p in points if p.tags["rule"] == rule and p.tags["state"] == "firing"]
+
+
+def test_backend_resets_fire_and_grafana_rule_computes_the_same_value(staged, influx, influx_db, tmp_path):
+    agent = staged("tcp_flow")
+    portfile = tmp_path / "port"
+    srv = Child("accept", str(portfile), "rst-backend", 5, "rst", "127.0.0.1")
+    port = int(wait_for_file(portfile))
+    cli = Child("connects", "127.0.0.1", port, "sonde-lb", 5, "byte")
+    assert cli.wait().strip() == "ok=5 refused=0 reset=5"
+    srv.wait()
+    now_ms = int(time.time() * 1000) + 500
+    agent.poll()
+    wait_until(lambda: len(agent.spool) == 0, what="spool drained")
+    points = agent.evaluate_alerts(now_ms)
+    labels = fired(points, "backend_resets")
+    assert {"comm": "sonde-lb", "peer": "127.0.0.1", "port": str(port), "host": agent.config.host} in labels
+    value = next(p.fields["value"] for p in points if p.tags["rule"] == "backend_resets"
+                 and json.loads(p.fields["labels"])["comm"] == "sonde-lb")
+    assert value == 5
+    # The Grafana rule's own query, over its own relative range, gives the same number.
+    grule = next(r for r in rules_mod.grafana_provisioning(agent.evaluator().rules)["groups"][0]["rules"]
+                 if r["title"] == "backend_resets")
+    model = grule["data"][0]
+    q = expand(model["model"]["query"], start_ms=now_ms - model["relativeTimeRange"]["from"] * 1000,
+               end_ms=now_ms, interval_s=1)
+    series = influx.query(q, db=influx_db)["results"][0]["series"]
+    grafana_value = next(s["values"][-1][1] for s in series if s["tags"]["comm"] == "sonde-lb")
+    assert grafana_value == value
+
+
+def test_failed_connects_fire_then_resolve(staged, influx, influx_db):
+    agent = staged("tcp_flow")
+    bad = Child("connects", "127.0.0.1", free_port(), "sonde-hc", 3)
+    assert bad.wait().strip() == "ok=0 refused=3 reset=0"
+    t0 = int(time.time() * 1000)
+    points = evaluate(agent)
+    assert any(l["comm"] == "sonde-hc" for l in fired(points, "failed_connects"))
+    # after the window has passed with no more failures, it resolves
+    later = agent.evaluate_alerts(t0 + 25_000)
+    assert any(p.tags["rule"] == "failed_connects" and p.tags["state"] == "resolved" for p in later)
+    assert not fired(points, "backend_resets"), "a refused connect is not a backend reset"
+    wait_until(lambda: len(agent.spool) == 0, what="spool drained")
+    rows = select(influx, influx_db, "SELECT * FROM sonde_alert WHERE rule='failed_connects'")
+    assert {r["state"] for r in rows} == {"firing", "resolved"}
+
+
+def test_cpu_pinned_fires(staged):
+    agent = staged("sched_cpu")
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()+4.5\nwhile time.time()<t: pass\n"
+                             "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        for _ in range(4):
+            time.sleep(1)
+            agent.poll()
+        points = evaluate(agent)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert any(l["pid"] == str(spin.pid) for l in fired(points, "cpu_pinned"))
+
+
+def test_oom_kill_fires(staged):
+    mem = Path("/sys/fs/cgroup/memory")
+    need(mem.is_dir(), "the v1 memory controller (this machine's layout)")
+    agent = staged("oom")
+    cg = mem / f"sonde-alert-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(32 << 20))
+        v = subprocess.Popen([sys.executable, "-c", f"import os\nopen('{cg}/cgroup.procs','w').write(str(os.getpid()))"
+                              "\nb=[]\nwhile True: b.append(bytearray(1<<20))"])
+        assert v.wait(timeout=60) == -9
+        time.sleep(0.3)
+        points = evaluate(agent)
+    finally:
+        cg.rmdir()
+    assert fired(points, "oom_kill") == [{"host": agent.config.host}]
+
+
+def test_agent_drops_fire_when_a_map_is_full(staged):
+    agent = staged("tcp_flow", extra="probes:\n  tcp_flow:\n    map_entries: 16\n")
+    bad = Child("connects", "127.0.0.1", free_port(), "sonde-fill", 1)
+    bad.wait()
+    for _ in range(30):  # 30 processes, one flow each: more than 16 entries
+        Child("connects", "127.0.0.1", free_port(), "sonde-fill", 1).wait()
+    points = evaluate(agent)
+    assert fired(points, "agent_drops") == [{"host": agent.config.host}]
+
+
+def test_agent_poll_failures_fire(staged):
+    agent = staged("tcp_flow")
+    probe = agent.probes["tcp_flow"]
+
+    def broken(ts):
+        raise RuntimeError("staged decoder failure")
+    probe.decoder.poll = broken  # the staged fault: this probe's decoding raises
+    points = evaluate(agent)
+    assert fired(points, "agent_poll_failures") == [{"host": agent.config.host, "probe": "tcp_flow"}]
+
+
+def test_disk_utilisation_fires(staged, tmp_path):
+    agent = staged("block_io")
+    img = tmp_path / "d.img"
+    subprocess.run(["truncate", "-s", "64M", str(img)], check=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            subprocess.run(["dd", "if=/dev/zero", f"of={dev}", "bs=64k", "count=500", "oflag=direct"],
+                           capture_output=True)
+            agent.poll()
+        points = evaluate(agent)
+    finally:
+        subprocess.run(["losetup", "-d", dev])
+    assert {"host": agent.config.host, "disk": os.path.basename(dev)} in fired(points, "disk_utilisation")
+
+
+def test_clean_load_stays_silent(bpf_ready, influx, influx_db, tmp_path):
+    """Two minutes of a healthy proxy-free web load with every default probe: no alert."""
+    need(Path("/usr/sbin/nginx").exists(), "nginx")
+    cfg = make_config(tmp_path, api="v1", url=influx.url, database=influx_db)
+    agent = Agent(cfg, max_backoff=0.5).start()
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"worker_processes 2; daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/e.log;\n"
+                    f"events {{}} http {{ access_log off; client_body_temp_path {tmp_path}/cb;"
+                    f" server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }} }}\n")
+    nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    stop = threading.Event()
+
+    def load():  # about 100 requests a second, keep-alive off: connects, bytes, closes
+        while not stop.is_set():
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+            except OSError:
+                pass
+            time.sleep(0.01)
+    worker = threading.Thread(target=load, daemon=True)
+    fired_points = []
+    try:
+        wait_until(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/"],
+                                          capture_output=True).returncode == 0, what="nginx up")
+        worker.start()
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            time.sleep(2)
+            agent.poll()
+            if int(end - time.monotonic()) % 10 < 2:
+                fired_points += [p for p in agent.evaluate_alerts() if p.tags["state"] == "firing"]
+        fired_points += [p for p in agent.evaluate_alerts() if p.tags["state"] == "firing"]
+    finally:
+        stop.set()
+        nginx.terminate()
+        nginx.wait()
+        agent.stop()
+    assert fired_points == [], [(p.tags["rule"], p.fields["summary"]) for p in fired_points]
