@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ingest.docs import replace_section
 from ingest.queries import Query
 
 THRESHOLDS = Path(__file__).resolve().parent / "thresholds.yaml"
@@ -203,9 +204,4 @@ def markdown_list(rules: dict[str, Rule] | None = None) -> str:
 
 
 def update_readme(readme: Path) -> None:
-    text = readme.read_text()
-    head, sep, rest = text.partition("<!-- alerts:start -->\n")
-    _, sep2, tail = rest.partition("<!-- alerts:end -->")
-    if not sep or not sep2:
-        raise ValueError(f"{readme} has no <!-- alerts:start --> / <!-- alerts:end --> markers")
-    readme.write_text(head + sep + markdown_list() + sep2 + tail)
+    replace_section(readme, "alerts", markdown_list())

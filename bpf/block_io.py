@@ -104,15 +104,9 @@ class BlockDecoder:
         return points, len(hist_rows) + len(io_rows) + len(busy_rows)
 
     def _processes(self, ts: int) -> list[Point]:
-        raw = [(int(k), v) for k, v in read_all(self.procs)]
-        dead = {t for t, _ in raw if not self.probe.procfs.alive(t)}
+        raw, dead = self.probe.read_process_map(self.procs)
         rows = []
         for tgid, v in raw:
-            if tgid in dead:
-                try:
-                    v = self.procs[self.procs.Key(tgid)]
-                except KeyError:
-                    continue
             b, r = self.proc_d.delta(tgid, (v.bytes, v.requests))
             if r:
                 rows.append((tgid, bytes(v.comm).split(b"\0", 1)[0], b, r))
@@ -128,11 +122,8 @@ class BlockDecoder:
         if rest:
             points.append(Point("process_io", {"host": self.host, "pid": OTHER, "comm": OTHER},
                                 {"bytes": sum(x[2] for x in rest), "requests": sum(x[3] for x in rest)}, ts))
+        self.probe.reclaim(self.procs, dead)
         for tgid in dead:
-            try:
-                del self.procs[self.procs.Key(tgid)]
-            except KeyError:
-                pass
             self.proc_d.forget(tgid)
         return points
 

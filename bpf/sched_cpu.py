@@ -38,15 +38,9 @@ class SchedDecoder:
     def poll(self, ts: int) -> tuple[list[Point], int]:
         interval_ns = ts - self.last_ts if self.last_ts else None
         self.last_ts = ts
-        raw = [(int(k), v) for k, v in read_all(self.procs)]  # u32 keys come back as ints
-        dead = {tgid for tgid, _ in raw if not self.probe.procfs.alive(tgid)}
+        raw, dead = self.probe.read_process_map(self.procs)
         rows = []
         for tgid, v in raw:
-            if tgid in dead:
-                try:
-                    v = self.procs[self.procs.Key(tgid)]
-                except KeyError:
-                    continue
             d = dict(zip(FIELDS, self.deltas.delta(tgid, tuple(getattr(v, f) for f in FIELDS))))
             rows.append((tgid, bytes(v.comm).split(b"\0", 1)[0], d))
         buckets: dict[int, dict[int, int]] = {}
@@ -76,13 +70,9 @@ class SchedDecoder:
                 hist.merge(ob, buckets.get(tgid, {}))
             points += self._points(ts, {"host": self.host, "pid": OTHER, "comm": OTHER}, other, ob, interval_ns)
 
-        for tgid, _ in raw:
-            if tgid in dead:
-                try:
-                    del self.procs[self.procs.Key(tgid)]
-                except KeyError:
-                    pass
-                self.deltas.forget(tgid)
+        self.probe.reclaim(self.procs, dead)
+        for tgid in dead:
+            self.deltas.forget(tgid)
         for tgid, slot, _ in raw_hist:
             if tgid in dead:
                 try:

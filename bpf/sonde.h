@@ -20,6 +20,10 @@
 
 #define SONDE_COMM_LEN 16
 
+/* Every probe declares `BPF_PERCPU_ARRAY(sonde_drops, u64, 1)` and its own
+ * count_drop() in its .bpf.c: bcc rewrites map method calls (`.lookup`) only in the
+ * main file, so the helper cannot live in this header. */
+
 #endif
 
 /* Exp2 histogram slot: 0 for 0, else floor(log2(v)) + 1, so slot s holds

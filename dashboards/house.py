@@ -16,6 +16,7 @@ from grafanalib import core as g
 from grafanalib._gen import DashboardEncoder
 from grafanalib.influxdb import InfluxDBTarget
 
+from ingest.docs import replace_section
 from ingest.queries import Query
 
 DATASOURCE = {"type": "influxdb", "uid": "sonde-influxdb"}
@@ -231,9 +232,4 @@ def markdown_list() -> str:
 
 
 def update_readme(readme: Path) -> None:
-    text = readme.read_text()
-    head, sep, rest = text.partition("<!-- dashboards:start -->\n")
-    _, sep2, tail = rest.partition("<!-- dashboards:end -->")
-    if not sep or not sep2:
-        raise ValueError(f"{readme} has no <!-- dashboards:start --> / <!-- dashboards:end --> markers")
-    readme.write_text(head + sep + markdown_list() + sep2 + tail)
+    replace_section(readme, "dashboards", markdown_list())

@@ -125,19 +125,26 @@ def cmd_check(args) -> int:
     return EXIT_PROBLEM if problems else 0
 
 
+def _readme_only(args, command: str, update) -> bool:
+    """Handle --readme; return whether there is --out work left to do."""
+    from pathlib import Path
+
+    if args.readme:
+        try:
+            update(Path(args.readme))
+        except (OSError, ValueError) as e:
+            raise SondeError(f"{command}: {e}")
+    if not args.out and not args.readme:
+        raise SondeError(f"{command}: give --out DIR (and/or --readme FILE)")
+    return bool(args.out)
+
+
 def cmd_dashboards(args) -> int:
     from pathlib import Path
 
     from dashboards import house, provisioning
 
-    if args.readme:
-        try:
-            house.update_readme(Path(args.readme))
-        except (OSError, ValueError) as e:
-            raise SondeError(f"dashboards: {e}")
-    if not args.out:
-        if not args.readme:
-            raise SondeError("dashboards: give --out DIR (and/or --readme FILE)")
+    if not _readme_only(args, "dashboards", house.update_readme):
         return 0
     out = Path(args.out)
     try:
@@ -157,14 +164,7 @@ def cmd_alerts(args) -> int:
 
     from alerts import rules
 
-    if args.readme:
-        try:
-            rules.update_readme(Path(args.readme))
-        except (OSError, ValueError) as e:
-            raise SondeError(f"alerts: {e}")
-    if not args.out:
-        if not args.readme:
-            raise SondeError("alerts: give --out DIR (and/or --readme FILE)")
+    if not _readme_only(args, "alerts", rules.update_readme):
         return 0
     path = Path(args.out) / "alerting" / "sonde.yaml"
     try:

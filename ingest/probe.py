@@ -244,6 +244,33 @@ class LoadedProbe:
         delta, self._prev_drops = total - self._prev_drops, total
         return max(delta, 0)
 
+    def read_process_map(self, table) -> tuple[list[tuple[int, object]], set[int]]:
+        """(tgid, value) for every entry of a hash map keyed by tgid, and the tgids that
+        have exited. Death is confirmed first and the dead entries are read again
+        after, so their values are final: an exited process cannot add to them."""
+        from .bpfmap import read_all
+
+        raw = [(int(k), v) for k, v in read_all(table)]  # u32 keys come back as ints
+        dead = {tgid for tgid, _ in raw if not self.procfs.alive(tgid)}
+        rows = []
+        for tgid, v in raw:
+            if tgid in dead:
+                try:
+                    v = table[table.Key(tgid)]
+                except KeyError:
+                    continue
+            rows.append((tgid, v))
+        return rows, dead
+
+    @staticmethod
+    def reclaim(table, tgids) -> None:
+        """Delete exited processes' entries, after their last delta has been taken."""
+        for tgid in tgids:
+            try:
+                del table[table.Key(tgid)]
+            except KeyError:
+                pass
+
     def process_name(self, tgid: int, kernel_comm: bytes, exited: bool = False) -> str:
         """/proc's name while the process lives, else the comm the kernel recorded."""
         name = None if exited else self.procfs.comm(tgid)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+
+from ingest.docs import section
 import yaml
 
 from alerts import rules as rules_mod
@@ -39,7 +41,7 @@ def test_every_threshold_says_why():
 
 def test_readme_lists_rules_as_generated():
     text = (REPO / "README.md").read_text()
-    block = text.split("<!-- alerts:start -->\n", 1)[1].split("<!-- alerts:end -->", 1)[0]
+    block = section(text, "alerts")
     assert block == rules_mod.markdown_list()
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from ingest.docs import section
+
 from conftest import REPO, make_config, need, wait_until
 from dashboards import house
 from ingest import catalog
@@ -69,7 +71,7 @@ def _aliases(q: str) -> set[str]:
 
 def test_readme_lists_dashboards_as_generated():
     text = (REPO / "README.md").read_text()
-    block = text.split("<!-- dashboards:start -->\n", 1)[1].split("<!-- dashboards:end -->", 1)[0]
+    block = section(text, "dashboards")
     assert block == house.markdown_list(), "README's dashboard list is stale: run `sonde dashboards --readme README.md`"
 
 
