@@ -101,7 +101,8 @@ def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
                       f"$A * ($B >= {r['intervals']})", "ge", r["threshold"], r["for"], _why("cpu_pinned")))
     r = t["disk_latency_p99"]
     rules.append(Rule("disk_latency_p99", "{{disk}}: p99 block latency high", "warning",
-                      {"A": Ref(q("block_total_latency", "max(p99_us) as value", (), ("host", "disk")), r["window"])},
+                      {"A": Ref(q("block_total_latency", "max(p99_us) as value", (("op", "(read|write|sync_write)"),),
+                                  ("host", "disk")), r["window"])},
                       "$A", "gt", r["threshold_us"], r["for"], _why("disk_latency_p99")))
     r = t["disk_utilisation"]
     rules.append(Rule("disk_utilisation", "{{disk}}: busy most of the time", "warning",
@@ -131,7 +132,7 @@ def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
                       {"A": Ref(q("sonde_probe", "count(poll_success) - sum(poll_success) as value", (),
                                   ("host", "probe")), r["window"])},
                       "$A", "gt", r["threshold"], r["for"], _why("agent_poll_failures")))
-    for rule in rules:
+    for rule in rules:  # (the `anomaly` section configures ingest/anomaly.py, not a rule)
         for ref in rule.refs.values():
             ref.query.check()
     return {r.name: r for r in rules}

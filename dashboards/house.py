@@ -110,9 +110,27 @@ PROCESS_VAR = variable("process", "Process", 'SHOW TAG VALUES FROM "process_cpu"
 PEER_VAR = variable("peer", "Peer", 'SHOW TAG VALUES FROM "tcp_flow" WITH KEY = "peer" WHERE "host" =~ /^$host$/')
 
 
+ANOMALY_QUERY = Query("sonde_anomaly", ("text", "score", "metric"), (("host", "$host"),), (),
+                      time_bucket=False)
+ALERT_QUERY = Query("sonde_alert", ("summary", "value", "rule"), (("host", "$host"), ("state", "firing")), (),
+                    time_bucket=False)
+
+
+def marks(grid: Grid) -> g.Table:
+    """Anomaly marks and firing alerts in range, newest first.
+
+    These would be annotations, but the Grafana 11.6 schema's AnnotationTarget only
+    models the built-in Grafana datasource (no InfluxDB `query`), and the schema is
+    not to be loosened; so every dashboard ends with them as a table."""
+    return table(grid, "Anomaly marks and alerts in range", [(ANOMALY_QUERY, "anomalies"), (ALERT_QUERY, "alerts")],
+                 h=6, description="sonde_anomaly and sonde_alert (firing) points for this host.")
+
+
 def dashboard(uid: str, title: str, panels: list, variables: list, description: str = "") -> g.Dashboard:
-    return g.Dashboard(title=title, uid=uid, description=description, tags=["sonde"], panels=panels,
-                       templating=g.Templating(list=variables), timezone="utc",
+    grid = Grid()
+    grid.y = 1000  # below every other panel: Grafana compacts the gap
+    return g.Dashboard(title=title, uid=uid, description=description, tags=["sonde"],
+                       panels=panels + [marks(grid)], templating=g.Templating(list=variables), timezone="utc",
                        time=g.Time("now-1h", "now"), refresh="30s")
 
 
@@ -189,7 +207,7 @@ def render(dash: g.Dashboard) -> dict:
         out["timepicker"] = {k: v for k, v in _prune(picker).items() if k in ("refresh_intervals", "hidden")}
     out["panels"] = [_panel(p, i + 1) for i, p in enumerate(raw.get("panels", []))]
     out["templating"] = {"list": [_variable(v) for v in raw.get("templating", {}).get("list", [])]}
-    out["annotations"] = {"list": [a for a in raw.get("annotations", {}).get("list", [])]}
+    out["annotations"] = {"list": [_prune(a) for a in raw.get("annotations", {}).get("list", [])]}
     return out
 
 
@@ -214,9 +232,11 @@ def write_all(out_dir: Path) -> list[Path]:
     return written
 
 
-def queries_of(rendered: dict) -> list[str]:
-    """Every InfluxQL query in a rendered dashboard: panel targets and template variables."""
-    qs = [t["query"] for p in rendered["panels"] for t in p.get("targets", []) if t.get("query")]
+def queries_of(rendered: dict, marks: bool = False) -> list[str]:
+    """Every InfluxQL query in a rendered dashboard: panel targets and template variables.
+    The marks table (anomalies, alerts) is left out unless asked for: a calm range has none."""
+    qs = [t["query"] for p in rendered["panels"] for t in p.get("targets", []) if t.get("query")
+          and (marks or "sonde_anomaly" not in t["query"] and "sonde_alert" not in t["query"])]
     qs += [v["query"] for v in rendered["templating"]["list"] if v.get("query")]
     return qs
 

@@ -10,6 +10,7 @@ from . import catalog
 from .cardinality import SeriesBudget
 from .config import Config
 from .alerting import Evaluator
+from .anomaly import Marker
 from .delivery import Deliverer
 from .embedded import InfluxServer
 from .errors import SondeError
@@ -53,6 +54,7 @@ class Agent:
         self.deliverer: Deliverer | None = None
         self._spool_dropped = 0
         self._evaluator = None
+        self._marker = None
         self.budget = SeriesBudget(config.cardinality.max_series, config.cardinality.window_hours * 3600)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -144,11 +146,29 @@ class Agent:
                                         self.config.host, self.config.alerts.webhook_url)
         return self._evaluator
 
+    def marker(self):
+        if self._marker is None:
+            import yaml
+
+            from alerts import rules
+
+            path = self.config.alerts.thresholds or rules.THRESHOLDS
+            a = yaml.safe_load(path.read_text()).get("anomaly", {})
+            self._marker = Marker(self.sink.query, self.config.host, a.get("threshold", 4.0),
+                                  a.get("window", 60), a.get("baseline_windows", 10))
+        return self._marker
+
     def evaluate_alerts(self, now_ms: int | None = None) -> list[Point]:
-        """Run every alert rule now; spool the firing/resolved transitions."""
-        points = self.evaluator().evaluate(now_ms or int(time.time() * 1000))
+        """Run every alert rule and the anomaly marks now; spool what they found."""
+        now_ms = now_ms or int(time.time() * 1000)
+        points = self.evaluator().evaluate(now_ms)
+        try:
+            points += self.marker().mark(now_ms)
+        except Exception as e:
+            log.error("anomaly marks failed: %s", e)
         for p in points:
-            log.warning("alert %s %s: %s", p.tags["rule"], p.tags["state"], p.fields["summary"])
+            if p.measurement == "sonde_alert":
+                log.warning("alert %s %s: %s", p.tags["rule"], p.tags["state"], p.fields["summary"])
             catalog.validate_point(p.measurement, p.tags, p.fields)
         self.spool.put([encode(p) for p in points])
         if self.deliverer:

@@ -312,6 +312,23 @@ SONDE_ALERT = _declare(Measurement(
     ),
 ))
 
+SONDE_ANOMALY = _declare(Measurement(
+    name="sonde_anomaly",
+    kind="event",
+    help="Anomaly marks: the latest window of a key series far from the median of the windows before it "
+         "(robust deviation score). Shown as Grafana annotations; ranked by backtrack.",
+    source="agent (ingest/anomaly.py)",
+    tags=(HOST, Tag("metric", "bytes_to_peer, srtt_p99, process_cpu or disk_latency_p99."),
+          Tag("direction", "high or low.")),
+    fields=(
+        Field("score", "float", "robust sd", "(value - median) / (1.4826 x MAD) of the preceding windows."),
+        Field("value", "float", "metric unit", "The latest window's value."),
+        Field("baseline_median", "float", "metric unit", "Median of the preceding windows."),
+        Field("labels", "str", "json", "The series' tags, as a JSON object."),
+        Field("text", "str", "text", "The mark in words, for the annotation."),
+    ),
+))
+
 SONDE_PROBE = _declare(Measurement(
     name="sonde_probe",
     kind="gauge",

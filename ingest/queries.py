@@ -35,7 +35,7 @@ class Query:
         for expr in self.select:
             expr = expr.split(" as ")[0]
             for name in re.findall(r"\(([a-z_0-9]+)\)", expr) or [expr]:
-                if name not in m.field_names and name != "*":
+                if name not in m.field_names | m.tag_names and name != "*":
                     raise CatalogError(f"query on {self.measurement} names field {name!r}, not in the catalog")
         for tag, _ in self.where:
             if tag not in m.tag_names:

@@ -83,7 +83,8 @@ def evaluate(agent):
 
 
 def fired(points, rule):
-    return [json.loads(p.fields["labels"]) for p in points if p.tags["rule"] == rule and p.tags["state"] == "firing"]
+    return [json.loads(p.fields["labels"]) for p in points
+            if p.measurement == "sonde_alert" and p.tags["rule"] == rule and p.tags["state"] == "firing"]
 
 
 def test_backend_resets_fire_and_grafana_rule_computes_the_same_value(staged, influx, influx_db, tmp_path):
@@ -100,7 +101,7 @@ def test_backend_resets_fire_and_grafana_rule_computes_the_same_value(staged, in
     points = agent.evaluate_alerts(now_ms)
     labels = fired(points, "backend_resets")
     assert {"comm": "sonde-lb", "peer": "127.0.0.1", "port": str(port), "host": agent.config.host} in labels
-    value = next(p.fields["value"] for p in points if p.tags["rule"] == "backend_resets"
+    value = next(p.fields["value"] for p in points if p.tags.get("rule") == "backend_resets"
                  and json.loads(p.fields["labels"])["comm"] == "sonde-lb")
     assert value == 5
     # The Grafana rule's own query, over its own relative range, gives the same number.
@@ -123,7 +124,7 @@ def test_failed_connects_fire_then_resolve(staged, influx, influx_db):
     assert any(l["comm"] == "sonde-hc" for l in fired(points, "failed_connects"))
     # after the window has passed with no more failures, it resolves
     later = agent.evaluate_alerts(t0 + 25_000)
-    assert any(p.tags["rule"] == "failed_connects" and p.tags["state"] == "resolved" for p in later)
+    assert any(p.tags.get("rule") == "failed_connects" and p.tags.get("state") == "resolved" for p in later)
     assert not fired(points, "backend_resets"), "a refused connect is not a backend reset"
     wait_until(lambda: len(agent.spool) == 0, what="spool drained")
     rows = select(influx, influx_db, "SELECT * FROM sonde_alert WHERE rule='failed_connects'")
@@ -233,11 +234,72 @@ def test_clean_load_stays_silent(bpf_ready, influx, influx_db, tmp_path):
             time.sleep(2)
             agent.poll()
             if int(end - time.monotonic()) % 10 < 2:
-                fired_points += [p for p in agent.evaluate_alerts() if p.tags["state"] == "firing"]
-        fired_points += [p for p in agent.evaluate_alerts() if p.tags["state"] == "firing"]
+                fired_points += [p for p in agent.evaluate_alerts() if p.tags.get("state") == "firing"]
+        fired_points += [p for p in agent.evaluate_alerts() if p.tags.get("state") == "firing"]
     finally:
         stop.set()
         nginx.terminate()
         nginx.wait()
         agent.stop()
     assert fired_points == [], [(p.tags["rule"], p.fields["summary"]) for p in fired_points]
+
+
+@pytest.fixture
+def staged_ns(bpf_ready, influx, influx_db, tmp_path, net):
+    """Like `staged`, with 8 s windows (and 8 s baselines) for the rules that compare
+    a window with the one before it."""
+    t = yaml.safe_load(rules_mod.THRESHOLDS.read_text())
+    for r in t.values():
+        r["window"] = 8
+        if "baseline" in r:
+            r["baseline"] = 8
+    path = tmp_path / "thresholds.yaml"
+    path.write_text(yaml.safe_dump(t))
+    cfg = make_config(tmp_path, f"alerts:\n  thresholds: {path}\n", api="v1", url=influx.url, database=influx_db)
+    agent = Agent(cfg, only=["tcp_flow"], max_backoff=0.5).start()
+    agent.poll()
+    yield agent
+    agent.stop()
+
+
+def test_bandwidth_limit_fires_throughput_drop_and_srtt_jump(staged_ns, net, tmp_path):
+    """ELB case 3: a rate limit appears on the path to a backend mid-flow."""
+    agent = staged_ns
+    portfile = tmp_path / "port"
+    srv = Child("recv", str(portfile), "bw-backend", 1, net.V4["server"], netns=net.ns["server"])
+    port = int(wait_for_file(portfile))
+    # 64 kB every 50 ms (about 1.3 MB/s) for 17 s on one connection
+    cli = Child("messages", net.V4["server"], port, "bw-proxy", 340, 65536, 50, netns=net.ns["client"])
+    try:
+        for i in range(17):
+            if i == 9:  # the limit: 2 Mbit/s on the client's egress, with a deep queue
+                net.exec("client", "tc", "qdisc", "add", "dev", "c0", "root", "tbf", "rate", "2mbit",
+                         "burst", "32kb", "latency", "400ms")
+            time.sleep(1)
+            agent.poll()
+        points = evaluate(agent)
+    finally:
+        cli.kill()
+        srv.kill()
+    key = {"host": agent.config.host, "comm": "bw-proxy", "peer": net.V4["server"], "port": str(port)}
+    assert key in fired(points, "throughput_drop")
+    assert {"host": agent.config.host, "comm": "bw-proxy", "peer": net.V4["server"]} in fired(points, "srtt_p99_jump")
+
+
+def test_lossy_path_fires_retransmit_ratio(staged_ns, net, tmp_path):
+    agent = staged_ns
+    portfile = tmp_path / "port"
+    srv = Child("recv", str(portfile), "loss-backend", 1, net.V4["server"], netns=net.ns["server"])
+    port = int(wait_for_file(portfile))
+    net.exec("server", "nft", "add", "table", "inet", "sonde")
+    net.exec("server", "nft", "add", "chain", "inet", "sonde", "in", "{ type filter hook input priority 0 ; }")
+    net.exec("server", "nft", "add", "rule", "inet", "sonde", "in", "tcp", "dport", str(port),
+             "meta", "length", "gt", "100", "numgen", "inc", "mod", "7", "==", "0", "drop")
+    cli = Child("messages", net.V4["server"], port, "loss-proxy", 300, 200, 2, netns=net.ns["client"])
+    try:
+        cli.wait(timeout=120)
+        points = evaluate(agent)
+    finally:
+        srv.kill()
+    assert {"host": agent.config.host, "comm": "loss-proxy", "peer": net.V4["server"]} in \
+        fired(points, "retransmit_ratio")
