@@ -3,6 +3,7 @@ SondeError into one line on stderr with a non-zero exit; never a traceback."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -42,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--datasource-url", default="http://127.0.0.1:8086",
                       help="InfluxDB URL for the provisioned datasource (default %(default)s)")
     dash.add_argument("--database", default="sonde", help="InfluxDB database (default %(default)s)")
+    for name, helptext in (("backtrack", "report what happened in a past window, from stored metrics"),
+                           ("topology", "the process <-> endpoint graph of a past window, as JSON or SVG")):
+        bt = sub.add_parser(name, help=helptext)
+        _add_config(bt)
+        bt.add_argument("--at", metavar="TIME", help="end of the window: ISO 8601 (UTC if no zone) or epoch seconds")
+        bt.add_argument("--window", default="10m", metavar="DUR", help="window length, e.g. 90s, 10m, 1h (default 10m)")
+        bt.add_argument("--from", dest="start", metavar="TIME", help="window start (instead of --at/--window)")
+        bt.add_argument("--to", dest="end", metavar="TIME", help="window end (with --from)")
+        bt.add_argument("--host", help="only this host")
+        bt.add_argument("--process", help="only this process name (comm)")
+        bt.add_argument("--peer", help="only this peer address")
+        bt.add_argument("--json", action="store_true", help="JSON for tools")
+        bt.add_argument("--svg", metavar="FILE", help="write the topology as SVG")
     al = sub.add_parser("alerts", help="write Grafana alerting provisioning for the alert rules")
     al.add_argument("--out", metavar="DIR", help="directory to write alerting/sonde.yaml into")
     al.add_argument("--readme", metavar="FILE", help="regenerate the rule list in this README")
@@ -176,6 +190,83 @@ def cmd_alerts(args) -> int:
     return 0
 
 
+def _time_ms(value: str, what: str) -> int:
+    import datetime as dt
+
+    try:
+        return int(float(value) * 1000)
+    except ValueError:
+        pass
+    try:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise SondeError(f"{what}: {value!r} is not a time; use ISO 8601 (2026-11-25T08:00:00Z) or epoch seconds")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+def _duration_ms(value: str) -> int:
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?", value.strip())
+    if not m:
+        raise SondeError(f"--window: {value!r} is not a duration; use e.g. 90s, 10m, 1h")
+    return int(float(m.group(1)) * {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}[m.group(2) or "s"])
+
+
+def _window(args):
+    import time
+
+    from .backtrack import Window
+
+    if args.start:
+        start = _time_ms(args.start, "--from")
+        end = _time_ms(args.end, "--to") if args.end else int(time.time() * 1000)
+    else:
+        end = _time_ms(args.at, "--at") if args.at else int(time.time() * 1000)
+        start = end - _duration_ms(args.window)
+    if end <= start:
+        raise SondeError("the window is empty: --to must be after --from")
+    return Window(start, end, args.host, args.process, args.peer)
+
+
+def cmd_backtrack(args) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from . import backtrack
+    from .agent import effective_sink_config
+    from .sinks import make_sink
+
+    cfg = config_mod.load(args.config)
+    w = _window(args)
+    sink = make_sink(effective_sink_config(cfg))
+    try:
+        with Progress(SpinnerColumn(), TextColumn("querying {task.description}"), transient=True,
+                      console=_stderr_console()) as progress:
+            task = progress.add_task("InfluxDB")
+            bt = backtrack.Backtrack(sink.query, lambda step: progress.update(task, description=step))
+            report = bt.report(w)
+    except RuntimeError as e:
+        raise SondeError(f"backtrack: InfluxDB refused a query: {str(e).splitlines()[0]}")
+    finally:
+        sink.close()
+    topo = backtrack.topology(report)
+    if args.svg:
+        from pathlib import Path
+        Path(args.svg).write_text(backtrack.topology_svg(topo))
+    if args.command == "topology":
+        sys.stdout.write(json.dumps(topo, indent=2) + "\n" if args.json or not args.svg else "")
+    else:
+        sys.stdout.write(backtrack.as_json(report) + "\n" if args.json else backtrack.text(report))
+    return 0
+
+
+def _stderr_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
 def cmd_catalog(args) -> int:
     if args.markdown:
         sys.stdout.write(catalog.render_markdown())
@@ -189,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"run": cmd_run, "check": cmd_check, "catalog": cmd_catalog,
-                "dashboards": cmd_dashboards, "alerts": cmd_alerts}[args.command](args)
+                "dashboards": cmd_dashboards, "alerts": cmd_alerts, "backtrack": cmd_backtrack,
+                "topology": cmd_backtrack}[args.command](args)
     except SondeError as e:
         for line in e.args:
             print(f"sonde: error: {line}", file=sys.stderr)

@@ -14,6 +14,8 @@ port to PORTFILE once listening.
   echo PORTFILE COMM BIND                echo one connection's bytes until EOF
   pingpong HOST PORT COMM N              N one-byte round trips; prints the median RTT in us
   messages HOST PORT COMM N SIZE GAP_MS  N writes of SIZE bytes with TCP_NODELAY, GAP_MS apart
+  httpd PORTFILE COMM BIND RESET_EVERY BODY  a one-thread HTTP/1.0 server on port 8080: BODY-byte answers; every
+                                         RESET_EVERY-th request (0: never) is closed with a reset
   udpflood HOST PORT COMM SECONDS        UDP datagrams as fast as possible (keeps a qdisc full;
                                          TCP cannot, its small-queue limit stops it)
 """
@@ -40,10 +42,10 @@ def family_of(host: str):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def listen(portfile: str, bind: str) -> socket.socket:
+def listen(portfile: str, bind: str, port: int = 0) -> socket.socket:
     srv = socket.socket(family_of(bind))
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((bind, 0))
+    srv.bind((bind, port))
     srv.listen(1024)
     with open(portfile + ".tmp", "w") as f:
         f.write(str(srv.getsockname()[1]))
@@ -168,6 +170,29 @@ def messages(host, port, n, size, gap_ms):
     s.close()
 
 
+def httpd(portfile, bind, reset_every, body):
+    srv = listen(portfile, bind, 8080)
+    answer = b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % body + b"x" * body
+    n = 0
+    while True:
+        conn, _ = srv.accept()
+        n += 1
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            if reset_every and n % reset_every == 0:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                conn.sendall(answer)
+        except OSError:
+            pass
+        conn.close()
+
+
 def udpflood(host, port, seconds):
     s = socket.socket(family_of(host), socket.SOCK_DGRAM)
     payload = b"u" * 1200
@@ -183,7 +208,7 @@ def udpflood(host, port, seconds):
 if __name__ == "__main__":
     a = sys.argv[1:]
     cmd = a[0]
-    set_comm(arg_bytes(a[2] if cmd in ("recv", "accept", "echo") else a[3]))
+    set_comm(arg_bytes(a[2] if cmd in ("recv", "accept", "echo", "httpd") else a[3]))
     if cmd == "recv":
         recv(a[1], int(a[3]) if len(a) > 3 else 1, a[4] if len(a) > 4 else None)
     elif cmd == "send":
@@ -200,6 +225,8 @@ if __name__ == "__main__":
         pingpong(a[1], int(a[2]), int(a[4]))
     elif cmd == "messages":
         messages(a[1], int(a[2]), int(a[4]), int(a[5]), float(a[6]))
+    elif cmd == "httpd":
+        httpd(a[1], a[3], int(a[4]), int(a[5]))
     elif cmd == "udpflood":
         udpflood(a[1], int(a[2]), float(a[4]))
     else:
