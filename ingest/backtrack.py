@@ -227,6 +227,16 @@ class Backtrack:
         before = self.flows(w.before())
         self.progress("load balancers")
         lbs = self.load_balancers(flows, w.process)
+        before_lbs = {(x["host"], x["process"]): x for x in self.load_balancers(before, w.process)}
+        for lb in lbs:
+            b = before_lbs.get((lb["host"], lb["process"]))
+            now_bytes = sum(x["tx_bytes"] + x["rx_bytes"] for x in lb["backends"].values())
+            then_bytes = sum(x["tx_bytes"] + x["rx_bytes"] for x in b["backends"].values()) if b else 0
+            now_p99 = max((x.get("connect_latency_p99_us") or 0 for x in lb["backends"].values()), default=0)
+            then_p99 = max((x.get("connect_latency_p99_us") or 0 for x in b["backends"].values()), default=0) if b else 0
+            lb["vs_before"] = {"backend_bytes": now_bytes, "backend_bytes_before": then_bytes,
+                               "backend_bytes_ratio": round(now_bytes / then_bytes, 3) if then_bytes else None,
+                               "backend_connect_p99_us": now_p99, "backend_connect_p99_us_before": then_p99}
         self.progress("cpu")
         cpu = self.cpu(w)
         self.progress("disks and OOM")

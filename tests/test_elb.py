@@ -5,6 +5,7 @@ namespace behind its own veth pair (198.18.N.0/24). Sonde runs; the test stages
 the incident, then reads `sonde backtrack --json` over the window."""
 import json
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ from ingest.agent import Agent
 
 pytestmark = [pytest.mark.elb]
 NGINX = """
+{modules}
 worker_processes 2;
 daemon off;
 pid {d}/nginx.pid;
@@ -30,8 +32,28 @@ http {{
     server {{
         listen 127.0.0.1:8000;
         location / {{ proxy_pass http://backends; proxy_next_upstream off; }}
+        {extra}
     }}
 }}
+"""
+SPIN_JS = """
+function spin(r) {
+    var until = Date.now() + 8000;
+    while (Date.now() < until) {}
+    r.return(200, "spun\\n");
+}
+export default { spin };
+"""
+LIGHT_LOAD = """
+import sys, time, urllib.request
+end = time.time() + float(sys.argv[1]); ok = failed = 0
+while time.time() < end:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8000/", timeout=20).read(); ok += 1
+    except OSError:
+        failed += 1
+    time.sleep(0.005)
+print(ok, failed)
 """
 
 
@@ -71,8 +93,13 @@ class Lab:
     def stop_backend(self, i: int) -> None:
         self.servers.pop(i).kill()
 
-    def start_nginx(self) -> None:
-        (self.tmp / "nginx.conf").write_text(NGINX.format(d=self.tmp))
+    def start_nginx(self, spin: bool = False) -> None:
+        modules = extra = ""
+        if spin:  # njs: a handler that holds its worker on the CPU for 8 s
+            (self.tmp / "spin.js").write_text(SPIN_JS)
+            modules = "load_module /usr/lib/nginx/modules/ngx_http_js_module.so;"
+            extra = f"js_import spin from {self.tmp}/spin.js; location /spin {{ js_content spin.spin; }}"
+        (self.tmp / "nginx.conf").write_text(NGINX.format(d=self.tmp, modules=modules, extra=extra))
         self.nginx = subprocess.Popen(["ip", "netns", "exec", self.lb, "nginx", "-p", str(self.tmp), "-c",
                                        str(self.tmp / "nginx.conf")], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
@@ -86,6 +113,11 @@ class Lab:
         non2xx = int(out.split("Non-2xx or 3xx responses:")[1].split()[0]) if "Non-2xx" in out else 0
         errors = sum(int(x) for x in __import__("re").findall(r"(?:connect|read|write|timeout) (\d+)", out))
         return {"requests": total, "failed": non2xx + errors}
+
+    def light_load(self, seconds: float, clients: int = 2) -> list[subprocess.Popen]:
+        """A few clients at a modest rate, so a healthy worker is far from a full core."""
+        return [subprocess.Popen(["ip", "netns", "exec", self.lb, sys.executable, "-c", LIGHT_LOAD, str(seconds)],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(clients)]
 
     def close(self):
         for c in list(self.servers.values()):
@@ -249,3 +281,32 @@ def test_incident_4_health_check_failures_start_and_end(lab, agent, influx, infl
     assert any(p.tags.get("rule") == "failed_connects" and p.tags.get("state") == "firing" for p in fired)
     resolved = agent.evaluate_alerts(up + 70_000)  # a window later, with no failures since
     assert any(p.tags.get("rule") == "failed_connects" and p.tags.get("state") == "resolved" for p in resolved)
+
+
+def test_incident_2_stuck_worker(lab, agent, influx, influx_db, tmp_path):
+    need(Path("/usr/lib/nginx/modules/ngx_http_js_module.so").exists(), "njs (libnginx-mod-http-js)")
+    for i in (1, 2, 3):
+        lab.start_backend(i)
+    lab.start_nginx(spin=True)
+    agent.poll()
+    with Poller(agent):
+        clients = lab.light_load(16)
+        time.sleep(8)
+        stuck_from = int(time.time() * 1000)
+        spinner = subprocess.Popen(["ip", "netns", "exec", lab.lb, "curl", "-s", "-m", "30",
+                                    "http://127.0.0.1:8000/spin"], stdout=subprocess.DEVNULL)
+        time.sleep(8)
+        stuck_to = int(time.time() * 1000)
+        spinner.wait()
+        for c in clients:
+            c.wait()
+    workers = [int(p) for p in sh("pgrep", "-f", "nginx: worker").split()]
+    report = backtrack(influx, influx_db, tmp_path, stuck_from, stuck_to)
+    pinned = [c for c in report["cpu"] if c["pinned"]]
+    assert [c["comm"] for c in pinned] == ["nginx"], report["cpu"][:5]
+    assert int(pinned[0]["pid"]) in workers
+    assert report["findings"][0]["kind"] == "cpu_pinned"
+    assert f'pid {pinned[0]["pid"]}' in report["likely_cause"]
+    lb = next(x for x in report["load_balancers"] if x["process"] == "nginx")
+    # less data moved to the backends than in the window before
+    assert lb["vs_before"]["backend_bytes_ratio"] < 0.8, lb["vs_before"]
