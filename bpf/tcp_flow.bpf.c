@@ -90,11 +90,13 @@ struct sock_t {
     u8 opened;
     u8 got_rst;
     char comm[SONDE_COMM_LEN];
+    u8 laddr[16];  /* local address, for passive sockets */
 };
 
 struct listen_key {
     u16 port;
     u16 family;
+    u8 addr[16];   /* local address: the same port in two namespaces is two services */
 };
 
 struct owner_t {
@@ -210,6 +212,7 @@ static __always_inline void claim(struct sock_t *s)
         if (v)
             __sync_fetch_and_add(&v->passive_opens, 1);
         struct listen_key lk = {.port = s->fk.port, .family = s->fk.family};
+        __builtin_memcpy(lk.addr, s->laddr, sizeof(lk.addr));
         struct owner_t o = {.tgid = s->fk.tgid};
         __builtin_memcpy(o.comm, s->comm, sizeof(o.comm));
         if (listeners.update(&lk, &o))
@@ -278,6 +281,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
      * event; port owners are learnt from the processes that claim accepted sockets. */
     if (os == TCP_LISTEN) {             /* the listener closed */
         struct listen_key lk = {.port = args->sport, .family = args->family};
+        copy_addr(lk.addr, args->saddr, args->saddr_v6, args->family);
         listeners.delete(&lk);
         return 0;
     }
@@ -306,11 +310,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         n.fk.port = args->sport;
         n.fk.family = args->family;
         copy_addr(n.fk.addr, args->daddr, args->daddr_v6, args->family);
+        copy_addr(n.laddr, args->saddr, args->saddr_v6, args->family);
         n.t_est = now;
         n.state = ns;
         /* provisional owner: the last process that used a connection accepted on
          * this port, until a process uses this one */
         struct listen_key lk = {.port = args->sport, .family = args->family};
+        copy_addr(lk.addr, args->saddr, args->saddr_v6, args->family);
         struct owner_t *o = listeners.lookup(&lk);
         if (o) {
             n.fk.tgid = o->tgid;

@@ -4,6 +4,7 @@ nginx proxies in its own network namespace to three backends, each in its own
 namespace behind its own veth pair (198.18.N.0/24). Sonde runs; the test stages
 the incident, then reads `sonde backtrack --json` over the window."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -45,13 +46,17 @@ function spin(r) {
 export default { spin };
 """
 LIGHT_LOAD = """
-import sys, time, urllib.request
+import http.client, sys, time
+# one keep-alive connection at a modest rate: a client pinned to whichever worker
+# accepted it, as browsers and upstream pools are
 end = time.time() + float(sys.argv[1]); ok = failed = 0
+conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=30)
 while time.time() < end:
     try:
-        urllib.request.urlopen("http://127.0.0.1:8000/", timeout=20).read(); ok += 1
-    except OSError:
+        conn.request("GET", "/"); conn.getresponse().read(); ok += 1
+    except (OSError, http.client.HTTPException):
         failed += 1
+        conn = http.client.HTTPConnection("127.0.0.1", 8000, timeout=30)
     time.sleep(0.005)
 print(ok, failed)
 """
@@ -171,12 +176,23 @@ def agent(influx, influx_db, tmp_path):
 
 
 def backtrack(influx, influx_db, tmp_path, start_ms, end_ms, *extra) -> dict:
+    """`sonde backtrack --json` over the window; the text report must name the same cause.
+
+    With SONDE_EXAMPLES=DIR the text report is kept there (the README's worked examples)."""
     cfg = tmp_path / "bt.yaml"
     cfg.write_text(f"state_dir: {tmp_path}/bt\ninfluxdb:\n  api: v1\n  url: {influx.url}\n  database: {influx_db}\n")
-    r = subprocess.run([str(REPO / ".venv/bin/sonde"), "backtrack", "-c", str(cfg), "--from", str(start_ms / 1000),
-                        "--to", str(end_ms / 1000), "--json", *extra], capture_output=True, text=True)
+    cmd = [str(REPO / ".venv/bin/sonde"), "backtrack", "-c", str(cfg), "--from", str(start_ms / 1000),
+           "--to", str(end_ms / 1000), *extra]
+    r = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    report = json.loads(r.stdout)
+    t = subprocess.run(cmd, capture_output=True, text=True)
+    assert t.returncode == 0 and "Traceback" not in t.stderr
+    assert (report["likely_cause"] or "nothing stands out") in t.stdout
+    if os.environ.get("SONDE_EXAMPLES"):
+        name = os.environ.get("PYTEST_CURRENT_TEST", "x").split("::")[-1].split(" ")[0]
+        Path(os.environ["SONDE_EXAMPLES"], f"{name}.txt").write_text(t.stdout)
+    return report
 
 
 def test_clean_run_has_no_likely_cause(lab, agent, influx, influx_db, tmp_path):
@@ -290,7 +306,7 @@ def test_incident_2_stuck_worker(lab, agent, influx, influx_db, tmp_path):
     lab.start_nginx(spin=True)
     agent.poll()
     with Poller(agent):
-        clients = lab.light_load(16)
+        clients = lab.light_load(16, clients=6)
         time.sleep(8)
         stuck_from = int(time.time() * 1000)
         spinner = subprocess.Popen(["ip", "netns", "exec", lab.lb, "curl", "-s", "-m", "30",
