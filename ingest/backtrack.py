@@ -356,3 +356,50 @@ def _ts(ms: int) -> str:
 
 def as_json(report: dict) -> str:
     return json.dumps(report, indent=2, default=str)
+
+
+def plot(bt: Backtrack, w: Window, out_dir, report: dict) -> list:
+    """PNG plots of the key series over the window and the one before, the window shaded."""
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    span = w.end_ms - w.start_ms
+    wide = Window(w.start_ms - span, w.end_ms, w.host, w.process, w.peer)
+    step_s = max(1, span // 1000 // 30)
+    panels = [
+        ("backend_bytes", "bytes per interval to each peer (role client)",
+         f'SELECT sum("tx_bytes") + sum("rx_bytes") AS "v" FROM "tcp_flow" WHERE {wide.where()} AND "role" = \'client\' '
+         f'GROUP BY time({step_s}s), "comm", "peer"', ("comm", "peer")),
+        ("srtt_p99", "srtt p99 (us) per peer",
+         f'SELECT max("p99_us") AS "v" FROM "tcp_srtt" WHERE {wide.where()} GROUP BY time({step_s}s), "comm", "peer"',
+         ("comm", "peer")),
+        ("cpu", "CPU % of a core, per process",
+         f'SELECT max("cpu_pct") AS "v" FROM "process_cpu" WHERE {wide.where(peer=False)} '
+         f'GROUP BY time({step_s}s), "comm", "pid"', ("comm", "pid")),
+    ]
+    written = []
+    for name, title, q, labels in panels:
+        series: dict[tuple, list] = {}
+        for r in bt.rows(q):
+            if r["v"] is not None:
+                series.setdefault(tuple(r[l] for l in labels), []).append((r["time"] / 1e9, r["v"]))
+        top = sorted(series.items(), key=lambda kv: -max(v for _, v in kv[1]))[:8]
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        for key, pts in top:
+            ax.plot([t for t, _ in pts], [v for _, v in pts], label=" ".join(key))
+        ax.axvspan(w.start_ms / 1000, w.end_ms / 1000, color="orange", alpha=0.15, label="window")
+        ax.set_title(title)
+        ax.set_xlabel("unix time (s)")
+        if top:
+            ax.legend(fontsize=7, loc="upper left")
+        path = out / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         bt.add_argument("--peer", help="only this peer address")
         bt.add_argument("--json", action="store_true", help="JSON for tools")
         bt.add_argument("--svg", metavar="FILE", help="write the topology as SVG")
+        bt.add_argument("--png", metavar="DIR", help="plot the key series, the window shaded, as PNGs in DIR")
     al = sub.add_parser("alerts", help="write Grafana alerting provisioning for the alert rules")
     al.add_argument("--out", metavar="DIR", help="directory to write alerting/sonde.yaml into")
     al.add_argument("--readme", metavar="FILE", help="regenerate the rule list in this README")
@@ -247,6 +248,10 @@ def cmd_backtrack(args) -> int:
             task = progress.add_task("InfluxDB")
             bt = backtrack.Backtrack(sink.query, lambda step: progress.update(task, description=step))
             report = bt.report(w)
+            if args.png:
+                progress.update(task, description="plots")
+                for path in backtrack.plot(bt, w, args.png, report):
+                    print(f"wrote {path}", file=sys.stderr)
     except RuntimeError as e:
         raise SondeError(f"backtrack: InfluxDB refused a query: {str(e).splitlines()[0]}")
     finally:

@@ -240,6 +240,15 @@ def test_incident_1_backend_resets(lab, agent, influx, influx_db, tmp_path):
     abnormal = [e for e in edges if e["abnormal"]]
     assert [e["target"] for e in abnormal if e["source"].startswith("nginx")] == ["198.18.2.2:8080"]
     assert "198.18.2.2:8080" in (tmp_path / "t.svg").read_text()
+    pngs = subprocess.run([str(REPO / ".venv/bin/sonde"), "backtrack", "-c", str(tmp_path / "bt.yaml"), "--from",
+                           str(start / 1000), "--to", str(end / 1000), "--png", str(tmp_path / "png")],
+                          capture_output=True, text=True)
+    assert pngs.returncode == 0, pngs.stderr
+    if os.environ.get("SONDE_EXAMPLES"):
+        import shutil
+        shutil.copy(tmp_path / "png" / "backend_bytes.png", os.environ["SONDE_EXAMPLES"])
+    for name in ("backend_bytes", "srtt_p99", "cpu"):
+        assert (tmp_path / "png" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fired = [json.loads(p.fields["labels"]) for p in agent.evaluate_alerts(end)
              if p.measurement == "sonde_alert" and p.tags["rule"] == "backend_resets"]
     assert {"host": agent.config.host, "comm": "nginx", "peer": "198.18.2.2", "port": "8080"} in fired
