@@ -14,8 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
-import socket
 import statistics
 import subprocess
 import sys

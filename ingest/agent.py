@@ -17,7 +17,7 @@ from .errors import SondeError
 from .lineproto import Point, encode
 from .probe import LoadedProbe, discover, ensure_tracefs, require_hooks
 from .probe import enabled as probe_enabled
-from .sinks import V1Sink, make_sink
+from .sinks import make_sink
 from .spool import Spool
 
 log = logging.getLogger("sonde.agent")

@@ -253,3 +253,28 @@ def net():
     n = Net()
     yield n
     n.close()
+
+
+@pytest.fixture
+def agents(bpf_ready, influx, influx_db, tmp_path):
+    """make(*probes, extra=YAML): an agent with those probes writing to the test's database,
+    polled once so the test's window starts clean; all are stopped at the end."""
+    from ingest.agent import Agent
+
+    started = []
+
+    def make(*probes, extra=""):
+        cfg = make_config(tmp_path, extra, api="v1", url=influx.url, database=influx_db)
+        a = Agent(cfg, only=list(probes), max_backoff=0.5).start()
+        started.append(a)
+        a.poll()
+        return a
+    yield make
+    for a in started:
+        a.stop()
+
+
+def drain(agent) -> None:
+    """One more poll, then wait until the spool has delivered everything."""
+    agent.poll()
+    wait_until(lambda: len(agent.spool) == 0, what="spool drained")

@@ -16,7 +16,7 @@ from ingest.docs import section
 import yaml
 
 from alerts import rules as rules_mod
-from conftest import REPO, Child, free_port, make_config, need, select, wait_for_file, wait_until
+from conftest import REPO, Child, drain, free_port, make_config, need, select, wait_for_file, wait_until
 from ingest.agent import Agent
 from ingest.queries import expand
 
@@ -55,30 +55,15 @@ TEST_THRESHOLDS["disk_utilisation"]["threshold"] = 30
 
 
 @pytest.fixture
-def staged(bpf_ready, influx, influx_db, tmp_path):
+def staged(agents, tmp_path):
+    """Agents evaluating the test-scale thresholds."""
     path = tmp_path / "thresholds.yaml"
-    text = rules_mod.THRESHOLDS.read_text()
-    # keep the comments (the why) and swap the values
-    for name, values in TEST_THRESHOLDS.items():
-        text = text.replace(f"{name}:\n", f"{name}:\n", 1)
     path.write_text(yaml.safe_dump(TEST_THRESHOLDS))
-    agents = []
-
-    def make(*probes, extra=""):
-        cfg = make_config(tmp_path, f"alerts:\n  thresholds: {path}\n" + extra, api="v1", url=influx.url,
-                          database=influx_db)
-        a = Agent(cfg, only=list(probes), max_backoff=0.5).start()
-        agents.append(a)
-        a.poll()
-        return a
-    yield make
-    for a in agents:
-        a.stop()
+    return lambda *probes, extra="": agents(*probes, extra=f"alerts:\n  thresholds: {path}\n" + extra)
 
 
 def evaluate(agent):
-    agent.poll()
-    wait_until(lambda: len(agent.spool) == 0, what="spool drained")
+    drain(agent)
     return agent.evaluate_alerts()
 
 

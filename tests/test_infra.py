@@ -7,30 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_config, need, select, wait_until
-from ingest.agent import Agent
+from conftest import drain, need, select
 
 pytestmark = [pytest.mark.infra]
 
 
 @pytest.fixture
-def agent_for(bpf_ready, influx, influx_db, tmp_path):
-    agents = []
-
-    def make(*probes, extra=""):
-        cfg = make_config(tmp_path, extra, api="v1", url=influx.url, database=influx_db)
-        a = Agent(cfg, only=list(probes), max_backoff=0.5).start()
-        agents.append(a)
-        a.poll()
-        return a
-    yield make
-    for a in agents:
-        a.stop()
+def agent_for(agents):
+    return agents
 
 
-def flush(agent):
-    agent.poll()
-    wait_until(lambda: len(agent.spool) == 0, what="spool drained")
+flush = drain
 
 
 def sh(*cmd, check=True):
