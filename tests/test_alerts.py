@@ -52,6 +52,7 @@ for _r in TEST_THRESHOLDS.values():
     if "baseline" in _r:
         _r["baseline"] = 20
 TEST_THRESHOLDS["disk_utilisation"]["threshold"] = 30
+TEST_THRESHOLDS["disk_latency_p99"]["threshold_us"] = 2000  # a queue of 64 on a loop device is the fault here
 
 
 @pytest.fixture
@@ -185,6 +186,23 @@ def test_disk_utilisation_fires(staged, tmp_path):
     finally:
         subprocess.run(["losetup", "-d", dev])
     assert {"host": agent.config.host, "disk": os.path.basename(dev)} in fired(points, "disk_utilisation")
+
+
+def test_disk_latency_p99_fires_under_a_deep_queue(staged, tmp_path):
+    need(Path("/usr/bin/fio").exists(), "fio")
+    agent = staged("block_io")
+    img = tmp_path / "q.img"
+    subprocess.run(["truncate", "-s", "256M", str(img)], check=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        subprocess.run(["fio", "--name=queue", f"--filename={dev}", "--rw=randwrite", "--bs=64k", "--direct=1",
+                        "--ioengine=libaio", "--iodepth=64", "--runtime=3", "--time_based", "--output=/dev/null"],
+                       check=True)
+        points = evaluate(agent)
+    finally:
+        subprocess.run(["losetup", "-d", dev])
+    assert {"host": agent.config.host, "disk": os.path.basename(dev)} in fired(points, "disk_latency_p99")
 
 
 def test_clean_load_stays_silent(bpf_ready, influx, influx_db, tmp_path):
