@@ -100,8 +100,9 @@ def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
                        "B": Ref(q("process_cpu", "count(cpu_pct) as value", (), plab), r["window"])},
                       f"$A * ($B >= {r['intervals']})", "ge", r["threshold"], r["for"], _why("cpu_pinned")))
     r = t["disk_latency_p99"]
-    rules.append(Rule("disk_latency_p99", "{{disk}}: p99 block latency high", "warning",
-                      {"A": Ref(q("block_total_latency", "max(p99_us) as value", (("op", "(read|write|sync_write)"),),
+    rules.append(Rule("disk_latency_p99", "{{disk}}: p99 block latency high for most of the window", "warning",
+                      {"A": Ref(q("block_total_latency", "percentile(p99_us, 50) as value",
+                                  (("op", "(read|write|sync_write)"),),
                                   ("host", "disk")), r["window"])},
                       "$A", "gt", r["threshold_us"], r["for"], _why("disk_latency_p99")))
     r = t["disk_utilisation"]

@@ -34,7 +34,7 @@ class Query:
             raise CatalogError(f"query names measurement {self.measurement!r}, which the catalog does not declare")
         for expr in self.select:
             expr = expr.split(" as ")[0]
-            for name in re.findall(r"\(([a-z_0-9]+)\)", expr) or [expr]:
+            for name in re.findall(r"\(([a-z_0-9]+)(?:,\s*[0-9.]+)?\)", expr) or [expr]:
                 if name not in m.field_names | m.tag_names and name != "*":
                     raise CatalogError(f"query on {self.measurement} names field {name!r}, not in the catalog")
         for tag, _ in self.where:
@@ -53,8 +53,9 @@ class Query:
         sel = []
         for item in self.select:
             expr, _, name = item.partition(" as ")
-            fields = re.findall(r"\(([a-z_0-9]+)\)", expr)
-            col = re.sub(r"\(([a-z_0-9]+)\)", r'("\1")', expr) if fields else f'"{expr}"'
+            call = r"\(([a-z_0-9]+)((?:,\s*[0-9.]+)?)\)"  # fn(field) or fn(field, N)
+            fields = [m[0] for m in re.findall(call, expr)]
+            col = re.sub(call, r'("\1"\2)', expr) if fields else f'"{expr}"'
             if not name:
                 name = self.alias if (self.alias and len(self.select) == 1) else (fields[0] if fields else expr)
             if self.per_second:
