@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,14 +30,11 @@ from ingest.embedded import InfluxServer  # noqa: E402
 from ingest.lineproto import Point, encode  # noqa: E402
 from ingest.sinks import V1Sink  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from ab import free_port  # noqa: E402
+
 INTERVAL_S = 10
 DAY_S = 86_400
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill(sink: V1Sink, end_s: int) -> int:

@@ -87,11 +87,7 @@ class BlockDecoder:
                 b = buckets.get((k.dev, k.op, kind))
                 if not b:
                     continue
-                points += [Point(name + "_hist", tags | {"le": hist.le(s)}, {"count": n}, ts) for s, n in sorted(b.items())]
-                points.append(Point(name, tags, {
-                    "count": sum(b.values()), "sum_us": d[SUMS[kind]], "max_us": (1 << max(b)) - 1,
-                    "p50_us": hist.percentile(b, 0.5), "p90_us": hist.percentile(b, 0.9),
-                    "p99_us": hist.percentile(b, 0.99)}, ts))
+                points += hist.points(name, tags, b, d[SUMS[kind]], ts)
         busy_rows = read_all(self.busy)
         for k, v in busy_rows:
             dev = int(k)

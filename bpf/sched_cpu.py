@@ -91,13 +91,7 @@ class SchedDecoder:
             fields["interval_us"] = interval_ns // 1000
         pts = [Point("process_cpu", tags, fields, ts)]
         if buckets:
-            pts += [Point("process_runq_latency_hist", tags | {"le": hist.le(s)}, {"count": c}, ts)
-                    for s, c in sorted(buckets.items())]
-            pts.append(Point("process_runq_latency", tags, {
-                "count": sum(buckets.values()), "sum_us": d["rq_lat_sum_us"],
-                "max_us": (1 << max(buckets)) - 1,
-                "p50_us": hist.percentile(buckets, 0.5), "p90_us": hist.percentile(buckets, 0.9),
-                "p99_us": hist.percentile(buckets, 0.99)}, ts))
+            pts += hist.points("process_runq_latency", tags, buckets, d["rq_lat_sum_us"], ts)
         return pts
 
 

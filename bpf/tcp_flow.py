@@ -82,6 +82,7 @@ class Flow:
     window: dict[str, int] = field(default_factory=dict)  # min/max/last, only when sampled
     hists: dict[str, dict[int, int]] = field(default_factory=dict)
     exited: bool = False
+    pid: str = ""  # the pid tag when it is not the tgid: a folded flow's owner, or `other`
 
     @property
     def weight(self) -> tuple[int, int]:
@@ -241,12 +242,12 @@ class FlowDecoder:
     def _fold_into(acc: dict[str, Flow], f: Flow, pid: str, name: str) -> None:
         key = f.role
         if key not in acc:
-            acc[key] = Flow(0, name, f.role, OTHER, OTHER, dict.fromkeys(f.counters, 0), dict.fromkeys(f.sums, 0))
-            acc[key].pid = pid
+            acc[key] = Flow(0, name, f.role, OTHER, OTHER, dict.fromkeys(f.counters, 0), dict.fromkeys(f.sums, 0),
+                            pid=pid)
         acc[key].merge(f)
 
     def _tags(self, f: Flow) -> dict[str, str]:
-        pid = getattr(f, "pid", None) or str(f.tgid)
+        pid = f.pid or str(f.tgid)
         return {"host": self.host, "pid": pid, "comm": f.comm, "role": f.role, "peer": f.peer, "port": f.port}
 
     def _series(self, f: Flow) -> set[tuple]:
@@ -283,15 +284,8 @@ class FlowDecoder:
         maxes = {"tcp_srtt": w.get("srtt_max_us"), "tcp_connect_latency": w.get("connect_max_us"),
                  "tcp_lifetime": w.get("lifetime_max_us")}
         for name, b in f.hists.items():
-            for s, c in sorted(b.items()):
-                pts.append(Point(name + "_hist", tags | {"le": hist.le(s)}, {"count": c}, ts))
-            mx = maxes[name]
-            if mx is None:  # the max's slot rolled over mid-poll: bound it by the top bucket
-                mx = (1 << max(b)) - 1
-            pts.append(Point(name, tags, {
-                "count": sum(b.values()), "sum_us": sums[name], "max_us": int(mx),
-                "p50_us": hist.percentile(b, 0.5), "p90_us": hist.percentile(b, 0.9),
-                "p99_us": hist.percentile(b, 0.99)}, ts))
+            # a max is None when its slot rolled over mid-poll: the top bucket bounds it
+            pts += hist.points(name, tags, b, sums[name], ts, maxes[name])
         return pts
 
     def _states(self, ts: int) -> list[Point]:

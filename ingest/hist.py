@@ -40,3 +40,17 @@ def merge(into: dict[int, int], other: dict[int, int]) -> dict[int, int]:
     for s, c in other.items():
         into[s] = into.get(s, 0) + c
     return into
+
+
+def points(name: str, tags: dict, buckets: dict[int, int], sum_us: int, ts: int, max_us: int | None = None) -> list:
+    """A histogram's points for one interval: `<name>_hist` per bucket, and the `<name>`
+    summary. Without a measured max, the top bucket's upper bound stands in for it."""
+    from .lineproto import Point
+
+    out = [Point(name + "_hist", tags | {"le": le(s)}, {"count": c}, ts) for s, c in sorted(buckets.items())]
+    out.append(Point(name, tags, {
+        "count": sum(buckets.values()), "sum_us": sum_us,
+        "max_us": int(max_us) if max_us is not None else (1 << max(buckets)) - 1,
+        "p50_us": percentile(buckets, 0.5), "p90_us": percentile(buckets, 0.9),
+        "p99_us": percentile(buckets, 0.99)}, ts))
+    return out
