@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--datasource-url", default="http://127.0.0.1:8086",
                       help="InfluxDB URL for the provisioned datasource (default %(default)s)")
     dash.add_argument("--database", default="sonde", help="InfluxDB database (default %(default)s)")
+    dash.add_argument("--dashboards-path", metavar="DIR",
+                      help="where Grafana will find the JSON, for the provider file (default: --out)")
     for name, helptext in (("backtrack", "report what happened in a past window, from stored metrics"),
                            ("topology", "the process <-> endpoint graph of a past window, as JSON or SVG")):
         bt = sub.add_parser(name, help=helptext)
@@ -164,7 +166,8 @@ def cmd_dashboards(args) -> int:
     out = Path(args.out)
     try:
         written = house.write_all(out)
-        written += provisioning.write(out / "provisioning", str(out.resolve()), args.datasource_url, args.database)
+        written += provisioning.write(out / "provisioning", args.dashboards_path or str(out.resolve()),
+                                      args.datasource_url, args.database)
     except OSError as e:
         raise SondeError(f"dashboards: cannot write to {out}: {e.strerror}")
     for path in written:

@@ -17,12 +17,14 @@ die() { echo "setup: $*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "this installer supports Debian 12 (apt-get not found)"
 
 # Debian packages. bcc for the probes, kernel headers for bcc's compiler, the
-# embedded InfluxDB 1.6.7, VictoriaMetrics (tests the v2 write path), and the
-# real workloads the tests and benchmarks drive.
+# embedded InfluxDB 1.6.7, VictoriaMetrics (tests the v2 write path), the
+# real workloads the tests and benchmarks drive, and a debootstrap'd systemd
+# host (nspawn, reached over ssh) that the Ansible role is tested on.
 packages=(
   python3-bpfcc python3-venv python3-pip linux-headers-amd64
   influxdb victoria-metrics
   nginx-light libnginx-mod-http-js wrk fio curl iproute2 nftables procps util-linux gcc
+  debootstrap systemd-container openssh-client
 )
 missing=()
 for p in "${packages[@]}"; do

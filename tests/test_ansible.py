@@ -1,0 +1,307 @@
+"""Fleet rollout (issue 8): the Ansible role, linted, and applied for real to a
+Debian 12 host where systemd is PID 1 (debootstrap + systemd-nspawn, over SSH)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, free_port, need, start_influx, wait_until
+from systemd_host import SystemdHost, ensure_root, missing_tools
+
+pytestmark = pytest.mark.ansible
+
+ANSIBLE = REPO / "ansible"
+BIN = Path(sys.executable).parent
+PASSWORD = "rollout-S3CRET-pw"  # must never show up outside the root-only secret file
+
+
+def _need_host_tools() -> None:
+    need(os.geteuid() == 0, "the test host needs root (overlay mount, systemd-nspawn)")
+    missing = missing_tools()
+    need(not missing, f"missing {', '.join(missing)}: apt-get install debootstrap systemd-container openssh-client")
+    need((BIN / "ansible-playbook").exists(), "ansible-core is not installed in the venv (pip install -e .[test])")
+
+
+class Play:
+    """One ansible-playbook run: its output and its recap for one host."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, host: str):
+        self.rc, self.out = proc.returncode, proc.stdout + proc.stderr
+        m = re.search(rf"^{re.escape(host)}\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
+                      self.out, re.M)
+        self.ok, self.changed, self.unreachable, self.failed = (int(g) for g in m.groups()) if m else (0, 0, 0, 0)
+
+    def handler_runs(self, name: str) -> int:
+        return len(re.findall(rf"^RUNNING HANDLER \[sonde : {re.escape(name)}\]", self.out, re.M))
+
+
+class Rollout:
+    """An inventory for one test host, and ansible-playbook against it."""
+
+    def __init__(self, host: SystemdHost, tmp: Path, group_vars: dict):
+        self.host, self.tmp = host, tmp
+        self.inventory = tmp / "inventory.yml"
+        self.group_vars = dict(group_vars)
+        self.write()
+
+    def write(self) -> None:
+        inv = {"all": {"children": {
+            "sonde": {"hosts": {self.host.name: self.host.inventory_vars()}, "vars": self.group_vars},
+            "grafana": {"hosts": {self.host.name: self.host.inventory_vars()}}}}}
+        self.inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
+
+    def play(self, playbook: str = "site.yml", *args: str, timeout: float = 900) -> Play:
+        env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
+               "ANSIBLE_NOCOLOR": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+        proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(self.inventory), playbook, *args],
+                              cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=timeout)
+        return Play(proc, self.host.name)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The Sonde wheel built from this checkout, as the role's pinned source."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(REPO)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("sonde-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def base_root() -> Path:
+    _need_host_tools()
+    return ensure_root()
+
+
+@pytest.fixture
+def fresh_host(base_root, tmp_path):
+    host = SystemdHost("sonde-fresh", base_root, tmp_path / "host", free_port())
+    try:
+        yield host.start()
+    finally:
+        host.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_influx(tmp_path_factory):
+    """The fleet's shared InfluxDB 1.x, with authentication on."""
+    server = start_influx(tmp_path_factory.mktemp("shared-influx"), auth=True)
+    try:
+        server.query(f"CREATE USER admin WITH PASSWORD '{PASSWORD}' WITH ALL PRIVILEGES")
+        server.query('CREATE DATABASE "fleet"', auth=("admin", PASSWORD))
+        yield server
+    finally:
+        server.stop()
+
+
+def shared_vars(influx, wheel: Path) -> dict:
+    return {"sonde_wheel": str(wheel),
+            "sonde_influxdb": {"api": "v1", "url": influx.url, "database": "fleet", "username": "admin"},
+            "sonde_influxdb_password": PASSWORD,
+            "sonde_interval_seconds": 2}
+
+
+@pytest.fixture(scope="module")
+def deployed(base_root, shared_influx, wheel, tmp_path_factory):
+    """One host with the role applied for real, and the output of that first run."""
+    tmp = tmp_path_factory.mktemp("deployed")
+    host = SystemdHost("sonde-node-1", base_root, tmp / "host", free_port())
+    try:
+        host.start()
+        rollout = Rollout(host, tmp, shared_vars(shared_influx, wheel))
+        first = rollout.play()
+        assert first.rc == 0 and first.failed == 0, first.out[-6000:]
+        yield rollout, first
+    finally:
+        host.stop()
+
+
+def journal_starts(host: SystemdHost) -> int:
+    out = host.ssh("journalctl -u sonde.service -o cat --no-pager").stdout
+    return len(re.findall(r"^Started sonde\.service", out, re.M))
+
+
+def invocation(host: SystemdHost) -> str:
+    return host.ssh("systemctl show -p InvocationID --value sonde").stdout.strip()
+
+
+# -- lint --------------------------------------------------------------------
+
+def test_ansible_lint_production_profile():
+    lint = BIN / "ansible-lint"
+    need(lint.exists(), "ansible-lint is not installed in the venv (pip install -e .[test])")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "NO_COLOR": "1"}
+    proc = subprocess.run([str(lint), "--offline", "--profile", "production", "--nocolor", "."],
+                          cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Profile 'production' was required, and it passed" in proc.stdout + proc.stderr
+
+
+def test_every_public_variable_is_declared_and_prefixed():
+    for role in ("sonde", "sonde_grafana"):
+        specs = yaml.safe_load((ANSIBLE / f"roles/{role}/meta/argument_specs.yml").read_text())
+        options = specs["argument_specs"]["main"]["options"]
+        defaults = yaml.safe_load((ANSIBLE / f"roles/{role}/defaults/main.yml").read_text())
+        assert set(defaults) == set(options), f"{role}: defaults and argument_specs disagree"
+        for name, spec in options.items():
+            assert name.startswith(f"{role}_") or (role == "sonde_grafana" and name.startswith("sonde_grafana_"))
+            assert spec.get("type") and spec.get("description"), f"{role}: {name} lacks a type or description"
+            if isinstance(defaults[name], (str, int, float, bool)) and "{{" not in str(defaults[name]):
+                assert str(spec.get("default")) == str(defaults[name]), f"{role}: {name} default differs"
+        internal = yaml.safe_load(p.read_text()) if (p := ANSIBLE / f"roles/{role}/vars/main.yml").exists() else {}
+        assert all(k.startswith(f"_{role}_") for k in internal or {}), "internal variables start with _<role>_"
+
+
+# -- a fresh host ------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, message", [
+    ({"sonde_interval_seconds": "often"}, "sonde_interval_seconds"),
+    ({"sonde_influxdb": {"api": "v1", "database": "fleet"}}, "api is v1 but all of the following are missing: url"),
+    ({"sonde_influxdb": {"api": "v3", "url": "http://x"}}, "value of api must be one of: embedded, v1, v2"),
+])
+def test_bad_variables_fail_at_argument_specs_before_any_change(fresh_host, shared_influx, wheel, tmp_path,
+                                                                bad, message):
+    rollout = Rollout(fresh_host, tmp_path, {**shared_vars(shared_influx, wheel), **bad})
+    play = rollout.play()
+    assert play.rc != 0 and play.failed == 1, play.out[-3000:]
+    assert play.changed == 0
+    failed_task = re.findall(r"^TASK \[(.+?)\]", play.out, re.M)[-1]
+    assert failed_task.startswith("sonde : Validating arguments against arg spec 'main'"), play.out[-3000:]
+    assert "Validation of arguments failed" in play.out
+    assert message in play.out, play.out[-3000:]
+    assert PASSWORD not in play.out
+    assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde", check=False).returncode == 1
+
+
+def test_check_mode_on_a_fresh_host_changes_nothing(fresh_host, shared_influx, wheel, tmp_path):
+    rollout = Rollout(fresh_host, tmp_path, shared_vars(shared_influx, wheel))
+    play = rollout.play("site.yml", "--check", "--diff")
+    assert play.rc == 0 and play.failed == 0, play.out[-6000:]
+    assert play.changed > 0
+    assert "+interval_seconds: 2" in play.out  # the config's diff
+    assert "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE" in play.out  # the unit's diff
+    assert PASSWORD not in play.out
+    assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde || test -e /etc/systemd/system/sonde.service",
+                          check=False).returncode == 1
+    assert fresh_host.ssh("dpkg -s python3-bpfcc", check=False).returncode != 0
+
+
+# -- applied -----------------------------------------------------------------
+
+def test_applied_service_is_active_and_points_arrive(deployed, shared_influx):
+    rollout, first = deployed
+    host = rollout.host
+    assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
+    assert host.ssh("systemctl is-enabled sonde").stdout.strip() == "enabled"
+
+    def rows():
+        res = shared_influx.query(f"SELECT count(poll_success) FROM sonde_probe WHERE host = '{host.name}' "
+                                  f"GROUP BY probe", db="fleet", auth=("admin", PASSWORD))["results"][0]
+        return {s["tags"]["probe"]: s["values"][0][1] for s in res.get("series", [])}
+
+    probes = wait_until(lambda: (r := rows()) and len(r) >= 4 and r, timeout=60, what="points from the test host")
+    assert {"block_io", "oom", "sched_cpu", "tcp_flow"} <= set(probes)
+    # Kernel data from that host, not only self-metrics: its CPUs' scheduler activity.
+    cpu = shared_influx.query(f"SELECT sum(oncpu_us) FROM process_cpu WHERE host = '{host.name}'",
+                              db="fleet", auth=("admin", PASSWORD))["results"][0]
+    assert cpu["series"][0]["values"][0][1] > 0
+
+
+def test_unit_is_hardened_and_verified(deployed):
+    host = deployed[0].host
+    verify = host.ssh("systemd-analyze verify /etc/systemd/system/sonde.service", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    show = dict(line.split("=", 1) for line in host.ssh(
+        "systemctl show sonde -p CapabilityBoundingSet -p NoNewPrivileges -p ProtectSystem -p ProtectHome "
+        "-p Restart -p StateDirectory -p MainPID").stdout.splitlines())
+    assert set(show["CapabilityBoundingSet"].split()) == {"cap_bpf", "cap_perfmon", "cap_sys_resource"}
+    assert show["NoNewPrivileges"] == "yes"
+    assert show["ProtectSystem"] == "strict"
+    assert show["ProtectHome"] == "yes"
+    assert show["Restart"] == "on-failure"
+    assert show["StateDirectory"] == "sonde"
+    # The running agent holds only those capabilities (effective set: bits 38 and 39, maybe 24).
+    cap_eff = host.ssh(f"grep CapEff /proc/{show['MainPID']}/status").stdout.split()[1]
+    assert int(cap_eff, 16) & ~((1 << 38) | (1 << 39) | (1 << 24)) == 0
+    # The file system is read-only to it but for its state dir.
+    pid = show["MainPID"]
+    assert host.ssh(f"nsenter -t {pid} -m sh -c 'touch /etc/x'", check=False).returncode != 0
+    assert host.ssh(f"nsenter -t {pid} -m sh -c 'touch /var/lib/sonde/x && rm /var/lib/sonde/x'").returncode == 0
+
+
+def test_secret_is_root_only_and_nowhere_else(deployed):
+    rollout, first = deployed
+    host = rollout.host
+    assert PASSWORD not in first.out
+    assert host.ssh("stat -c '%a %U' /etc/sonde/influxdb.secret").stdout.strip() == "600 root"
+    assert host.ssh("cat /etc/sonde/influxdb.secret").stdout.strip() == PASSWORD
+    config = host.ssh("cat /etc/sonde/sonde.yaml").stdout
+    assert "password_file: /etc/sonde/influxdb.secret" in config and PASSWORD not in config
+    unit = host.ssh("cat /etc/systemd/system/sonde.service; systemctl show sonde -p Environment").stdout
+    assert PASSWORD not in unit
+    pid = host.ssh("systemctl show -p MainPID --value sonde").stdout.strip()
+    argv = host.ssh(f"tr '\\0' ' ' < /proc/{pid}/cmdline; tr '\\0' '\\n' < /proc/{pid}/environ").stdout
+    assert PASSWORD not in argv
+    assert PASSWORD not in host.ssh("journalctl --no-pager -o cat").stdout
+
+
+def test_second_run_changes_nothing(deployed):
+    rollout, _ = deployed
+    before = invocation(rollout.host)
+    again = rollout.play()
+    assert again.rc == 0 and again.failed == 0, again.out[-4000:]
+    assert again.changed == 0, again.out[-4000:]
+    assert again.handler_runs("Restart Sonde") == 0
+    assert invocation(rollout.host) == before
+
+
+def test_changing_one_variable_restarts_exactly_once(deployed, shared_influx):
+    rollout, _ = deployed
+    host = rollout.host
+    before, starts = invocation(host), journal_starts(host)
+    rollout.group_vars["sonde_interval_seconds"] = 3
+    rollout.write()
+    # Check mode shows the change as a diff and restarts nothing.
+    preview = rollout.play("site.yml", "--check", "--diff")
+    assert preview.rc == 0 and preview.changed >= 1, preview.out[-4000:]
+    assert "-interval_seconds: 2" in preview.out and "+interval_seconds: 3" in preview.out
+    assert invocation(host) == before and journal_starts(host) == starts
+    # Applied: the config task changes, the handler restarts the service, once.
+    applied = rollout.play()
+    assert applied.rc == 0 and applied.failed == 0, applied.out[-4000:]
+    assert applied.changed == 2, applied.out[-4000:]  # the config and its handler
+    assert applied.handler_runs("Restart Sonde") == 1
+    assert invocation(host) != before
+    assert journal_starts(host) == starts + 1
+    assert "interval_seconds: 3" in host.ssh("cat /etc/sonde/sonde.yaml").stdout
+    assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
+
+
+def test_dashboards_playbook_provisions_grafana_dirs(deployed):
+    rollout, _ = deployed
+    host = rollout.host
+    play = rollout.play("dashboards.yml", "-e", "sonde_grafana_influxdb_url=http://influx.example:8086",
+                        "-e", "sonde_grafana_influxdb_database=fleet")
+    assert play.rc == 0 and play.failed == 0, play.out[-4000:]
+    listing = host.ssh("ls /var/lib/grafana/dashboards/sonde").stdout.split()
+    assert {"host.json", "network.json", "loadbalancer.json", "disk.json", "agent.json"} <= set(listing)
+    for name in listing:
+        dashboard = json.loads(host.ssh(f"cat /var/lib/grafana/dashboards/sonde/{name}").stdout)
+        assert dashboard["panels"], name
+    provider = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/dashboards/sonde.yaml").stdout)
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/sonde"
+    datasource = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/datasources/sonde.yaml").stdout)
+    assert datasource["datasources"][0]["url"] == "http://influx.example:8086"
+    assert datasource["datasources"][0]["jsonData"]["dbName"] == "fleet"
+    rules = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/alerting/sonde.yaml").stdout)
+    assert rules["groups"][0]["rules"]
+    again = rollout.play("dashboards.yml", "-e", "sonde_grafana_influxdb_url=http://influx.example:8086",
+                         "-e", "sonde_grafana_influxdb_database=fleet")
+    assert again.rc == 0 and again.changed == 0, again.out[-4000:]
