@@ -2,17 +2,21 @@
 Debian 12 host where systemd is PID 1 (debootstrap + systemd-nspawn, over SSH)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO, free_port, need, start_influx, wait_until
+from ingest.embedded import InfluxServer
 from systemd_host import SystemdHost, ensure_root, missing_tools
 
 pytestmark = pytest.mark.ansible
@@ -305,3 +309,82 @@ def test_dashboards_playbook_provisions_grafana_dirs(deployed):
     again = rollout.play("dashboards.yml", "-e", "sonde_grafana_influxdb_url=http://influx.example:8086",
                          "-e", "sonde_grafana_influxdb_database=fleet")
     assert again.rc == 0 and again.changed == 0, again.out[-4000:]
+
+
+# -- the example group variables, each delivering for real --------------------
+
+def example_group_vars(group: str) -> dict:
+    return yaml.safe_load((ANSIBLE / f"inventory/group_vars/{group}.yml").read_text())
+
+
+def test_example_embedded_group_runs_its_own_influxdb(base_root, wheel, tmp_path):
+    http_port, rpc_port = free_port(), free_port()
+    group = example_group_vars("sonde_embedded")
+    host = SystemdHost("sonde-embedded-1", base_root, tmp_path / "host", free_port())
+    try:
+        host.start()
+        rollout = Rollout(host, tmp_path, {**group, "sonde_wheel": str(wheel), "sonde_interval_seconds": 2,
+                                           # free loopback ports: the test host shares this machine's network
+                                           "sonde_embedded_http_port": http_port,
+                                           "sonde_embedded_rpc_port": rpc_port})
+        play = rollout.play()
+        assert play.rc == 0 and play.failed == 0, play.out[-6000:]
+        # Debian's own influxdb.service stays off; the agent's influxd serves the points.
+        assert host.ssh("systemctl is-active influxdb", check=False).stdout.strip() == "inactive"
+        assert host.ssh("systemctl is-enabled influxdb", check=False).stdout.strip() == "disabled"
+        local = InfluxServer(tmp_path / "unused", http_port, rpc_port)
+
+        def probes():
+            res = local.query(f"SELECT count(poll_success) FROM sonde_probe WHERE host = '{host.name}' GROUP BY probe",
+                              db="sonde")["results"][0]
+            return {s["tags"]["probe"] for s in res.get("series", [])}
+        assert {"block_io", "oom", "sched_cpu", "tcp_flow"} <= wait_until(
+            lambda: (p := probes()) >= {"block_io", "oom", "sched_cpu", "tcp_flow"} and p, timeout=90,
+            what="points in the host's embedded InfluxDB")
+        # Its data lives in the unit's state dir, the one writable place.
+        assert host.ssh("ls /var/lib/sonde").stdout.split()
+        assert rollout.play().changed == 0
+    finally:
+        host.stop()
+
+
+def test_example_v2_group_writes_through_the_v2_api(base_root, wheel, victoria, tmp_path):
+    group = example_group_vars("sonde_v2")
+    assert group["sonde_influxdb"]["api"] == "v2"
+    token = "vm-ignores-this-T0KEN"
+    host = SystemdHost("sonde-v2-1", base_root, tmp_path / "host", free_port())
+    try:
+        host.start()
+        rollout = Rollout(host, tmp_path, {**group, "sonde_wheel": str(wheel), "sonde_interval_seconds": 2,
+                                           "sonde_influxdb": {**group["sonde_influxdb"], "url": victoria.url},
+                                           "sonde_influxdb_token": token})
+        play = rollout.play()
+        assert play.rc == 0 and play.failed == 0, play.out[-6000:]
+        assert token not in play.out
+        assert "token_file: /etc/sonde/influxdb.secret" in host.ssh("cat /etc/sonde/sonde.yaml").stdout
+        series = wait_until(lambda: victoria.export(f'{{__name__="sonde_probe_poll_success",host="{host.name}"}}'),
+                            timeout=90, what="points in VictoriaMetrics from the test host")
+        assert {s["metric"]["probe"] for s in series} >= {"block_io", "oom", "sched_cpu", "tcp_flow"}
+    finally:
+        host.stop()
+
+
+def test_a_new_wheel_is_reinstalled_and_restarts_once(deployed, wheel, tmp_path):
+    """Same version, different bytes (a rebuilt checkout): pip alone would keep the old one."""
+    rollout, _ = deployed
+    host = rollout.host
+    rebuilt = tmp_path / wheel.name
+    shutil.copy(wheel, rebuilt)
+    with zipfile.ZipFile(rebuilt, "a") as z:
+        z.comment = b"rebuilt"
+    before, starts = invocation(host), journal_starts(host)
+    rollout.group_vars["sonde_wheel"] = str(rebuilt)
+    rollout.write()
+    play = rollout.play()
+    assert play.rc == 0 and play.failed == 0, play.out[-4000:]
+    assert play.handler_runs("Reinstall Sonde wheel") == 1
+    assert play.handler_runs("Restart Sonde") == 1
+    assert journal_starts(host) == starts + 1 and invocation(host) != before
+    remote = host.ssh(f"sha256sum /opt/sonde/dist/{wheel.name}").stdout.split()[0]
+    assert remote == hashlib.sha256(rebuilt.read_bytes()).hexdigest()
+    assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
