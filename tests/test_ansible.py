@@ -73,8 +73,11 @@ class Rollout:
 def wheel(tmp_path_factory) -> Path:
     """The Sonde wheel built from this checkout, as the role's pinned source."""
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"  # build from a copy, so the checkout gets no build/ directory
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                              ".pytest_cache", ".hypothesis", "bench"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(src)], check=True, capture_output=True, timeout=300)
     return next(out.glob("sonde-*.whl"))
 
 
@@ -161,6 +164,21 @@ def test_every_public_variable_is_declared_and_prefixed():
                 assert str(spec.get("default")) == str(defaults[name]), f"{role}: {name} default differs"
         internal = yaml.safe_load(p.read_text()) if (p := ANSIBLE / f"roles/{role}/vars/main.yml").exists() else {}
         assert all(k.startswith(f"_{role}_") for k in internal or {}), "internal variables start with _<role>_"
+
+
+def test_readme_role_variables_are_generated():
+    from ingest.docs import role_variables, section
+
+    generated = role_variables(ANSIBLE / "roles/sonde/meta/argument_specs.yml")
+    assert section((REPO / "README.md").read_text(), "role-vars") == generated, \
+        "README role variables are stale: run python -m ingest.docs README.md"
+
+
+def test_wheel_carries_what_the_agent_loads(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for probe in (REPO / "bpf").glob("*.bpf.c"):
+        assert f"bpf/{probe.name}" in names
+    assert {"bpf/sonde.h", "alerts/thresholds.yaml", "dashboards/host.dashboard.py"} <= names
 
 
 # -- a fresh host ------------------------------------------------------------
