@@ -33,6 +33,9 @@ RECIPE = {
 # and bpf()/perf_event_open() are let through nspawn's syscall filter.
 CAPABILITIES = "CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE"
 SYSCALLS = "bpf perf_event_open"
+# apt's archives, shared by the test hosts (which run one at a time), so the role
+# runs download bcc, LLVM and the headers once, not once per host.
+SHARED_CACHES = {"apt-archives": "/var/cache/apt/archives"}
 # This machine reaches PyPI through a TLS proxy its own CA bundle trusts; the
 # test host gets the same trust for pip, as a fleet behind such a proxy would.
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -97,10 +100,14 @@ class SystemdHost:
              f"lowerdir={self.base},upperdir={upper},workdir={work}", str(self.merged))
         self._mounted = True
         self._prepare()
+        binds = []
+        for name, inside in SHARED_CACHES.items():
+            (CACHE / name / "partial").mkdir(parents=True, exist_ok=True)
+            binds.append(f"--bind={CACHE / name}:{inside}")
         log = open(self.workdir / "nspawn.log", "wb")
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "-b", "-D", str(self.merged), f"--machine={self.name}", "--register=no",
-             "--keep-unit", f"--capability={CAPABILITIES}", f"--system-call-filter={SYSCALLS}"],
+             "--keep-unit", f"--capability={CAPABILITIES}", f"--system-call-filter={SYSCALLS}", *binds],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
