@@ -181,6 +181,9 @@ class SystemdHost:
         return _run("ssh", *self.ssh_args(), "-p", str(self.port), "root@127.0.0.1", command,
                     check=check, timeout=timeout)
 
+    def put(self, local: Path, remote: str) -> None:
+        _run("scp", "-q", *self.ssh_args(), "-P", str(self.port), str(local), f"root@127.0.0.1:{remote}")
+
     def inventory_vars(self) -> dict:
         return {"ansible_host": "127.0.0.1", "ansible_port": self.port, "ansible_user": "root",
                 "ansible_ssh_private_key_file": str(self.key),

@@ -388,21 +388,27 @@ def test_example_v2_group_writes_through_the_v2_api(base_root, wheel, victoria, 
 
 
 def test_a_new_wheel_is_reinstalled_and_restarts_once(deployed, wheel, tmp_path):
-    """Same version, different bytes (a rebuilt checkout): pip alone would keep the old one."""
+    """Same version, different bytes (a rebuilt checkout): pip alone would keep the old one.
+    The new wheel is already on the host, as if copied by a run that then failed: the
+    copy task has nothing to do, yet the venv is brought up to it."""
     rollout, _ = deployed
     host = rollout.host
     rebuilt = tmp_path / wheel.name
     shutil.copy(wheel, rebuilt)
     with zipfile.ZipFile(rebuilt, "a") as z:
         z.comment = b"rebuilt"
+    host.put(rebuilt, f"/opt/sonde/dist/{wheel.name}")
     before, starts = invocation(host), journal_starts(host)
     rollout.group_vars["sonde_wheel"] = str(rebuilt)
     rollout.write()
     play = rollout.play()
     assert play.rc == 0 and play.failed == 0, play.out[-4000:]
-    assert play.handler_runs("Reinstall Sonde wheel") == 1
+    assert re.search(r"^TASK \[sonde : Copy the Sonde wheel\][^\n]*\nok:", play.out, re.M), play.out[-4000:]
+    assert re.search(r"^TASK \[sonde : Reinstall Sonde from a changed wheel\][^\n]*\nchanged:", play.out, re.M), \
+        play.out[-4000:]
     assert play.handler_runs("Restart Sonde") == 1
     assert journal_starts(host) == starts + 1 and invocation(host) != before
-    remote = host.ssh(f"sha256sum /opt/sonde/dist/{wheel.name}").stdout.split()[0]
-    assert remote == hashlib.sha256(rebuilt.read_bytes()).hexdigest()
+    marker = host.ssh("cat /opt/sonde/venv/.sonde-wheel.sha1").stdout.strip()
+    assert marker == hashlib.sha1(rebuilt.read_bytes()).hexdigest()
     assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
+    assert rollout.play().changed == 0
