@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from . import catalog
 from . import config as config_mod
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--probe", action="append", metavar="NAME", help="run only this probe (repeatable)")
     check = sub.add_parser("check", help="validate config, sink reachability and credentials, and probe hooks")
     _add_config(check)
+    check.add_argument("--secret-file", metavar="FILE",
+                       help="check with this password (v1) or token (v2) file instead of the one the config "
+                            "names, e.g. a new secret before it replaces the old")
     dash = sub.add_parser("dashboards", help="write the Grafana dashboards (JSON) and provisioning files")
     dash.add_argument("--out", metavar="DIR", help="directory to write the JSON and provisioning files into")
     dash.add_argument("--readme", metavar="FILE", help="regenerate the dashboard list in this README")
@@ -134,6 +138,9 @@ def cmd_check(args) -> int:
         for line in e.args:
             print(line, file=sys.stderr)
         return EXIT_PROBLEM
+    if args.secret_file:
+        key = "token_file" if cfg.influxdb.api == "v2" else "password_file"
+        cfg = cfg.model_copy(update={"influxdb": cfg.influxdb.model_copy(update={key: Path(args.secret_file)})})
     problems = check_problems(cfg)
     for line in problems:
         print(line, file=sys.stderr)
@@ -144,8 +151,6 @@ def cmd_check(args) -> int:
 
 def _readme_only(args, command: str, update) -> bool:
     """Handle --readme; return whether there is --out work left to do."""
-    from pathlib import Path
-
     if args.readme:
         try:
             update(Path(args.readme))
@@ -157,8 +162,6 @@ def _readme_only(args, command: str, update) -> bool:
 
 
 def cmd_dashboards(args) -> int:
-    from pathlib import Path
-
     from dashboards import house, provisioning
 
     if not _readme_only(args, "dashboards", house.update_readme):
@@ -176,8 +179,6 @@ def cmd_dashboards(args) -> int:
 
 
 def cmd_alerts(args) -> int:
-    from pathlib import Path
-
     import yaml
 
     from alerts import rules
@@ -261,7 +262,6 @@ def cmd_backtrack(args) -> int:
         sink.close()
     topo = backtrack.topology(report)
     if args.svg:
-        from pathlib import Path
         Path(args.svg).write_text(backtrack.topology_svg(topo))
     if args.command == "topology":
         sys.stdout.write(json.dumps(topo, indent=2) + "\n" if args.json or not args.svg else "")

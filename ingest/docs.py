@@ -30,6 +30,8 @@ def role_variables(argument_specs: Path) -> str:
             subs = ", ".join(f"`{k}`" for k in spec["options"])
             desc += f" Keys: {subs}."
         default = spec.get("default", "(required)" if spec.get("required") else "")
+        if isinstance(default, bool):
+            default = str(default).lower()
         default_s = '`""`' if default == "" else f"`{default if not isinstance(default, (dict, list)) else _inline(default)}`"
         if spec.get("no_log"):
             desc += " Secret (no_log)."

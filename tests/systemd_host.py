@@ -31,7 +31,7 @@ RECIPE = {
 }
 # The container keeps only what the agent needs on top of nspawn's default set,
 # and bpf()/perf_event_open() are let through nspawn's syscall filter.
-CAPABILITIES = "CAP_BPF,CAP_PERFMON,CAP_SYS_RESOURCE"
+CAPABILITIES = "CAP_BPF,CAP_PERFMON"
 SYSCALLS = "bpf perf_event_open"
 # apt's archives, shared by the test hosts (which run one at a time), so the role
 # runs download bcc, LLVM and the headers once, not once per host.
@@ -111,21 +111,18 @@ class SystemdHost:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
-        while self.leader is None:
-            self._check_alive()
-            kids = _run("ps", "--ppid", str(self.nspawn.pid), "-o", "pid=", check=False).stdout.split()
-            self.leader = int(kids[0]) if kids else None
-            if self.leader is None:
-                time.sleep(0.1)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"test host {self.name}: nspawn started no init; see {self.workdir}/nspawn.log")
         state = ""
         while time.monotonic() < deadline:
             self._check_alive()
-            state = self.nsenter("systemctl", "is-system-running", check=False).stdout.strip()
-            if state in ("running", "degraded") and self.ssh("true", check=False).returncode == 0:
-                return self
+            # nspawn may briefly have a helper child; the leader is the child running systemd.
+            self.leader = self._find_leader()
+            if self.leader:
+                state = self.nsenter("systemctl", "is-system-running", check=False).stdout.strip()
+                if state in ("running", "degraded") and self.ssh("true", check=False).returncode == 0:
+                    return self
             time.sleep(0.3)
+        if not self.leader:
+            raise RuntimeError(f"test host {self.name}: nspawn started no init; see {self.workdir}/nspawn.log")
         failed = self.nsenter("systemctl", "--failed", "--no-legend", "--plain", check=False).stdout.split()[:1]
         raise RuntimeError(f"test host {self.name}: not up within {timeout:.0f} s (systemd: {state or 'no answer'}; "
                            f"failed units: {' '.join(failed) or 'none'})")
@@ -148,6 +145,15 @@ class SystemdHost:
         if HOST_CA.exists():
             shutil.copy(HOST_CA, r / "etc/sonde-test-ca.pem")
             (r / "etc/pip.conf").write_text("[global]\ncert = /etc/sonde-test-ca.pem\n")
+
+    def _find_leader(self) -> int | None:
+        for pid in _run("ps", "--ppid", str(self.nspawn.pid), "-o", "pid=", check=False).stdout.split():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
+            except OSError:
+                continue
+        return None
 
     def _check_alive(self) -> None:
         if self.nspawn.poll() is not None:

@@ -40,7 +40,17 @@ class Play:
         self.rc, self.out = proc.returncode, proc.stdout + proc.stderr
         m = re.search(rf"^{re.escape(host)}\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
                       self.out, re.M)
-        self.ok, self.changed, self.unreachable, self.failed = (int(g) for g in m.groups()) if m else (0, 0, 0, 0)
+        assert m, f"no PLAY RECAP line for {host}:\n{self.out[-3000:]}"
+        self.ok, self.changed, self.unreachable, self.failed = (int(g) for g in m.groups())
+
+    @property
+    def clean(self) -> bool:
+        return self.rc == 0 and self.failed == 0 and self.unreachable == 0
+
+    def task_result(self, task: str) -> str:
+        """The first status word (ok, changed, skipping, fatal) printed for a task."""
+        m = re.search(rf"^(?:TASK|RUNNING HANDLER) \[{re.escape(task)}\][^\n]*\n(?:[^\n]*\n)*?(ok|changed|skipping|fatal):", self.out, re.M)
+        return m.group(1) if m else "absent"
 
     def handler_runs(self, name: str) -> int:
         return len(re.findall(rf"^RUNNING HANDLER \[sonde : {re.escape(name)}\]", self.out, re.M))
@@ -62,8 +72,10 @@ class Rollout:
         self.inventory.write_text(yaml.safe_dump(inv, sort_keys=False))
 
     def play(self, playbook: str = "site.yml", *args: str, timeout: float = 900) -> Play:
-        env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0",
-               "ANSIBLE_NOCOLOR": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+        # Only ansible.cfg decides: no ANSIBLE_* from the caller (a json callback would
+        # make every recap check pass on nothing).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+        env.update(ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1", PATH=f"{BIN}:{os.environ['PATH']}")
         proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(self.inventory), playbook, *args],
                               cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=timeout)
         return Play(proc, self.host.name)
@@ -124,7 +136,7 @@ def deployed(base_root, shared_influx, wheel, tmp_path_factory):
         host.start()
         rollout = Rollout(host, tmp, shared_vars(shared_influx, wheel))
         first = rollout.play()
-        assert first.rc == 0 and first.failed == 0, first.out[-6000:]
+        assert first.clean, first.out[-6000:]
         yield rollout, first
     finally:
         host.stop()
@@ -202,13 +214,24 @@ def test_bad_variables_fail_at_argument_specs_before_any_change(fresh_host, shar
     assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde", check=False).returncode == 1
 
 
+def test_unpinned_source_fails_in_preflight_before_any_change(fresh_host, shared_influx, wheel, tmp_path):
+    """No wheel and no index: `pip install sonde==…` would fetch another project from PyPI."""
+    rollout = Rollout(fresh_host, tmp_path, {**shared_vars(shared_influx, wheel), "sonde_wheel": "",
+                                             "sonde_version": "0.1.0"})
+    play = rollout.play()
+    assert play.rc != 0 and play.failed == 1 and play.changed == 0, play.out[-3000:]
+    assert play.task_result("sonde : Check the Sonde source is pinned") == "fatal"
+    assert "set sonde_wheel" in play.out and "the name sonde on PyPI is another project" in play.out
+    assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde", check=False).returncode == 1
+
+
 def test_check_mode_on_a_fresh_host_changes_nothing(fresh_host, shared_influx, wheel, tmp_path):
     rollout = Rollout(fresh_host, tmp_path, shared_vars(shared_influx, wheel))
     play = rollout.play("site.yml", "--check", "--diff")
-    assert play.rc == 0 and play.failed == 0, play.out[-6000:]
+    assert play.clean, play.out[-6000:]
     assert play.changed > 0
     assert "+interval_seconds: 2" in play.out  # the config's diff
-    assert "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SYS_RESOURCE" in play.out  # the unit's diff
+    assert "CapabilityBoundingSet=CAP_BPF CAP_PERFMON" in play.out  # the unit's diff
     assert PASSWORD not in play.out
     assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde || test -e /etc/systemd/system/sonde.service",
                           check=False).returncode == 1
@@ -222,6 +245,7 @@ def test_applied_service_is_active_and_points_arrive(deployed, shared_influx):
     host = rollout.host
     assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
     assert host.ssh("systemctl is-enabled sonde").stdout.strip() == "enabled"
+    assert journal_starts(host) == 1  # started once, by the handler, not started and then restarted
 
     def rows():
         res = shared_influx.query(f"SELECT count(poll_success) FROM sonde_probe WHERE host = '{host.name}' "
@@ -243,15 +267,15 @@ def test_unit_is_hardened_and_verified(deployed):
     show = dict(line.split("=", 1) for line in host.ssh(
         "systemctl show sonde -p CapabilityBoundingSet -p NoNewPrivileges -p ProtectSystem -p ProtectHome "
         "-p Restart -p StateDirectory -p MainPID").stdout.splitlines())
-    assert set(show["CapabilityBoundingSet"].split()) == {"cap_bpf", "cap_perfmon", "cap_sys_resource"}
+    assert set(show["CapabilityBoundingSet"].split()) == {"cap_bpf", "cap_perfmon"}
     assert show["NoNewPrivileges"] == "yes"
     assert show["ProtectSystem"] == "strict"
     assert show["ProtectHome"] == "yes"
     assert show["Restart"] == "on-failure"
     assert show["StateDirectory"] == "sonde"
-    # The running agent holds only those capabilities (effective set: bits 38 and 39, maybe 24).
+    # The running agent holds exactly those two (CAP_PERFMON is bit 38, CAP_BPF 39).
     cap_eff = host.ssh(f"grep CapEff /proc/{show['MainPID']}/status").stdout.split()[1]
-    assert int(cap_eff, 16) & ~((1 << 38) | (1 << 39) | (1 << 24)) == 0
+    assert int(cap_eff, 16) == (1 << 38) | (1 << 39)
     # The file system is read-only to it but for its state dir.
     pid = show["MainPID"]
     assert host.ssh(f"nsenter -t {pid} -m sh -c 'touch /etc/x'", check=False).returncode != 0
@@ -278,7 +302,7 @@ def test_second_run_changes_nothing(deployed):
     rollout, _ = deployed
     before = invocation(rollout.host)
     again = rollout.play()
-    assert again.rc == 0 and again.failed == 0, again.out[-4000:]
+    assert again.clean, again.out[-4000:]
     assert again.changed == 0, again.out[-4000:]
     assert again.handler_runs("Restart Sonde") == 0
     assert invocation(rollout.host) == before
@@ -292,12 +316,12 @@ def test_changing_one_variable_restarts_exactly_once(deployed, shared_influx):
     rollout.write()
     # Check mode shows the change as a diff and restarts nothing.
     preview = rollout.play("site.yml", "--check", "--diff")
-    assert preview.rc == 0 and preview.changed >= 1, preview.out[-4000:]
+    assert preview.clean and preview.changed >= 1, preview.out[-4000:]
     assert "-interval_seconds: 2" in preview.out and "+interval_seconds: 3" in preview.out
     assert invocation(host) == before and journal_starts(host) == starts
     # Applied: the config task changes, the handler restarts the service, once.
     applied = rollout.play()
-    assert applied.rc == 0 and applied.failed == 0, applied.out[-4000:]
+    assert applied.clean, applied.out[-4000:]
     assert applied.changed == 2, applied.out[-4000:]  # the config and its handler
     assert applied.handler_runs("Restart Sonde") == 1
     assert invocation(host) != before
@@ -306,12 +330,56 @@ def test_changing_one_variable_restarts_exactly_once(deployed, shared_influx):
     assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
 
 
+def test_secret_rotation_is_checked_before_the_restart(deployed, shared_influx):
+    rollout, _ = deployed
+    host = rollout.host
+    new = "rotated-S3CRET-pw"
+    try:
+        # A password the server does not take yet: `sonde check` refuses the staged
+        # secret, so the one in use stays and the agent is not restarted.
+        before = invocation(host)
+        rollout.group_vars["sonde_influxdb_password"] = new
+        rollout.write()
+        refused = rollout.play("site.yml", "-vvv", "--diff")
+        assert refused.rc != 0 and refused.failed == 1, refused.out[-4000:]
+        assert refused.task_result("sonde : Install the InfluxDB secret") == "fatal"
+        assert "refused the credentials" in refused.out
+        assert refused.handler_runs("Restart Sonde") == 0
+        assert invocation(host) == before
+        assert host.ssh("cat /etc/sonde/influxdb.secret").stdout.strip() == PASSWORD  # the one in use stays
+        assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
+        # The server's password rotates; the next run installs the new secret and restarts once.
+        shared_influx.query(f"SET PASSWORD FOR admin = '{new}'", auth=("admin", PASSWORD))
+        starts = journal_starts(host)
+        rotated = rollout.play("site.yml", "-vvv", "--diff")
+        assert rotated.clean, rotated.out[-4000:]
+        assert rotated.task_result("sonde : Install the InfluxDB secret") == "changed"
+        assert rotated.handler_runs("Restart Sonde") == 1 and journal_starts(host) == starts + 1
+        assert host.ssh("cat /etc/sonde/influxdb.secret").stdout.strip() == new
+        for out in (refused.out, rotated.out):
+            assert PASSWORD not in out and new not in out  # not even at -vvv with --diff
+    finally:
+        try:
+            shared_influx.query(f"SET PASSWORD FOR admin = '{PASSWORD}'", auth=("admin", new))
+        except OSError:
+            pass  # the test stopped before the server's password changed
+        rollout.group_vars["sonde_influxdb_password"] = PASSWORD
+        rollout.write()
+        restored = rollout.play()
+    assert restored.clean, restored.out[-4000:]
+
+
 def test_dashboards_playbook_provisions_grafana_dirs(deployed):
     rollout, _ = deployed
     host = rollout.host
+    # No Grafana can be installed here; a stand-in unit of that name shows the handler
+    # restarts the service once when the datasource and alert rules change.
+    host.ssh("printf '[Service]\\nExecStart=/bin/sleep infinity\\n' > /etc/systemd/system/grafana-server.service"
+             " && systemctl daemon-reload && systemctl start grafana-server")
+    grafana_before = host.ssh("systemctl show -p InvocationID --value grafana-server").stdout.strip()
     play = rollout.play("dashboards.yml", "-e", "sonde_grafana_influxdb_url=http://influx.example:8086",
                         "-e", "sonde_grafana_influxdb_database=fleet")
-    assert play.rc == 0 and play.failed == 0, play.out[-4000:]
+    assert play.clean, play.out[-4000:]
     listing = host.ssh("ls /var/lib/grafana/dashboards/sonde").stdout.split()
     assert {"host.json", "network.json", "loadbalancer.json", "disk.json", "agent.json"} <= set(listing)
     for name in listing:
@@ -324,9 +392,13 @@ def test_dashboards_playbook_provisions_grafana_dirs(deployed):
     assert datasource["datasources"][0]["jsonData"]["dbName"] == "fleet"
     rules = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/alerting/sonde.yaml").stdout)
     assert rules["groups"][0]["rules"]
+    assert play.task_result("sonde_grafana : Restart the Grafana service") == "changed"
+    grafana_after = host.ssh("systemctl show -p InvocationID --value grafana-server").stdout.strip()
+    assert grafana_after != grafana_before
     again = rollout.play("dashboards.yml", "-e", "sonde_grafana_influxdb_url=http://influx.example:8086",
                          "-e", "sonde_grafana_influxdb_database=fleet")
-    assert again.rc == 0 and again.changed == 0, again.out[-4000:]
+    assert again.clean and again.changed == 0, again.out[-4000:]
+    assert host.ssh("systemctl show -p InvocationID --value grafana-server").stdout.strip() == grafana_after
 
 
 # -- the example group variables, each delivering for real --------------------
@@ -346,22 +418,29 @@ def test_example_embedded_group_runs_its_own_influxdb(base_root, wheel, tmp_path
                                            "sonde_embedded_http_port": http_port,
                                            "sonde_embedded_rpc_port": rpc_port})
         play = rollout.play()
-        assert play.rc == 0 and play.failed == 0, play.out[-6000:]
-        # Debian's own influxdb.service stays off; the agent's influxd serves the points.
+        assert play.clean, play.out[-6000:]
+        # Debian's own influxdb.service never ran (masked before the package was installed);
+        # the agent's influxd serves the points.
         assert host.ssh("systemctl is-active influxdb", check=False).stdout.strip() == "inactive"
-        assert host.ssh("systemctl is-enabled influxdb", check=False).stdout.strip() == "disabled"
+        assert host.ssh("systemctl is-enabled influxdb", check=False).stdout.strip() == "masked"
+        assert "influxdb.service" not in host.ssh("journalctl -o cat --no-pager | grep -i 'started influxdb'",
+                                                  check=False).stdout
         local = InfluxServer(tmp_path / "unused", http_port, rpc_port)
 
         def probes():
-            res = local.query(f"SELECT count(poll_success) FROM sonde_probe WHERE host = '{host.name}' GROUP BY probe",
-                              db="sonde")["results"][0]
+            try:
+                res = local.query(f"SELECT count(poll_success) FROM sonde_probe WHERE host = '{host.name}' GROUP BY probe",
+                                  db="sonde")["results"][0]
+            except OSError:  # the handler restarts the agent, and its influxd, at the end of the play
+                return set()
             return {s["tags"]["probe"] for s in res.get("series", [])}
         assert {"block_io", "oom", "sched_cpu", "tcp_flow"} <= wait_until(
             lambda: (p := probes()) >= {"block_io", "oom", "sched_cpu", "tcp_flow"} and p, timeout=90,
             what="points in the host's embedded InfluxDB")
         # Its data lives in the unit's state dir, the one writable place.
         assert host.ssh("ls /var/lib/sonde").stdout.split()
-        assert rollout.play().changed == 0
+        replay = rollout.play()
+        assert replay.clean and replay.changed == 0, replay.out[-4000:]
     finally:
         host.stop()
 
@@ -377,11 +456,15 @@ def test_example_v2_group_writes_through_the_v2_api(base_root, wheel, victoria, 
                                            "sonde_influxdb": {**group["sonde_influxdb"], "url": victoria.url},
                                            "sonde_influxdb_token": token})
         play = rollout.play()
-        assert play.rc == 0 and play.failed == 0, play.out[-6000:]
+        assert play.clean, play.out[-6000:]
         assert token not in play.out
         assert "token_file: /etc/sonde/influxdb.secret" in host.ssh("cat /etc/sonde/sonde.yaml").stdout
-        series = wait_until(lambda: victoria.export(f'{{__name__="sonde_probe_poll_success",host="{host.name}"}}'),
-                            timeout=90, what="points in VictoriaMetrics from the test host")
+        def exported():
+            try:
+                return victoria.export(f'{{__name__="sonde_probe_poll_success",host="{host.name}"}}')
+            except OSError:
+                return []
+        series = wait_until(exported, timeout=90, what="points in VictoriaMetrics from the test host")
         assert {s["metric"]["probe"] for s in series} >= {"block_io", "oom", "sched_cpu", "tcp_flow"}
     finally:
         host.stop()
@@ -401,8 +484,12 @@ def test_a_new_wheel_is_reinstalled_and_restarts_once(deployed, wheel, tmp_path)
     before, starts = invocation(host), journal_starts(host)
     rollout.group_vars["sonde_wheel"] = str(rebuilt)
     rollout.write()
+    preview = rollout.play("site.yml", "--check", "--diff")
+    assert preview.clean, preview.out[-4000:]
+    assert preview.task_result("sonde : Reinstall Sonde from a changed wheel") == "changed"
+    assert invocation(host) == before
     play = rollout.play()
-    assert play.rc == 0 and play.failed == 0, play.out[-4000:]
+    assert play.clean, play.out[-4000:]
     assert re.search(r"^TASK \[sonde : Copy the Sonde wheel\][^\n]*\nok:", play.out, re.M), play.out[-4000:]
     assert re.search(r"^TASK \[sonde : Reinstall Sonde from a changed wheel\][^\n]*\nchanged:", play.out, re.M), \
         play.out[-4000:]
@@ -411,4 +498,5 @@ def test_a_new_wheel_is_reinstalled_and_restarts_once(deployed, wheel, tmp_path)
     marker = host.ssh("cat /opt/sonde/venv/.sonde-wheel.sha1").stdout.strip()
     assert marker == hashlib.sha1(rebuilt.read_bytes()).hexdigest()
     assert host.ssh("systemctl is-active sonde").stdout.strip() == "active"
-    assert rollout.play().changed == 0
+    replay = rollout.play()
+    assert replay.clean and replay.changed == 0, replay.out[-4000:]

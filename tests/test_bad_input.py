@@ -89,6 +89,14 @@ def test_wrong_credentials_and_secret_never_logged(bpf_ready, tmp_path):
         agent.send_signal(signal.SIGINT)
         _, err = agent.communicate(timeout=30)
         assert "refused the credentials" in err and "S3CRET" not in err and "Traceback" not in err
+        # a new secret is tried with --secret-file before it replaces the one the config names
+        right = tmp_path / "pw.new"
+        right.write_text("right-pass\n")
+        right.chmod(0o600)
+        r = sonde("check", "-c", str(cfg), "--secret-file", str(right))
+        assert r.returncode == 0, r.stderr
+        one_line_error(sonde("check", "-c", str(cfg), "--secret-file", str(tmp_path / "absent")),
+                       "influxdb.password_file: cannot read")
         # the right password from the environment works
         cfg.write_text(cfg.read_text().replace(f"  password_file: {pw}\n", ""))
         r = sonde("check", "-c", str(cfg), env={"SONDE_INFLUXDB_PASSWORD": "right-pass"})
