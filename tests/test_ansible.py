@@ -276,6 +276,10 @@ def test_unit_is_hardened_and_verified(deployed):
     # The running agent holds exactly those two (CAP_PERFMON is bit 38, CAP_BPF 39).
     cap_eff = host.ssh(f"grep CapEff /proc/{show['MainPID']}/status").stdout.split()[1]
     assert int(cap_eff, 16) == (1 << 38) | (1 << 39)
+    # systemd's own exposure score (0 = fully confined, 10 = unconfined), as the README states.
+    security = host.ssh("systemd-analyze security sonde --no-pager", check=False).stdout
+    exposure = float(re.search(r"Overall exposure level for sonde\.service: ([0-9.]+)", security).group(1))
+    assert exposure <= 3.0, security[-2000:]
     # The file system is read-only to it but for its state dir.
     pid = show["MainPID"]
     assert host.ssh(f"nsenter -t {pid} -m sh -c 'touch /etc/x'", check=False).returncode != 0
