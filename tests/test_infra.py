@@ -25,11 +25,14 @@ def sh(*cmd, check=True):
 
 
 @pytest.fixture
-def loopdev(tmp_path):
+def loopdev(tmp_path, request):
     need(Path("/sbin/losetup").exists() or Path("/usr/sbin/losetup").exists(), "losetup (util-linux)")
     img = tmp_path / "disk.img"
     sh("truncate", "-s", "64M", str(img))
-    dev = sh("losetup", "-f", "--show", str(img))
+    # direct_io: the loop device writes through to the real disk instead of the page
+    # cache, so its requests take real time (for busy-time tests).
+    direct = ["--direct-io=on"] if request.node.get_closest_marker("slow_disk") else []
+    dev = sh("losetup", "-f", "--show", *direct, str(img))
     yield dev
     sh("losetup", "-d", dev, check=False)
 
@@ -93,6 +96,7 @@ def test_block_errors_counted_exactly(agent_for, influx, influx_db, tmp_path):
     assert set(k for k, v in errors.items() if v) <= {"write", "sync_write"}
 
 
+@pytest.mark.slow_disk
 def test_utilisation_matches_diskstats(agent_for, influx, influx_db, loopdev):
     agent = agent_for("block_io")
     disk = os.path.basename(loopdev)
@@ -106,7 +110,7 @@ def test_utilisation_matches_diskstats(agent_for, influx, influx_db, loopdev):
 
     agent.poll()
     t0, ticks0 = time.monotonic(), io_ticks()
-    # busy about half the time: bursts of synchronous direct I/O with pauses
+    # bursts of synchronous direct I/O with pauses
     end = time.monotonic() + 3
     while time.monotonic() < end:
         sh("dd", "if=/dev/zero", f"of={loopdev}", "bs=64k", "count=200", "oflag=direct")
@@ -115,8 +119,10 @@ def test_utilisation_matches_diskstats(agent_for, influx, influx_db, loopdev):
     t1, ticks1 = time.monotonic(), io_ticks()
     ours = [p.fields["util_pct"] for p in points if p.measurement == "disk_busy" and p.tags["disk"] == disk]
     theirs = (ticks1 - ticks0) / ((t1 - t0) * 1000) * 100
-    assert len(ours) == 1 and theirs > 5
-    assert abs(ours[0] - theirs) <= 5, (ours[0], theirs)
+    # The kernel's io_ticks rounds each busy stretch up to a jiffy, so the two only
+    # agree when the disk is busy a real fraction of the time (about 20 % here).
+    assert len(ours) == 1 and theirs > 10
+    assert abs(ours[0] - theirs) <= 3, (ours[0], theirs)
 
 
 def spinner(seconds: float, cpu: int | None = None) -> subprocess.Popen:
