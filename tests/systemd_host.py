@@ -174,6 +174,9 @@ class SystemdHost:
             if self._mounted:
                 _run("umount", "-l", str(self.merged), check=False)
                 self._mounted = False
+            # The host's own writes (packages, venv: about 500 MB); nspawn.log stays.
+            for d in ("upper", "work"):
+                shutil.rmtree(self.workdir / d, ignore_errors=True)
 
     # -- access --------------------------------------------------------------
     def nsenter(self, *cmd: str, check=True, timeout=30) -> subprocess.CompletedProcess:
