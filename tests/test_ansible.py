@@ -379,10 +379,12 @@ def test_dashboards_playbook_provisions_grafana_dirs(deployed):
     # No Grafana can be installed here; a stand-in unit of that name shows the handler
     # restarts the service once when the datasource and alert rules change.
     host.ssh("printf '[Service]\\nExecStart=/bin/sleep infinity\\n' > /etc/systemd/system/grafana-server.service"
-             " && systemctl daemon-reload && systemctl start grafana-server")
+             " && systemctl daemon-reload && systemctl start grafana-server && groupadd -f grafana")
+    grafana_pw = "grafana-READ-S3CRET"
+    extra = ["-e", "sonde_grafana_influxdb_url=http://influx.example:8086", "-e", "sonde_grafana_influxdb_database=fleet",
+             "-e", "sonde_grafana_influxdb_user=grafana", "-e", f"sonde_grafana_influxdb_password={grafana_pw}"]
     grafana_before = host.ssh("systemctl show -p InvocationID --value grafana-server").stdout.strip()
-    play = rollout.play("dashboards.yml", "-e", "sonde_grafana_influxdb_url=http://influx.example:8086",
-                        "-e", "sonde_grafana_influxdb_database=fleet")
+    play = rollout.play("dashboards.yml", "--diff", *extra)
     assert play.clean, play.out[-4000:]
     listing = host.ssh("ls /var/lib/grafana/dashboards/sonde").stdout.split()
     assert {"host.json", "network.json", "loadbalancer.json", "disk.json", "agent.json"} <= set(listing)
@@ -394,13 +396,17 @@ def test_dashboards_playbook_provisions_grafana_dirs(deployed):
     datasource = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/datasources/sonde.yaml").stdout)
     assert datasource["datasources"][0]["url"] == "http://influx.example:8086"
     assert datasource["datasources"][0]["jsonData"]["dbName"] == "fleet"
+    assert datasource["datasources"][0]["user"] == "grafana"
+    assert datasource["datasources"][0]["secureJsonData"] == {"password": grafana_pw}
+    mode = host.ssh("stat -c '%a %U %G' /etc/grafana/provisioning/datasources/sonde.yaml").stdout.strip()
+    assert mode == "640 root grafana"
+    assert grafana_pw not in play.out
     rules = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/alerting/sonde.yaml").stdout)
     assert rules["groups"][0]["rules"]
     assert play.task_result("sonde_grafana : Restart the Grafana service") == "changed"
     grafana_after = host.ssh("systemctl show -p InvocationID --value grafana-server").stdout.strip()
     assert grafana_after != grafana_before
-    again = rollout.play("dashboards.yml", "-e", "sonde_grafana_influxdb_url=http://influx.example:8086",
-                         "-e", "sonde_grafana_influxdb_database=fleet")
+    again = rollout.play("dashboards.yml", "--diff", *extra)
     assert again.clean and again.changed == 0, again.out[-4000:]
     assert host.ssh("systemctl show -p InvocationID --value grafana-server").stdout.strip() == grafana_after
 
