@@ -47,7 +47,7 @@ def root_dir() -> Path:
 
 
 def missing_tools() -> list[str]:
-    return [t for t in ("debootstrap", "systemd-nspawn", "nsenter", "ssh", "ssh-keygen")
+    return [t for t in ("debootstrap", "systemd-nspawn", "nsenter", "ssh", "scp", "ssh-keygen")
             if shutil.which(t) is None]
 
 
@@ -80,7 +80,8 @@ def _run(*cmd: str, check=True, timeout=60, **kw) -> subprocess.CompletedProcess
 
 
 class SystemdHost:
-    """One booted container. `ssh(cmd)` runs a shell command in it as root."""
+    """One booted container (`with SystemdHost(...) as host:` boots it and powers it
+    off). `ssh(cmd)` runs a shell command in it as root."""
 
     def __init__(self, name: str, base: Path, workdir: Path, port: int):
         self.name, self.base, self.port = name, base, port
@@ -177,6 +178,16 @@ class SystemdHost:
             # The host's own writes (packages, venv: about 500 MB); nspawn.log stays.
             for d in ("upper", "work"):
                 shutil.rmtree(self.workdir / d, ignore_errors=True)
+
+    def __enter__(self) -> "SystemdHost":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     # -- access --------------------------------------------------------------
     def nsenter(self, *cmd: str, check=True, timeout=30) -> subprocess.CompletedProcess:
