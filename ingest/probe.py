@@ -66,19 +66,31 @@ class Probe:
     # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
     # whose poll(ts_ns) returns (points, live map entries).
     decoder: type | None = None
+    # False for a probe that only reads counters the kernel keeps (/proc, netlink):
+    # no bpf/<name>.bpf.c, nothing compiled, `LoadedProbe.bpf` is None.
+    kernel: bool = True
 
 
 def discover() -> dict[str, Probe]:
-    """Every probe with both bpf/<name>.py and bpf/<name>.bpf.c."""
+    """Every probe: bpf/<name>.py defining PROBE, with bpf/<name>.bpf.c beside it when
+    the probe has a kernel program (a probe that only reads the kernel's own counters
+    has none)."""
     found = {}
     for c_file in sorted(BPF_DIR.glob("*.bpf.c")):
         name = c_file.name.removesuffix(".bpf.c")
         if not (BPF_DIR / f"{name}.py").exists():
             raise ProbeError(f"probe {name}: {c_file} has no {name}.py beside it")
+    for py_file in sorted(BPF_DIR.glob("*.py")):
+        name = py_file.stem
+        if name.startswith("_"):
+            continue
         mod = importlib.import_module(f"bpf.{name}")
         spec = getattr(mod, "PROBE", None)
         if not isinstance(spec, Probe) or spec.name != name:
             raise ProbeError(f"probe {name}: bpf/{name}.py must define PROBE = Probe(name={name!r}, ...)")
+        if spec.kernel != (BPF_DIR / f"{name}.bpf.c").exists():
+            raise ProbeError(f"probe {name}: Probe(kernel={spec.kernel}) but bpf/{name}.bpf.c "
+                             f"{'is missing' if spec.kernel else 'exists'}")
         found[name] = spec
     return found
 
@@ -158,6 +170,8 @@ class LoadedProbe:
     @classmethod
     def load(cls, spec: Probe, config: Config, budget: SeriesBudget | None = None) -> "LoadedProbe":
         require_hooks(spec, config.paths.tracefs)
+        if not spec.kernel:
+            return cls(spec, config, None, budget)
         try:
             from bcc import BPF
         except ImportError:
@@ -194,7 +208,8 @@ class LoadedProbe:
     def close(self) -> None:
         if self.decoder is not None and hasattr(self.decoder, "close"):
             self.decoder.close()
-        self.bpf.cleanup()
+        if self.bpf is not None:
+            self.bpf.cleanup()
 
     # --- polling -----------------------------------------------------------------------
 
@@ -231,11 +246,15 @@ class LoadedProbe:
         return points, self_point
 
     def _misses_delta(self) -> int:
+        if self.bpf is None:
+            return 0
         total = sum(recursion_misses(fn.fd) for fn in self.bpf.funcs.values())
         delta, self._prev_misses = total - self._prev_misses, total
         return max(delta, 0)
 
     def _drops_delta(self) -> int:
+        if self.bpf is None:
+            return 0
         try:
             table = self.table(DROPS_MAP)
         except KeyError:
