@@ -34,3 +34,56 @@ def recursion_misses(prog_fd: int) -> int:
     if attr.info_len < _RECURSION_MISSES + 8:
         return 0
     return int.from_bytes(buf.raw[_RECURSION_MISSES:_RECURSION_MISSES + 8], "little")
+
+
+_BPF_PROG_DETACH = 9
+_BPF_PROG_GET_FD_BY_ID = 13
+_BPF_PROG_QUERY = 16
+_NAME_OFF = 64
+
+
+class _QueryAttr(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class _DetachAttr(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("replace_bpf_fd", ctypes.c_uint32)]
+
+
+def _bpf(cmd: int, attr) -> int:
+    return _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+
+
+def prog_name(prog_fd: int) -> str:
+    buf = ctypes.create_string_buffer(_INFO_SIZE)
+    attr = _InfoAttr(prog_fd, _INFO_SIZE, ctypes.addressof(buf))
+    if _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+        return ""
+    return buf.raw[_NAME_OFF:_NAME_OFF + 16].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def detach_by_name(cgroup_fd: int, attach_type: int, prefix: str) -> int:
+    """Detach the programs on a cgroup whose name starts with `prefix`: a cgroup
+    attachment outlives the process that made it, so an agent killed with SIGKILL
+    leaves its programs running until the next start removes them. Returns how many."""
+    ids = (ctypes.c_uint32 * 64)()
+    q = _QueryAttr(cgroup_fd, attach_type, 0, 0, ctypes.addressof(ids), 64, 0)
+    if _bpf(_BPF_PROG_QUERY, q) != 0:
+        return 0
+    n = 0
+    for prog_id in ids[:q.prog_cnt]:
+        fd_attr = (ctypes.c_uint32 * 4)(prog_id, 0, 0, 0)
+        fd = _libc.syscall(_SYS_BPF, _BPF_PROG_GET_FD_BY_ID, ctypes.byref(fd_attr), ctypes.sizeof(fd_attr))
+        if fd < 0:
+            continue
+        try:
+            if prog_name(fd).startswith(prefix):
+                if _bpf(_BPF_PROG_DETACH, _DetachAttr(cgroup_fd, fd, attach_type, 0, 0)) == 0:
+                    n += 1
+        finally:
+            os.close(fd)
+    return n

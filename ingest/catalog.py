@@ -82,67 +82,71 @@ def _declare(m: Measurement) -> Measurement:
     return m
 
 
+_TCP_SOURCE = "sock_diag tcp_info at poll time; sock_ops state callback at CLOSE (probe tcp)"
+
 TCP_TRAFFIC = _declare(Measurement(
     name="tcp_traffic",
     kind="delta",
-    help="TCP payload bytes and calls per process, counted where the socket layer "
-         "returns from sendmsg/recvmsg. " + _INTERVAL_NOTE,
-    source="tracepoints sock:sock_send_length, sock:sock_recv_length (probe tcp_traffic)",
+    help="TCP application bytes per process: the tcp_flow bytes of the process summed over its peers. "
+         + _INTERVAL_NOTE,
+    source=_TCP_SOURCE,
     tags=(HOST, PID, COMM),
     fields=(
-        Field("tx_bytes", "int", "bytes", "Bytes the process handed to TCP sockets (successful send calls)."),
-        Field("rx_bytes", "int", "bytes", "Bytes the process read from TCP sockets (MSG_PEEK reads excluded)."),
-        Field("tx_calls", "int", "calls", "Send calls that moved at least one byte."),
-        Field("rx_calls", "int", "calls", "Receive calls that moved at least one byte."),
+        Field("tx_bytes", "int", "bytes", "Bytes the process sent that the peers acknowledged (SYN and FIN excluded)."),
+        Field("rx_bytes", "int", "bytes", "Bytes the process received in order (the peer's FIN excluded)."),
     ),
 ))
 
 TCP_FLOW = _declare(Measurement(
     name="tcp_flow",
     kind="delta",
-    help="TCP connection counters per process and peer endpoint. " + _INTERVAL_NOTE,
-    source="sock:sock_send_length/sock_recv_length, sock:inet_sock_set_state, tcp:tcp_probe, "
-           "tcp:tcp_retransmit_skb, tcp:tcp_send_reset, tcp:tcp_receive_reset, tcp:tcp_destroy_sock (probe tcp_flow)",
+    help="TCP connection counters per process and peer endpoint, from the kernel's own per-socket "
+         "counters (tcp_info). " + _INTERVAL_NOTE,
+    source=_TCP_SOURCE + "; tcp:tcp_send_reset, tcp:tcp_receive_reset",
     tags=FLOW_TAGS,
     fields=(
-        Field("tx_bytes", "int", "bytes", "Bytes the process sent to this peer (successful send calls)."),
-        Field("rx_bytes", "int", "bytes", "Bytes the process read from this peer (MSG_PEEK excluded)."),
-        Field("rx_segments", "int", "segments", "Segments received on established connections (tcp_probe), pure ACKs included."),
+        Field("tx_bytes", "int", "bytes",
+              "Application bytes sent to this peer and acknowledged by it (bytes_acked less SYN and FIN)."),
+        Field("rx_bytes", "int", "bytes",
+              "Application bytes received from this peer in order (bytes_received less its FIN)."),
+        Field("tx_unacked_bytes", "int", "bytes",
+              "Bytes sent but never acknowledged when the connection ended (reset or abort): lost in flight."),
+        Field("rx_segments", "int", "segments", "Segments received (segs_in), pure ACKs included."),
+        Field("tx_segments", "int", "segments", "Segments sent (segs_out), retransmits and pure ACKs included."),
         Field("active_opens", "int", "connections", "Connections this process opened that reached ESTABLISHED."),
         Field("passive_opens", "int", "connections", "Connections this process accepted."),
         Field("connect_refused", "int", "connections", "Connects answered with a reset (port closed, or refused)."),
         Field("connect_timeouts", "int", "connections",
               "Connects that failed without a reset: SYN retries exhausted, or abandoned by the caller."),
         Field("closes", "int", "connections", "Established connections that reached CLOSE."),
-        Field("retransmits", "int", "segments", "Retransmitted segments (one per retransmitted skb)."),
+        Field("retransmits", "int", "segments", "Retransmitted segments (tcp_info total_retrans)."),
         Field("resets_sent", "int", "segments", "Resets this side sent."),
         Field("resets_received", "int", "segments",
               "Resets this side received on connections past SYN_SENT (a reset answering a SYN is connect_refused)."),
-        Field("zero_window_segments", "int", "segments", "Received segments advertising a zero receive window."),
     ),
 ))
 
 TCP_WINDOW = _declare(Measurement(
     name="tcp_window",
     kind="gauge",
-    help="Round-trip time and windows per process and peer over the interval, from every segment "
-         "received on an established connection. Written only for intervals with samples.",
-    source="tcp:tcp_probe (probe tcp_flow)",
+    help="Round-trip time and windows per process and peer over the interval: one sample per live "
+         "connection at each poll (tcp_info). Written only for intervals with samples.",
+    source="sock_diag tcp_info at poll time (probe tcp)",
     tags=FLOW_TAGS,
     fields=(
-        Field("samples", "int", "segments", "Segments sampled this interval."),
-        Field("srtt_max_us", "int", "us", "Largest smoothed RTT seen this interval."),
-        Field("srtt_mean_us", "float", "us", "Mean smoothed RTT over the interval's samples."),
-        Field("srtt_last_us", "int", "us", "Smoothed RTT at the last sample."),
-        Field("snd_cwnd_min", "int", "segments", "Smallest congestion window this interval."),
+        Field("samples", "int", "sockets", "Live connections sampled this interval."),
+        Field("srtt_max_us", "int", "us", "Largest smoothed RTT sampled this interval."),
+        Field("srtt_mean_us", "float", "us", "Mean smoothed RTT over the samples."),
+        Field("srtt_last_us", "int", "us", "Smoothed RTT of the last sample."),
+        Field("snd_cwnd_min", "int", "segments", "Smallest congestion window sampled."),
         Field("snd_cwnd_mean", "float", "segments", "Mean congestion window."),
-        Field("snd_cwnd_last", "int", "segments", "Congestion window at the last sample."),
+        Field("snd_cwnd_last", "int", "segments", "Congestion window of the last sample."),
         Field("snd_wnd_min_bytes", "int", "bytes", "Smallest send window (the peer's advertised window)."),
         Field("snd_wnd_mean_bytes", "float", "bytes", "Mean send window."),
-        Field("snd_wnd_last_bytes", "int", "bytes", "Send window at the last sample."),
-        Field("rcv_wnd_min_bytes", "int", "bytes", "Smallest receive window this side advertised."),
+        Field("snd_wnd_last_bytes", "int", "bytes", "Send window of the last sample."),
+        Field("rcv_wnd_min_bytes", "int", "bytes", "Smallest receive window this side advertised (0 before 6.2)."),
         Field("rcv_wnd_mean_bytes", "float", "bytes", "Mean receive window."),
-        Field("rcv_wnd_last_bytes", "int", "bytes", "Receive window at the last sample."),
+        Field("rcv_wnd_last_bytes", "int", "bytes", "Receive window of the last sample."),
     ),
 ))
 
@@ -176,18 +180,19 @@ def _histogram(name: str, what: str, source: str, tags: tuple[Tag, ...] = FLOW_T
     ))
 
 
-_histogram("tcp_srtt", "Smoothed RTT per received segment, in microseconds", "tcp:tcp_probe (probe tcp_flow)")
-_histogram("tcp_connect_latency", "Connect latency, SYN_SENT to ESTABLISHED, in microseconds",
-           "sock:inet_sock_set_state (probe tcp_flow)")
+_histogram("tcp_srtt", "Smoothed RTT, one sample per live connection per poll and one per connection "
+           "at close, in microseconds", "sock_diag tcp_info; sock_ops at CLOSE (probe tcp)")
+_histogram("tcp_connect_latency", "Connect latency, connect() to ESTABLISHED, in microseconds",
+           "sock_ops connect and active-established callbacks (probe tcp)")
 _histogram("tcp_lifetime", "Connection lifetime, ESTABLISHED to CLOSE, in microseconds",
-           "sock:inet_sock_set_state (probe tcp_flow)")
+           "sock_ops established and state callbacks (probe tcp)")
 
 TCP_STATES = _declare(Measurement(
     name="tcp_states",
     kind="gauge",
-    help="Sockets per TCP state per process at poll time: the `ss -tan` picture over time. "
-         "Counts sockets the agent has seen open or used.",
-    source="sock:inet_sock_set_state (probe tcp_flow)",
+    help="Sockets per TCP state per process at poll time: the `ss -tan` picture over time "
+         "(TIME_WAIT and NEW_SYN_RECV mini-sockets excluded; orphans under pid 0).",
+    source="sock_diag dump at poll time (probe tcp)",
     tags=(HOST, PID, COMM, STATE),
     fields=(Field("sockets", "int", "sockets", "Sockets in this state."),),
 ))
@@ -196,7 +201,7 @@ TCP_RESETS_SENT = _declare(Measurement(
     name="tcp_resets_sent",
     kind="delta",
     help="Resets sent per process and kernel reason. " + _INTERVAL_NOTE,
-    source="tcp:tcp_send_reset (probe tcp_flow)",
+    source="tcp:tcp_send_reset (probe tcp)",
     tags=(HOST, PID, COMM, REASON),
     fields=(Field("resets", "int", "segments", "Resets sent for this reason."),),
 ))

@@ -15,6 +15,7 @@ import ctypes
 import importlib
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import bpf as bpf_pkg
 
 from . import catalog
 from .config import Config
-from .errors import ProbeError
+from .errors import ProbeError, SondeError
 from .lineproto import Point, printable_name
 from .bpfinfo import recursion_misses
 from .cardinality import OTHER, SeriesBudget, top_n
@@ -66,6 +67,14 @@ class Probe:
     # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
     # whose poll(ts_ns) returns (points, live map entries).
     decoder: type | None = None
+    # Tracepoint fields the probe reads: "category:event" -> field names. Checked
+    # against the running kernel's tracefs format before compiling.
+    fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Fields whose presence selects a variant: each present one is passed to the C
+    # as -DSONDE_F_<event>_<field> (e.g. tcp_send_reset's `reason`, 6.10+).
+    variant_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # More -D flags computed at load time from the kernel (e.g. BTF offsets): sys root -> flags.
+    cflags: object = None
     # False for a probe that only reads counters the kernel keeps (/proc, netlink):
     # no bpf/<name>.bpf.c, nothing compiled, `LoadedProbe.bpf` is None.
     kernel: bool = True
@@ -105,14 +114,42 @@ def missing_hooks(spec: Probe, tracefs: Path, hooks=None) -> list[str]:
     return [h for h in (spec.hooks if hooks is None else hooks) if not (events / h.replace(":", "/")).is_dir()]
 
 
+def tracepoint_fields(tracefs: Path, hook: str) -> set[str]:
+    """Field names of a tracepoint, from the running kernel's tracefs format."""
+    fmt = Path(tracefs) / "events" / hook.replace(":", "/") / "format"
+    try:
+        text = fmt.read_text()
+    except OSError:
+        return set()
+    return set(re.findall(r"field:[^;]*?\b(\w+)(?:\[\d*\])?;", text))
+
+
 def require_hooks(spec: Probe, tracefs: Path) -> None:
-    """Raise the one-line error for the first required hook this kernel lacks."""
+    """Raise the one-line error for the first required hook or field this kernel lacks."""
     missing = missing_hooks(spec, tracefs)
     if missing:
         raise ProbeError(
             f"probe {spec.name}: tracepoint {missing[0]} is missing from this kernel "
             f"(no {tracefs}/events/{missing[0].replace(':', '/')}); "
             f"disable it with probes.{spec.name}.enabled: false")
+    for hook, names in spec.fields.items():
+        if hook in spec.optional_hooks and missing_hooks(spec, tracefs, [hook]):
+            continue
+        have = tracepoint_fields(tracefs, hook)
+        lacking = [n for n in names if n not in have]
+        if lacking:
+            raise ProbeError(
+                f"probe {spec.name}: tracepoint {hook} has no field {lacking[0]} on this kernel "
+                f"({os.uname().release}); disable it with probes.{spec.name}.enabled: false")
+
+
+def variant_cflags(spec: Probe, tracefs: Path) -> list[str]:
+    flags = []
+    for hook, names in spec.variant_fields.items():
+        have = tracepoint_fields(tracefs, hook)
+        event = hook.split(":", 1)[1]
+        flags += [f"-DSONDE_F_{event}_{n}" for n in names if n in have]
+    return flags
 
 
 def ensure_tracefs(tracefs: Path) -> None:
@@ -178,6 +215,12 @@ class LoadedProbe:
             raise ProbeError("bcc is not importable; install Debian's python3-bpfcc and use a venv "
                              "made with --system-site-packages (scripts/setup.sh does both)")
         cflags = [f"-DMAX_ENTRIES={config.probe(spec.name).map_entries}", f"-I{BPF_DIR}"]
+        cflags += variant_cflags(spec, config.paths.tracefs)
+        if spec.cflags is not None:
+            try:
+                cflags += spec.cflags(config.paths.sys)
+            except SondeError as e:
+                raise ProbeError(f"probe {spec.name}: {e}")
         optional_missing = tuple(missing_hooks(spec, config.paths.tracefs, spec.optional_hooks))
         for hook in optional_missing:
             log.warning("probe %s: tracepoint %s is missing from this kernel; %s not reported",
@@ -200,7 +243,11 @@ class LoadedProbe:
             raise ProbeError(f"probe {spec.name}: cannot attach the CPU clock event ({str(e).splitlines()[0]}); "
                              f"this kernel must allow perf software events for BPF")
         _malloc_trim()
-        return cls(spec, config, obj, budget, optional_missing)
+        try:
+            return cls(spec, config, obj, budget, optional_missing)
+        except (RuntimeError, OSError) as e:  # a decoder that attaches more (cgroup programs)
+            obj.cleanup()
+            raise ProbeError(f"probe {spec.name}: {e}")
 
     def table(self, name: str):
         return self.bpf.get_table(name.encode())
