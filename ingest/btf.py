@@ -83,6 +83,7 @@ class BTF:
             raise BTFError(f"{source}: type section does not end on a record boundary")
         self._offsets = offsets
         self._by_name = by_name
+        self._enumerators: dict[str, set[int]] | None = None
 
     @classmethod
     def parse(cls, data: bytes, source: str = "BTF") -> "BTF":
@@ -216,6 +217,73 @@ class BTF:
             return any(self._locate(tid, struct_name, path) for tid in ids)
         except BTFError:  # a path through a non-struct member
             return False
+
+    def enum_value(self, name: str) -> int:
+        """The value of enumerator `name` (in any enum, named or not)."""
+        if self._enumerators is None:
+            self._enumerators = {}
+            for tid in range(1, len(self._offsets)):
+                kind, vlen, kflag, _, _ = self._type(tid)
+                if kind not in (ENUM, ENUM64):
+                    continue
+                base = self._offsets[tid] + 12
+                for i in range(vlen):
+                    if kind == ENUM:
+                        name_off, val = struct.unpack_from("<Ii" if kflag else "<II", self._data, base + 8 * i)
+                    else:
+                        name_off, lo, hi = struct.unpack_from("<III", self._data, base + 12 * i)
+                        val = hi << 32 | lo
+                        if kflag and val >> 63:
+                            val -= 1 << 64
+                    self._enumerators.setdefault(self._name(name_off), set()).add(val)
+        values = self._enumerators.get(name)
+        if not values:
+            raise BTFError(f"{self.source}: this kernel has no enumerator {name}")
+        if len(values) > 1:
+            raise BTFError(f"{self.source}: enumerator {name} has several values {sorted(values)}")
+        return next(iter(values))
+
+    def has_enum_value(self, name: str) -> bool:
+        try:
+            self.enum_value(name)
+        except BTFError:
+            return False
+        return True
+
+    def spell(self, tid: int) -> str:
+        """A type as C spells it, enough to recognise it: `struct request *`, `unsigned int`."""
+        if tid == 0:
+            return "void"
+        kind, _, _, name_off, st = self._type(tid)
+        name = self._name(name_off) if name_off else "(anon)"
+        if kind == PTR:
+            return self.spell(st) + " *"
+        if kind in (CONST, VOLATILE, RESTRICT):
+            return {CONST: "const ", VOLATILE: "volatile ", RESTRICT: "restrict "}[kind] + self.spell(st)
+        if kind == TYPE_TAG:
+            return self.spell(st)
+        if kind in (STRUCT, UNION, ENUM, ENUM64, FWD):
+            word = {STRUCT: "struct", UNION: "union"}.get(kind, "enum")
+            if kind == FWD:
+                word = "union" if self._type(tid)[2] else "struct"
+            return f"{word} {name}"
+        return name
+
+    def raw_tracepoint_args(self, tracepoint: str) -> list[str]:
+        """The arguments a raw tracepoint program gets in ctx->args[], as C types, from
+        the kernel's `btf_trace_<tracepoint>` typedef (its first parameter, the
+        tracepoint's private data, is not passed and is left out)."""
+        ids = self._ids(f"btf_trace_{tracepoint}", (TYPEDEF,))
+        if not ids:
+            raise BTFError(f"{self.source}: this kernel has no raw tracepoint {tracepoint}")
+        ptr = self._type(ids[0])[4]
+        kind, _, _, _, proto = self._type(ptr)
+        if kind != PTR or self._type(proto)[0] != FUNC_PROTO:
+            raise BTFError(f"{self.source}: btf_trace_{tracepoint} is not a function pointer")
+        vlen = self._type(proto)[1]
+        base = self._offsets[proto] + 12
+        params = [struct.unpack_from("<II", self._data, base + 8 * i)[1] for i in range(vlen)]
+        return [self.spell(t) for t in params[1:]]
 
     def sizeof(self, type_name: str) -> int:
         """Size in bytes of a struct, union, typedef, int, enum or float named `type_name`."""

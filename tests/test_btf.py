@@ -16,9 +16,9 @@ pytestmark = [pytest.mark.hot_path]
 # A tiny BTF blob, record by record (little-endian u32 words; a record is
 # name_off, info = kind_flag << 31 | kind << 24 | vlen, size-or-type, then its extra).
 BLOB = bytes.fromhex(
-    # header: magic eb9f, version 1, flags 0, hdr_len 24, type_off 0, type_len 232,
-    # str_off 232, str_len 62
-    "9feb0100 18000000 00000000 e8000000 e8000000 3e000000"
+    # header: magic eb9f, version 1, flags 0, hdr_len 24, type_off 0, type_len 332,
+    # str_off 332, str_len 84
+    "9feb0100 18000000 00000000 4c010000 4c010000 54000000"
     # [1] INT 'int' size 4, encoding: 32 bits
     "01000000 00000001 04000000 20000000"
     # [2] STRUCT 'inner' size 8: a [1] @0 bits, b [1] @32
@@ -37,7 +37,17 @@ BLOB = bytes.fromhex(
     "00000000 00000003 00000000 01000000 01000000 05000000"
     # [8] STRUCT 'witharr' size 32: arr [7] @0, p [6] @192
     "30000000 02000004 20000000 38000000 07000000 00000000 3c000000 06000000 c0000000"
-) + b"\0int\0inner\0a\0b\0u1\0s\0outer\0x\0flag\0nested\0inner_t\0witharr\0arr\0p\0"
+    # [9] ENUM 'flags' size 4: A = 0, B = 5
+    "3e000000 02000006 04000000 44000000 00000000 46000000 05000000"
+    # [10] FUNC_PROTO returning void, parameters (unnamed): [11], [6], [1]
+    "00000000 0300000d 00000000 00000000 0b000000 00000000 06000000 00000000 01000000"
+    # [11] PTR -> void
+    "00000000 00000002 00000000"
+    # [12] TYPEDEF 'btf_trace_x' -> [13] (how the kernel describes raw tracepoint x)
+    "48000000 00000008 0d000000"
+    # [13] PTR -> [10]
+    "00000000 00000002 0a000000"
+) + b"\0int\0inner\0a\0b\0u1\0s\0outer\0x\0flag\0nested\0inner_t\0witharr\0arr\0p\0flags\0A\0B\0btf_trace_x\0"
 
 
 def test_offsets_on_a_hand_built_blob():
@@ -55,6 +65,18 @@ def test_offsets_on_a_hand_built_blob():
     assert b.member("witharr", "p").size == 8
     assert b.member("outer", "nested").size == 8
     assert [b.sizeof(t) for t in ("int", "inner", "outer", "inner_t", "witharr")] == [4, 8, 24, 8, 32]
+
+
+def test_enums_and_raw_tracepoint_args_on_a_hand_built_blob():
+    b = btf.BTF.parse(BLOB, "blob")
+    assert (b.enum_value("A"), b.enum_value("B")) == (0, 5)
+    assert b.has_enum_value("B") and not b.has_enum_value("C")
+    with pytest.raises(btf.BTFError, match="no enumerator C"):
+        b.enum_value("C")
+    # the first parameter (the tracepoint's private data) is not passed to the program
+    assert b.raw_tracepoint_args("x") == ["struct outer *", "int"]
+    with pytest.raises(btf.BTFError, match="no raw tracepoint y"):
+        b.raw_tracepoint_args("y")
 
 
 def test_has_member_and_refusals_on_a_hand_built_blob():
@@ -114,6 +136,8 @@ def test_real_kernel_matches_bpftool():
     # a path through a nested struct: sock embeds sock_common as __sk_common at 0
     assert b.offsetof("sock", "__sk_common.skc_cookie") == b.offsetof("sock_common", "skc_cookie")
     assert b.sizeof("u64") == 8 and b.member("request", "start_time_ns").size == 8
+    assert b.raw_tracepoint_args("block_rq_complete") == ["struct request *", "blk_status_t", "unsigned int"]
+    assert b.enum_value("REQ_OP_WRITE") == 1
 
 
 def test_real_kernel_parse_is_fast_and_cached():
