@@ -219,16 +219,16 @@ class TcpDecoder:
                     else b.load_func(fn.encode(), ptype)
                 # BPF_F_ALLOW_MULTI: other tools' programs on the root stay attached
                 BPF.attach_func(f, self.cgroup_fd, atype, 2)
-                self._attached.append((f.fd, self.cgroup_fd, atype))
+                self._attached.append((f, self.cgroup_fd, atype))
         except Exception as e:
             self.close()
             raise RuntimeError(f"cannot attach the cgroup programs to {cg}: {str(e).splitlines()[0]}")
 
     def close(self) -> None:
         from bcc import BPF
-        for fd, cg, atype in self._attached:
+        for fn, cg, atype in self._attached:
             try:
-                BPF.detach_func(fd, cg, atype)
+                BPF.detach_func(fn, cg, atype)
             except Exception:
                 pass
         self._attached = []

@@ -151,7 +151,7 @@ def test_oom_kill_fires(staged):
 
 
 def test_agent_drops_fire_when_a_map_is_full(staged):
-    agent = staged("tcp_flow", extra="probes:\n  tcp_flow:\n    map_entries: 16\n")
+    agent = staged("tcp", extra="probes:\n  tcp:\n    map_entries: 16\n")
     bad = Child("connects", "127.0.0.1", free_port(), "sonde-fill", 1)
     bad.wait()
     for _ in range(30):  # 30 processes, one flow each: more than 16 entries
@@ -161,14 +161,14 @@ def test_agent_drops_fire_when_a_map_is_full(staged):
 
 
 def test_agent_poll_failures_fire(staged):
-    agent = staged("tcp_flow")
-    probe = agent.probes["tcp_flow"]
+    agent = staged("tcp")
+    probe = agent.probes["tcp"]
 
     def broken(ts):
         raise RuntimeError("staged decoder failure")
     probe.decoder.poll = broken  # the staged fault: this probe's decoding raises
     points = evaluate(agent)
-    assert fired(points, "agent_poll_failures") == [{"host": agent.config.host, "probe": "tcp_flow"}]
+    assert fired(points, "agent_poll_failures") == [{"host": agent.config.host, "probe": "tcp"}]
 
 
 def test_disk_utilisation_fires(staged, tmp_path):
@@ -259,7 +259,7 @@ def staged_ns(bpf_ready, influx, influx_db, tmp_path, net):
     path = tmp_path / "thresholds.yaml"
     path.write_text(yaml.safe_dump(t))
     cfg = make_config(tmp_path, f"alerts:\n  thresholds: {path}\n", api="v1", url=influx.url, database=influx_db)
-    agent = Agent(cfg, only=["tcp_flow"], max_backoff=0.5).start()
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start()
     agent.poll()
     yield agent
     agent.stop()

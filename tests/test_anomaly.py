@@ -32,7 +32,7 @@ def test_volume_jump_is_marked_and_shown(bpf_ready, influx, influx_db, tmp_path)
     thresholds.write_text(text)
     cfg = make_config(tmp_path, f"alerts:\n  thresholds: {thresholds}\n", api="v1", url=influx.url,
                       database=influx_db)
-    agent = Agent(cfg, only=["tcp_flow"], max_backoff=0.5).start()
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start()
     portfile = tmp_path / "port"
     rx = Child("recv", str(portfile), "anom-rx")
     sender = None

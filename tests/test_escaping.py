@@ -51,7 +51,7 @@ def hostile_agent(influx, tmp_path_factory):
     db = "t_hostile"
     influx.query(f'CREATE DATABASE "{db}"')
     cfg = make_config(tmp_path_factory.mktemp("hostile"), api="v1", url=influx.url, database=db)
-    agent = Agent(cfg, only=["tcp_traffic"], max_backoff=0.5).start()
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start()
     agent.poll()
     yield agent, db
     agent.stop()

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import Child, make_config, select, wait_for_file, wait_until
 from ingest.agent import Agent
+from ingest.errors import SondeError
 
 pytestmark = [pytest.mark.l4]
 
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.l4]
 @pytest.fixture
 def l4(bpf_ready, influx, influx_db, tmp_path):
     cfg = make_config(tmp_path, api="v1", url=influx.url, database=influx_db)
-    agent = Agent(cfg, only=["tcp_flow"], max_backoff=0.5).start()
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start()
     agent.poll()
     yield agent
     agent.stop()
@@ -203,48 +204,35 @@ def test_hostile_comm_and_ipv6_literals_round_trip(l4, influx, influx_db, net, t
     assert rows[0]["sum"] == 4321
 
 
-def test_missing_optional_tracepoint_disables_only_its_metrics(bpf_ready, influx, influx_db, net, tmp_path, caplog):
-    # A tracefs view without tcp:tcp_probe, as a kernel lacking it would show.
+def test_kernel_lacking_a_field_is_one_line(bpf_ready, tmp_path):
+    """A tracefs view whose tcp_send_reset has no skaddr (a kernel too old for the
+    probe): the agent refuses with one line naming the field, before compiling."""
     real = Path("/sys/kernel/tracing/events")
     fake = tmp_path / "tracefs/events"
     for cat in ("sock", "tcp"):
         (fake / cat).mkdir(parents=True)
         for ev in (real / cat).iterdir():
-            if ev.is_dir() and ev.name != "tcp_probe":
+            if ev.is_dir() and ev.name != "tcp_send_reset":
                 (fake / cat / ev.name).symlink_to(ev)
-    cfg = make_config(tmp_path, f"paths:\n  tracefs: {tmp_path / 'tracefs'}\n",
-                      api="v1", url=influx.url, database=influx_db)
-    with caplog.at_level(logging.WARNING, logger="sonde.probe"):
-        agent = Agent(cfg, only=["tcp_flow"], max_backoff=0.5).start()
-    try:
-        warnings = [r.getMessage() for r in caplog.records if "tcp:tcp_probe" in r.getMessage()]
-        assert len(warnings) == 1 and "tcp_window" in warnings[0]
-        agent.poll()
-        srv, port = server(tmp_path, net, "l4-nop-srv", 1)
-        try:
-            cli = Child("send", net.V4["server"], port, "l4-nop-cli", 5000, netns=net.ns["client"])
-            cli.wait()
-            srv.wait()
-        finally:
-            srv.kill()
-        flush(agent)
-    finally:
-        agent.stop()
-    c = flows(influx, influx_db, cli.pid)[("client", net.V4["server"], str(port))]
-    assert c["tx_bytes"] == 5000 and c["active_opens"] == 1 and c["rx_segments"] == 0
-    assert select(influx, influx_db, f"SELECT * FROM tcp_window WHERE pid='{cli.pid}'") == []
-    health = select(influx, influx_db, "SELECT hooks_missing, poll_success FROM sonde_probe WHERE probe='tcp_flow'")
-    assert health and all(r["hooks_missing"] == 1 and r["poll_success"] == 1 for r in health)
+    ev = fake / "tcp/tcp_send_reset"
+    ev.mkdir()
+    text = (real / "tcp/tcp_send_reset/format").read_text()
+    (ev / "format").write_text("\n".join(l for l in text.splitlines() if "skaddr;" not in l))
+    cfg = make_config(tmp_path, f"paths:\n  tracefs: {tmp_path / 'tracefs'}\n")
+    with pytest.raises(SondeError) as e:
+        Agent(cfg, only=["tcp"], max_backoff=0.5).start(deliver=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "tcp:tcp_send_reset has no field skaddr" in msg, msg
 
 
 def test_churn_stays_within_series_bound_with_exact_totals(bpf_ready, influx, influx_db, net, tmp_path):
     max_series = 400
     cfg = make_config(tmp_path, f"cardinality:\n  max_series: {max_series}\n"
-                                "probes:\n  tcp_flow:\n    max_processes: 10\n    max_peers: 3\n",
+                                "probes:\n  tcp:\n    max_processes: 10\n    max_peers: 3\n",
                       api="v1", url=influx.url, database=influx_db)
     # Delivery waits until the churn is over, so the agent's own connections to
     # InfluxDB are not in the counts compared with the namespaces' counters.
-    agent = Agent(cfg, only=["tcp_flow"], max_backoff=0.5).start(deliver=False)
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start(deliver=False)
     procs, per_proc, parallel = 100, 1000, 4
     total = procs * per_proc
     srv = None
@@ -290,7 +278,7 @@ def test_churn_stays_within_series_bound_with_exact_totals(bpf_ready, influx, in
     # The kernel skips a tracepoint program that fires while another BPF program runs
     # on the same CPU (softirq nested in a process-context hook); Sonde reports those
     # skips, and the counts may be short by exactly that much, never more.
-    misses = select(influx, influx_db, "SELECT sum(kernel_misses) FROM sonde_probe WHERE probe='tcp_flow'")[0]["sum"]
+    misses = select(influx, influx_db, "SELECT sum(kernel_misses) FROM sonde_probe WHERE probe='tcp'")[0]["sum"]
     assert host_opens - misses <= opens <= host_opens
     # A passive open counts when a process first uses the socket (or at its destroy),
     # the kernel's counter at the handshake: connections other processes on the host

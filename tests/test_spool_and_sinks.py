@@ -32,7 +32,7 @@ def test_outage_then_recovery_loses_nothing(bpf_ready, tmp_path):
     try:
         server.query('CREATE DATABASE "sonde"')
         cfg = make_config(tmp_path, api="v1", url=server.url, database="sonde")
-        agent = Agent(cfg, only=["tcp_traffic"], max_backoff=0.5).start()
+        agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start()
         agent.poll()
         sizes = [300_000, 12_345, 999]
         pids = [transfer(tmp_path, sizes[0], "sonde-out0", "sonde-outrx")[0]]
@@ -60,7 +60,7 @@ def test_outage_then_recovery_loses_nothing(bpf_ready, tmp_path):
 def test_tiny_spool_drop_counter_is_exact(bpf_ready, tmp_path):
     port = free_port()  # nothing listens here until the end of the test
     cfg = make_config(tmp_path, "spool:\n  max_points: 5\n", api="v1", url=f"http://127.0.0.1:{port}", database="sonde")
-    agent = Agent(cfg, only=["tcp_traffic"], max_backoff=0.3).start()
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.3).start()
     server = None
     try:
         produced = 0
@@ -98,7 +98,7 @@ def test_kill_9_then_restart_delivers_spooled_points(bpf_ready, tmp_path):
     cfg_path.write_text(
         f"state_dir: {tmp_path / 'state'}\ninterval_seconds: 0.5\n"
         f"influxdb:\n  api: v1\n  url: http://127.0.0.1:{port}\n  database: sonde\n")
-    sonde = [str(REPO / ".venv/bin/sonde"), "run", "-c", str(cfg_path), "--probe", "tcp_traffic"]
+    sonde = [str(REPO / ".venv/bin/sonde"), "run", "-c", str(cfg_path), "--probe", "tcp"]
     need(os.path.exists(sonde[0]), "the venv's sonde entry point (scripts/setup.sh install)")
     agent = subprocess.Popen(sonde, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     server = agent2 = None

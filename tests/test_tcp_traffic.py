@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.skeleton]
 @pytest.fixture
 def v1_agent(bpf_ready, influx, influx_db, tmp_path):
     cfg = make_config(tmp_path, api="v1", url=influx.url, database=influx_db)
-    agent = Agent(cfg, only=["tcp_traffic"], max_backoff=0.5).start()
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start()
     agent.poll()  # baseline: everything before the test is history
     yield agent
     agent.stop()
@@ -36,7 +36,7 @@ def test_exact_bytes_v1(v1_agent, influx, influx_db, tmp_path, v6):
 
 def test_exact_bytes_v2_victoria(bpf_ready, victoria, tmp_path):
     cfg = make_config(tmp_path, api="v2", url=victoria.url, bucket="sonde", org="sonde")
-    agent = Agent(cfg, only=["tcp_traffic"], max_backoff=0.5).start()
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start()
     try:
         agent.poll()
         n = 777_777
