@@ -235,9 +235,14 @@ static __always_inline void listener_owner(struct bpf_sock_ops *s, struct flow_k
 
 static __always_inline void on_close(struct bpf_sock_ops *s, u64 cookie, u32 old)
 {
-    struct conn_t *c = conns.lookup(&cookie);
-    if (!c)
+    struct conn_t *cp = conns.lookup(&cookie);
+    if (!cp)
         return;  /* not opened under the agent: the polls cover it up to their last read */
+    struct conn_t cc = *cp;
+    struct conn_t *c = &cc;
+    /* Delete first: the agent, marking this socket seen, checks that it is still
+     * in `conns` after its mark, so a close that has begun is never missed. */
+    conns.delete(&cookie);
     struct flow_key fk = {};
     char comm[SONDE_COMM_LEN] = "[unattributed]";
     fk.tgid = c->tgid;
@@ -279,15 +284,19 @@ static __always_inline void on_close(struct bpf_sock_ops *s, u64 cookie, u32 old
     if (!c->est)
         inflight = 0;
 
+    /* Seen or not is decided by who deletes the mark: this program or the agent
+     * (which deletes it when it finds the socket gone right after marking it). */
     struct owner_t *o = seen.lookup(&cookie);
     u8 was_seen = 0;
     if (o) {
-        was_seen = 1;
-        fk.tgid = o->tgid;
-        __builtin_memcpy(comm, o->comm, sizeof(comm));
-        if (closed_seen.update(&cookie, &f))
-            count_drop();
-        seen.delete(&cookie);
+        struct owner_t owner = *o;
+        if (seen.delete(&cookie) == 0) {
+            was_seen = 1;
+            fk.tgid = owner.tgid;
+            __builtin_memcpy(comm, owner.comm, sizeof(comm));
+            if (closed_seen.update(&cookie, &f))
+                count_drop();
+        }
     }
     struct agg_t *v = agg_entry(&fk, comm);
     if (v) {
@@ -327,7 +336,6 @@ static __always_inline void on_close(struct bpf_sock_ops *s, u64 cookie, u32 old
         __builtin_memcpy(a.comm, comm, sizeof(a.comm));
         aborted.update(&cookie, &a);
     }
-    conns.delete(&cookie);
 }
 
 int sonde_sockops(struct bpf_sock_ops *s)

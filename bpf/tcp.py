@@ -76,7 +76,6 @@ AGG_MEMBERS = {"tx_bytes": "tx_bytes", "rx_bytes": "rx_bytes", "rx_segments": "s
                "lifetime_sum_us": "lifetime_sum_us", "srtt_sum_us": "srtt_sum_us"}
 UNATTRIBUTED = b"[unattributed]"
 CGROUP2_CANDIDATES = ("fs/cgroup/unified", "fs/cgroup")
-BPF_NOEXIST = 1
 
 
 def peer_name(family: int, addr: bytes) -> str:
@@ -404,10 +403,9 @@ class TcpDecoder:
         leaf.tgid = owner
         ctypes.memmove(leaf.comm, comm[:15], min(len(comm), 15))
         try:
-            self.seen.update(key, leaf, flags=BPF_NOEXIST) if hasattr(self.seen, "update") \
-                else self.seen.__setitem__(key, leaf)
-        except Exception:
             self.seen[key] = leaf
+        except Exception:  # the map is full: count it from the kernel's sums at close
+            return None
         client = c.role == 1
         fk = (owner, c.role, c.family, c.port, bytes(c.addr))
         try:
