@@ -109,7 +109,7 @@ def test_wrong_credentials_and_secret_never_logged(bpf_ready, tmp_path):
 
 
 def test_missing_hook(bpf_ready, tmp_path):
-    # A tracefs root that lacks sock:sock_recv_length, as an older kernel would:
+    # A tracefs root that lacks tcp:tcp_receive_reset, as an older kernel would:
     # every other event is the real one.
     fake = tmp_path / "tracefs"
     real = Path("/sys/kernel/tracing/events")
@@ -117,18 +117,18 @@ def test_missing_hook(bpf_ready, tmp_path):
         if cat.is_dir():
             (fake / "events" / cat.name).mkdir(parents=True)
             for ev in cat.iterdir():
-                if ev.is_dir() and ev.name != "sock_recv_length":
+                if ev.is_dir() and ev.name != "tcp_receive_reset":
                     (fake / "events" / cat.name / ev.name).symlink_to(ev)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\n"
-                   "probes:\n  tcp_flow:\n    enabled: false\n  tcp_traffic:\n    enabled: true\n")
+                   "probes:\n  tcp:\n    enabled: true\n")
     for command in ("check", "run"):
-        one_line_error(sonde(command, "-c", str(cfg)), "tcp_traffic", "sock:sock_recv_length", "enabled: false")
+        one_line_error(sonde(command, "-c", str(cfg)), "tcp", "tcp:tcp_receive_reset", "enabled: false")
     # with every probe on, check names each missing hook on its own line
-    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\nprobes:\n  tcp_traffic:\n    enabled: true\n")
+    cfg.write_text(f"state_dir: {tmp_path}/state\npaths:\n  tracefs: {fake}\n")
     r = sonde("check", "-c", str(cfg))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert all(line.startswith("probe ") and "is missing" in line for line in lines)
     assert {line.split(" is missing")[0] for line in lines} == \
-        {"probe tcp_traffic: tracepoint sock:sock_recv_length", "probe tcp_flow: tracepoint sock:sock_recv_length"}
+        {"probe tcp: tracepoint tcp:tcp_receive_reset"}

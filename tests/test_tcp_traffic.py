@@ -26,11 +26,11 @@ def test_exact_bytes_v1(v1_agent, influx, influx_db, tmp_path, v6):
     n = 1_234_567
     tx_pid, rx_pid = transfer(tmp_path, n, "sonde-tx", "sonde-rx", v6=v6, chunk=10_000)
     drained(v1_agent)
-    tx = select(influx, influx_db, f"SELECT sum(tx_bytes), sum(rx_bytes), sum(tx_calls) FROM tcp_traffic "
+    tx = select(influx, influx_db, f"SELECT sum(tx_bytes), sum(rx_bytes) FROM tcp_traffic "
                                    f"WHERE pid='{tx_pid}' GROUP BY comm")
     rx = select(influx, influx_db, f"SELECT sum(rx_bytes), sum(tx_bytes) FROM tcp_traffic "
                                    f"WHERE pid='{rx_pid}' GROUP BY comm")
-    assert [(r["comm"], r["sum"], r["sum_1"], r["sum_2"]) for r in tx] == [("sonde-tx", n, 0, 124)]
+    assert [(r["comm"], r["sum"], r["sum_1"]) for r in tx] == [("sonde-tx", n, 0)]
     assert [(r["comm"], r["sum"], r["sum_1"]) for r in rx] == [("sonde-rx", n, 0)]
 
 
@@ -80,8 +80,8 @@ def test_deltas_across_three_polls(v1_agent, influx, influx_db, tmp_path):
 
 def test_exited_process_entries_are_reclaimed(v1_agent, tmp_path):
     tx_pid, rx_pid = transfer(tmp_path, 4096, "sonde-gone", "sonde-gone-rx")
-    table = v1_agent.probes["tcp_traffic"].bpf.get_table(b"tcp_traffic")
-    keys = lambda: {k.value for k in table.keys()}  # noqa: E731
+    table = v1_agent.probes["tcp"].bpf.get_table(b"tcp_agg")
+    keys = lambda: {k.tgid for k in table.keys()}  # noqa: E731
     assert {tx_pid, rx_pid} <= keys()
     points = v1_agent.poll()
     assert {p.tags["pid"] for p in points if p.measurement == "tcp_traffic"} >= {str(tx_pid), str(rx_pid)}
@@ -90,7 +90,7 @@ def test_exited_process_entries_are_reclaimed(v1_agent, tmp_path):
 
 def test_probe_reports_on_itself(v1_agent, influx, influx_db):
     drained(v1_agent)
-    rows = select(influx, influx_db, "SELECT * FROM sonde_probe WHERE probe='tcp_traffic'")
+    rows = select(influx, influx_db, "SELECT * FROM sonde_probe WHERE probe='tcp'")
     assert rows and all(r["poll_success"] == 1 and r["map_full_drops"] == 0 for r in rows)
     assert all(0 < r["poll_duration_seconds"] < 5 for r in rows)
     assert select(influx, influx_db, "SELECT * FROM sonde_spool")
