@@ -18,6 +18,13 @@ port to PORTFILE once listening.
                                          RESET_EVERY-th request (0: never) is closed with a reset
   udpflood HOST PORT COMM SECONDS        UDP datagrams as fast as possible (keeps a qdisc full;
                                          TCP cannot, its small-queue limit stops it)
+  duplexd PORTFILE COMM BIND N MODE      one connection: read N bytes, send N back; MODE close:
+                                         wait for EOF, close; abort: read N/2, let the rest queue
+                                         0.3 s, print the bytes received in order (read + FIONREAD)
+                                         and close with a reset
+  duplex HOST PORT COMM N PARTS          send N bytes in PARTS parts, after each one but the last
+                                         answer "ok" and wait for a stdin line; read N back, close;
+                                         prints the bytes it sent (stops at a reset)
 """
 import ctypes
 import os
@@ -105,6 +112,10 @@ def accept(portfile, count, bind, mode):
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif mode == "close":
             pass
+        elif mode == "pong":  # one byte each way, then the client closes first
+            conn.recv(1)
+            conn.sendall(b"y")
+            read_to_eof(conn)
         else:
             read_to_eof(conn)
         conn.close()
@@ -205,10 +216,64 @@ def udpflood(host, port, seconds):
                 pass
 
 
+def duplexd(portfile, bind, n, mode):
+    import fcntl
+    import termios
+    srv = listen(portfile, bind)
+    conn, _ = srv.accept()
+    if mode == "abort":
+        got = 0
+        while got < n // 2:
+            got += len(conn.recv(min(1 << 16, n // 2 - got)))
+        time.sleep(0.3)
+        queued = struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        print(got + queued, flush=True)
+        return
+    got = 0
+    while got < n:
+        data = conn.recv(1 << 16)
+        if not data:
+            break
+        got += len(data)
+    conn.sendall(b"d" * n)
+    read_to_eof(conn)
+    conn.close()
+    print(got, flush=True)
+
+
+def duplex(host, port, n, parts):
+    s = socket.create_connection((host, port))
+    sent = 0
+    sizes = [n // parts] * (parts - 1) + [n - (n // parts) * (parts - 1)]
+    try:
+        for i, size in enumerate(sizes):
+            payload = b"c" * size
+            view = memoryview(payload)
+            while view:
+                k = s.send(view)
+                sent += k
+                view = view[k:]
+            if i < parts - 1:
+                print("ok", flush=True)
+                sys.stdin.readline()
+        got = 0
+        while got < n:
+            data = s.recv(1 << 16)
+            if not data:
+                break
+            got += len(data)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    s.close()
+    print(sent, flush=True)
+
+
 if __name__ == "__main__":
     a = sys.argv[1:]
     cmd = a[0]
-    set_comm(arg_bytes(a[2] if cmd in ("recv", "accept", "echo", "httpd") else a[3]))
+    set_comm(arg_bytes(a[2] if cmd in ("recv", "accept", "echo", "httpd", "duplexd") else a[3]))
     if cmd == "recv":
         recv(a[1], int(a[3]) if len(a) > 3 else 1, a[4] if len(a) > 4 else None)
     elif cmd == "send":
@@ -227,6 +292,10 @@ if __name__ == "__main__":
         messages(a[1], int(a[2]), int(a[4]), int(a[5]), float(a[6]))
     elif cmd == "httpd":
         httpd(a[1], a[3], int(a[4]), int(a[5]))
+    elif cmd == "duplexd":
+        duplexd(a[1], a[3], int(a[4]), a[5])
+    elif cmd == "duplex":
+        duplex(a[1], int(a[2]), int(a[4]), int(a[5]))
     elif cmd == "udpflood":
         udpflood(a[1], int(a[2]), float(a[4]))
     else:
