@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -15,6 +16,7 @@ from .delivery import Deliverer
 from .embedded import InfluxServer
 from .errors import SondeError
 from .lineproto import Point, encode
+from .bpfinfo import enable_stats
 from .probe import LoadedProbe, discover, ensure_tracefs, require_hooks
 from .probe import enabled as probe_enabled
 from .sinks import make_sink
@@ -46,6 +48,7 @@ class Agent:
         self.config = config
         self.embedded: InfluxServer | None = None
         self.probes: dict[str, LoadedProbe] = {}
+        self._stats_fd: int | None = None
         self._only = only
         self._max_backoff = max_backoff
         self._poll_lock = threading.Lock()
@@ -90,6 +93,12 @@ class Agent:
         # Every hook is checked before anything loads: a missing one is one line, not a half-started agent.
         for spec in chosen:
             require_hooks(spec, self.config.paths.tracefs)
+        if self.config.bpf_stats and self._stats_fd is None:
+            fd = enable_stats()
+            if fd < 0:
+                raise SondeError("bpf_stats: the kernel refused BPF_ENABLE_STATS (needs 5.8+ and CAP_SYS_ADMIN); "
+                                 "set bpf_stats: false")
+            self._stats_fd = fd
         for spec in chosen:
             started = time.monotonic()
             self.probes[spec.name] = LoadedProbe.load(spec, self.config, self.budget)
@@ -101,6 +110,9 @@ class Agent:
         for p in self.probes.values():
             p.close()
         self.probes.clear()
+        if self._stats_fd is not None:
+            os.close(self._stats_fd)
+            self._stats_fd = None
         if self.sink:
             self.sink.close()
         if self.embedded:

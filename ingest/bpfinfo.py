@@ -15,7 +15,10 @@ import os
 _SYS_BPF = 321  # x86_64
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _INFO_SIZE = 232
+_RUN_TIME_NS = 192
+_RUN_CNT = 200
 _RECURSION_MISSES = 208
+_BPF_ENABLE_STATS = 32
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -24,16 +27,35 @@ class _InfoAttr(ctypes.Structure):
     _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
 
 
-def recursion_misses(prog_fd: int) -> int:
+def _info_u64(prog_fd: int, offset: int) -> int:
     buf = ctypes.create_string_buffer(_INFO_SIZE)
     attr = _InfoAttr(prog_fd, _INFO_SIZE, ctypes.addressof(buf))
     if os.uname().machine != "x86_64":
         return 0
     if _libc.syscall(_SYS_BPF, _BPF_OBJ_GET_INFO_BY_FD, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
         return 0
-    if attr.info_len < _RECURSION_MISSES + 8:
+    if attr.info_len < offset + 8:
         return 0
-    return int.from_bytes(buf.raw[_RECURSION_MISSES:_RECURSION_MISSES + 8], "little")
+    return int.from_bytes(buf.raw[offset:offset + 8], "little")
+
+
+def recursion_misses(prog_fd: int) -> int:
+    return _info_u64(prog_fd, _RECURSION_MISSES)
+
+
+def run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run_cnt, run_time_ns) of a program: counted only while statistics are on."""
+    return _info_u64(prog_fd, _RUN_CNT), _info_u64(prog_fd, _RUN_TIME_NS)
+
+
+def enable_stats() -> int:
+    """Turn on run-time statistics for every BPF program (BPF_ENABLE_STATS, 5.8+):
+    they stay on while the returned fd is open and go off when it closes, even if
+    the agent dies, unlike the kernel.bpf_stats_enabled sysctl. Returns -1 if refused."""
+    attr = (ctypes.c_uint32 * 2)(0, 0)  # BPF_STATS_RUN_TIME
+    if os.uname().machine != "x86_64":
+        return -1
+    return _libc.syscall(_SYS_BPF, _BPF_ENABLE_STATS, ctypes.byref(attr), ctypes.sizeof(attr))
 
 
 _BPF_PROG_DETACH = 9

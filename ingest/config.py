@@ -102,6 +102,9 @@ class Config(_Strict):
     interval_seconds: float = Field(10.0, gt=0)
     state_dir: Path = Path("/var/lib/sonde")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # BPF run-time statistics (run count and time per program, in sonde_probe): off by
+    # default because the kernel then takes two clock reads around every program run.
+    bpf_stats: bool = False
     paths: Paths = Paths()
     influxdb: InfluxDB = InfluxDB()
     embedded: Embedded = Embedded()

@@ -26,7 +26,7 @@ from . import catalog
 from .config import Config
 from .errors import ProbeError, SondeError
 from .lineproto import Point, printable_name
-from .bpfinfo import recursion_misses
+from .bpfinfo import recursion_misses, run_stats
 from .cardinality import OTHER, SeriesBudget, top_n
 from .delta import DeltaTracker
 from .procfs import Procfs
@@ -281,6 +281,7 @@ class LoadedProbe:
             log.exception("probe %s: poll failed", self.spec.name)
         drops = self._drops_delta()
         misses = self._misses_delta()
+        stats = self._stats_delta() if self.config.bpf_stats else None
         self_point = Point("sonde_probe", {"host": self.config.host, "probe": self.spec.name}, {
             "poll_duration_seconds": time.perf_counter() - started,
             "poll_success": ok,
@@ -290,7 +291,22 @@ class LoadedProbe:
             "hooks_missing": len(self.missing_optional),
             "kernel_misses": misses,
         }, ts_ns)
+        if stats is not None:
+            self_point.fields["bpf_run_count"], self_point.fields["bpf_run_time_ns"] = stats
         return points, self_point
+
+    def _stats_delta(self) -> tuple[int, int]:
+        if self.bpf is None:
+            return 0, 0
+        cnt = ns = 0
+        for fn in self.bpf.funcs.values():
+            c, t = run_stats(fn.fd)
+            cnt, ns = cnt + c, ns + t
+        prev = getattr(self, "_prev_stats", None)
+        self._prev_stats = (cnt, ns)
+        if prev is None:
+            return 0, 0  # counted since statistics were enabled: the first interval starts now
+        return max(cnt - prev[0], 0), max(ns - prev[1], 0)
 
     def _misses_delta(self) -> int:
         if self.bpf is None:

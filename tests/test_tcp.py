@@ -208,3 +208,33 @@ def srv_name(pairs, srv):
 
 def cli_name(pairs, cli):
     return f"tcp-ns{[p[1] for p in pairs].index(cli)}-cli"
+
+
+def test_bpf_stats_show_the_probe_runs_per_connection_not_per_byte(bpf_ready, net, tmp_path):
+    """With bpf_stats on, sonde_probe carries the probe's program runs: a connection
+    moving 1,234,567 bytes in many segments runs the tcp programs a handful of times
+    (connect, callbacks, release), nowhere near once per segment."""
+    from ingest.agent import Agent
+    from conftest import make_config
+    cfg = make_config(tmp_path, "bpf_stats: true\n")
+    agent = Agent(cfg, only=["tcp"], max_backoff=0.5).start(deliver=False)
+    try:
+        agent.poll()
+        portfile = tmp_path / "port"
+        srv = Child("duplexd", str(portfile), "tcp-srv", net.V4["server"], N, "close", netns=net.ns["server"])
+        port = int(wait_for_file(portfile))
+        cli = Child("duplex", net.V4["server"], port, "tcp-cli", N, 1, netns=net.ns["client"])
+        cli.wait()
+        srv.wait()
+        time.sleep(0.3)
+        points = agent.poll()
+    finally:
+        agent.stop()
+    me = [p for p in points if p.measurement == "sonde_probe" and p.tags["probe"] == "tcp"]
+    segs = sum(p.fields["rx_segments"] + p.fields["tx_segments"] for p in points
+               if p.measurement == "tcp_flow" and p.tags["port"] == str(port))
+    assert segs > 100
+    runs = me[0].fields["bpf_run_count"]
+    # two sockets: connect, 2 established callbacks, ~5 state changes each, 2 releases
+    assert 4 <= runs <= 40, runs
+    assert me[0].fields["bpf_run_time_ns"] > 0
