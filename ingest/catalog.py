@@ -352,6 +352,12 @@ SONDE_PROBE = _declare(Measurement(
               "that CPU (bpf_prog_info.recursion_misses). Counts in this probe are short by at most this many."),
         Field("hooks_missing", "int", "hooks",
               "Optional tracepoints this kernel lacks; the metrics they feed are off (named in the agent's log)."),
+        Field("bpf_run_count", "int", "runs",
+              "Runs of the probe's BPF programs this interval (bpf_prog_info.run_cnt). Only with config "
+              "`bpf_stats: true`: the probe's own event rate, per request or per connection."),
+        Field("bpf_run_time_ns", "int", "ns",
+              "Time the probe's BPF programs ran this interval (bpf_prog_info.run_time_ns): Sonde's in-kernel cost. "
+              "Only with `bpf_stats: true`; excludes a regular tracepoint's own record-filling cost."),
     ),
 ))
 
