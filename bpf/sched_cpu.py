@@ -1,14 +1,15 @@
-"""sched_cpu: on-CPU time, run-queue latency and context switches per process.
+"""sched_cpu: run-queue latency histogram per process. Off by default.
 
-Hooks: `sched:sched_switch` (current is still the task switching out, so its
-process id needs no struct read), `sched:sched_wakeup` and `sched:sched_wakeup_new`
-for run-queue latency (wakeup, or preemption, to switch-in, per thread, credited to
-the process at that thread's next switch-out).
+The always-on probe `cpu` reports CPU time, context switches and the total run-queue
+wait per process (`process_cpu`) from counters the kernel keeps, with nothing per
+context switch. This probe adds the distribution of each wait, which needs a program
+on every context switch and wakeup: turn it on (probes.sched_cpu.enabled: true) when
+a latency percentile matters more than the cost, 75-130 ns per hook hit.
 
-cpu_pct is on-CPU time over the interval in percent of one core: a thread spinning
-on one core reads ~100. Time is credited at each switch-out and by a per-CPU
-software clock event at 20 Hz in the running task's context, so a task that never
-leaves its CPU is credited within 50 ms, never in one late lump.
+Hooks: `sched:sched_wakeup` and `sched:sched_wakeup_new` stamp a thread's wakeup;
+`sched:sched_switch` measures wakeup (or preemption) to switch-in, per thread, and
+credits it to the process at that thread's next switch-out, when its process id
+needs no struct read.
 
 Limits: the idle task is not reported; kernel threads are reported like processes
 (pid = their tid, comm like `kworker/0:1`).
@@ -22,22 +23,19 @@ from ingest.delta import DeltaTracker
 from ingest.lineproto import Point
 from ingest.probe import Probe
 
-FIELDS = ("oncpu_ns", "voluntary", "involuntary", "rq_lat_sum_us", "rq_lat_count")
+FIELDS = ("rq_lat_sum_us", "rq_lat_count")
 
 
 class SchedDecoder:
     def __init__(self, probe):
         self.probe = probe
         self.host = probe.config.host
-        self.procs = probe.table("proc_cpu")
+        self.procs = probe.table("proc_rq")
         self.hist = probe.table("rq_hist")
         self.deltas = DeltaTracker()
         self.hdeltas = DeltaTracker()
-        self.last_ts: int | None = None
 
     def poll(self, ts: int) -> tuple[list[Point], int]:
-        interval_ns = ts - self.last_ts if self.last_ts else None
-        self.last_ts = ts
         raw, dead = self.probe.read_process_map(self.procs)
         rows = []
         for tgid, v in raw:
@@ -50,25 +48,24 @@ class SchedDecoder:
             if d:
                 buckets.setdefault(tgid, {})[slot] = d
 
-        active = [r for r in rows if any(r[2].values())]
-        keep, rest = top_n(active, self.probe.settings.max_processes, lambda r: r[2]["oncpu_ns"])
+        active = [r for r in rows if buckets.get(r[0])]
+        keep, rest = top_n(active, self.probe.settings.max_processes, lambda r: r[2]["rq_lat_sum_us"])
         points = []
-        other = None
         for tgid, kcomm, d in keep:
             name = self.probe.process_name(tgid, kcomm, exited=tgid in dead)
             tags = {"host": self.host, "pid": str(tgid), "comm": name}
-            series = {("process_cpu", str(tgid), name)} | {("process_runq_latency_hist", str(tgid), name, hist.le(s))
-                                                           for s in buckets.get(tgid, {})}
+            series = {("process_runq_latency", str(tgid), name)} | {
+                ("process_runq_latency_hist", str(tgid), name, hist.le(s)) for s in buckets[tgid]}
             if self.probe.budget.admit(series):
-                points += self._points(ts, tags, d, buckets.get(tgid, {}), interval_ns)
+                points += hist.points("process_runq_latency", tags, buckets[tgid], d["rq_lat_sum_us"], ts)
             else:
                 rest.append((tgid, kcomm, d))
         if rest:
-            other = {f: sum(r[2][f] for r in rest) for f in FIELDS}
             ob: dict[int, int] = {}
             for tgid, _, _ in rest:
-                hist.merge(ob, buckets.get(tgid, {}))
-            points += self._points(ts, {"host": self.host, "pid": OTHER, "comm": OTHER}, other, ob, interval_ns)
+                hist.merge(ob, buckets[tgid])
+            points += hist.points("process_runq_latency", {"host": self.host, "pid": OTHER, "comm": OTHER}, ob,
+                                  sum(r[2]["rq_lat_sum_us"] for r in rest), ts)
 
         self.probe.reclaim(self.procs, dead)
         for tgid in dead:
@@ -82,23 +79,11 @@ class SchedDecoder:
                 self.hdeltas.forget((tgid, slot))
         return points, len(raw) + len(raw_hist)
 
-    @staticmethod
-    def _points(ts, tags, d, buckets, interval_ns) -> list[Point]:
-        fields = {"oncpu_us": d["oncpu_ns"] // 1000,
-                  "voluntary_switches": d["voluntary"], "involuntary_switches": d["involuntary"]}
-        if interval_ns:
-            fields["cpu_pct"] = d["oncpu_ns"] / interval_ns * 100
-            fields["interval_us"] = interval_ns // 1000
-        pts = [Point("process_cpu", tags, fields, ts)]
-        if buckets:
-            pts += hist.points("process_runq_latency", tags, buckets, d["rq_lat_sum_us"], ts)
-        return pts
-
 
 PROBE = Probe(
     name="sched_cpu",
     doc=__doc__,
     hooks=("sched:sched_switch", "sched:sched_wakeup", "sched:sched_wakeup_new"),
-    cpu_clock={"on_cpu_tick": 20},
+    default_enabled=False,
     decoder=SchedDecoder,
 )

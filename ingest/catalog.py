@@ -209,8 +209,11 @@ TCP_RESETS_SENT = _declare(Measurement(
 PROCESS_CPU = _declare(Measurement(
     name="process_cpu",
     kind="delta",
-    help="CPU time and context switches per process, from every context switch. " + _INTERVAL_NOTE,
-    source="sched:sched_switch (probe sched_cpu)",
+    help="CPU time, context switches and run-queue wait per process, from the kernel's own counters read "
+         "at each poll; a process that exits between two polls is reported once more, with what it used "
+         "until its exit. " + _INTERVAL_NOTE,
+    source="the process CPU clock (clock_gettime), /proc/<pid>/task/<tid>/schedstat and status; "
+           "sched:sched_process_exit for exiting threads (probe cpu)",
     tags=(HOST, PID, COMM),
     fields=(
         Field("oncpu_us", "int", "us", "Time the process's threads ran on a CPU this interval."),
@@ -219,11 +222,18 @@ PROCESS_CPU = _declare(Measurement(
         Field("interval_us", "int", "us", "Length of the interval the deltas cover."),
         Field("voluntary_switches", "int", "switches", "Switches out while blocking (sleep, I/O, lock)."),
         Field("involuntary_switches", "int", "switches", "Switches out while still runnable (preempted or yielded)."),
+        Field("runq_wait_us", "int", "us",
+              "Time the process's threads spent runnable but waiting in a run queue for a CPU this interval "
+              "(scheduler run_delay, summed over threads). Over interval_us it is CPU demand not met."),
+        Field("runq_waits", "int", "waits",
+              "Times a thread got a CPU after such a wait (scheduler pcount); runq_wait_us / runq_waits is "
+              "the mean wait."),
     ),
 ))
 
 _histogram("process_runq_latency", "Run-queue latency per process, wakeup to switch-in, in microseconds",
-           "sched:sched_wakeup, sched:sched_wakeup_new, sched:sched_switch (probe sched_cpu)",
+           "sched:sched_wakeup, sched:sched_wakeup_new, sched:sched_switch (probe sched_cpu, off by default; "
+           "process_cpu.runq_wait_us is the always-on total)",
            tags=(HOST, PID, COMM))
 
 DISK = Tag("disk", "Block device name from /sys/dev/block/<major>:<minor> (sda, nvme0n1, loop0), or `major:minor`.")

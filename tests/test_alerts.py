@@ -118,7 +118,7 @@ def test_failed_connects_fire_then_resolve(staged, influx, influx_db):
 
 
 def test_cpu_pinned_fires(staged):
-    agent = staged("sched_cpu")
+    agent = staged("cpu")
     spin = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()+4.5\nwhile time.time()<t: pass\n"
                              "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:

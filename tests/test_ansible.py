@@ -246,7 +246,7 @@ def test_applied_service_is_active_and_points_arrive(deployed, shared_influx):
         return {s["tags"]["probe"]: s["values"][0][1] for s in res.get("series", [])}
 
     probes = wait_until(lambda: (r := rows()) and len(r) >= 4 and r, timeout=60, what="points from the test host")
-    assert {"block_io", "oom", "sched_cpu", "tcp_flow"} <= set(probes)
+    assert {"block_io", "oom", "cpu", "tcp_flow"} <= set(probes)
     # Kernel data from that host, not only self-metrics: its CPUs' scheduler activity.
     cpu = shared_influx.query(f"SELECT sum(oncpu_us) FROM process_cpu WHERE host = '{host.name}'",
                               db="fleet", auth=("admin", PASSWORD))["results"][0]
@@ -435,8 +435,8 @@ def test_example_embedded_group_runs_its_own_influxdb(base_root, wheel, tmp_path
             except OSError:  # the agent's influxd may still be starting
                 return set()
             return {s["tags"]["probe"] for s in res.get("series", [])}
-        assert {"block_io", "oom", "sched_cpu", "tcp_flow"} <= wait_until(
-            lambda: (p := probes()) >= {"block_io", "oom", "sched_cpu", "tcp_flow"} and p, timeout=90,
+        assert {"block_io", "oom", "cpu", "tcp_flow"} <= wait_until(
+            lambda: (p := probes()) >= {"block_io", "oom", "cpu", "tcp_flow"} and p, timeout=90,
             what="points in the host's embedded InfluxDB")
         # Its data lives in the unit's state dir, the one writable place.
         assert host.ssh("ls /var/lib/sonde").stdout.split()
@@ -462,7 +462,7 @@ def test_example_v2_group_writes_through_the_v2_api(base_root, wheel, victoria, 
             except OSError:
                 return []
         series = wait_until(exported, timeout=90, what="points in VictoriaMetrics from the test host")
-        assert {s["metric"]["probe"] for s in series} >= {"block_io", "oom", "sched_cpu", "tcp_flow"}
+        assert {s["metric"]["probe"] for s in series} >= {"block_io", "oom", "cpu", "tcp_flow"}
 
 
 def test_a_new_wheel_is_reinstalled_and_restarts_once(deployed, wheel, tmp_path):

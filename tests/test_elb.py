@@ -169,7 +169,7 @@ def lab(bpf_ready, tmp_path):
 @pytest.fixture
 def agent(influx, influx_db, tmp_path):
     cfg = make_config(tmp_path, api="v1", url=influx.url, database=influx_db)
-    a = Agent(cfg, only=["tcp", "sched_cpu"], max_backoff=0.5).start()
+    a = Agent(cfg, only=["tcp", "cpu"], max_backoff=0.5).start()
     a.poll()
     yield a
     a.stop()

@@ -139,7 +139,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def test_spinner_cpu_matches_proc_stat(agent_for, influx, influx_db):
-    agent = agent_for("sched_cpu")
+    agent = agent_for("cpu")
     p = spinner(5)
     try:
         for _ in range(6):
