@@ -655,6 +655,25 @@ def cgroup2_root(sys_root) -> str:
                        f"mount -t cgroup2 none {sys_root}/fs/cgroup/unified")
 
 
+def kernel_features(sys_root) -> list[str]:
+    """What the probe needs beyond its tracepoints, as one-line problems."""
+    from ingest.btf import load
+    from ingest.errors import SondeError
+    problems = []
+    try:
+        cgroup2_root(sys_root)
+    except RuntimeError as e:
+        problems.append(str(e))
+    try:
+        b = load(sys_root)
+        for struct, member in (("sock_common", "skc_cookie"), ("sock_common", "skc_flags")):
+            if not b.has_member(struct, member):
+                problems.append(f"this kernel's BTF has no {struct}.{member}")
+    except SondeError as e:
+        problems.append(str(e))
+    return problems
+
+
 def kernel_offsets(sys_root) -> list[str]:
     from ingest.btf import load
     b = load(sys_root)
@@ -669,6 +688,7 @@ PROBE = Probe(
     fields={"tcp:tcp_receive_reset": ("skaddr", "family", "sport", "dport", "daddr", "daddr_v6"),
             "tcp:tcp_send_reset": ("skaddr",)},
     variant_fields={"tcp:tcp_send_reset": ("reason", "daddr_v6")},
+    requires=kernel_features,
     cflags=kernel_offsets,
     decoder=TcpDecoder,
 )

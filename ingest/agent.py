@@ -92,7 +92,7 @@ class Agent:
                   if (name in self._only if self._only is not None else probe_enabled(spec, self.config))]
         # Every hook is checked before anything loads: a missing one is one line, not a half-started agent.
         for spec in chosen:
-            require_hooks(spec, self.config.paths.tracefs)
+            require_hooks(spec, self.config.paths.tracefs, self.config.paths.sys)
         if self.config.bpf_stats and self._stats_fd is None:
             fd = enable_stats()
             if fd < 0:

@@ -97,7 +97,7 @@ def cmd_run(args) -> int:
 def check_problems(cfg) -> list[str]:
     """Every problem `sonde check` finds, one line each."""
     from .agent import effective_sink_config
-    from .probe import discover, missing_hooks
+    from .probe import discover, kernel_problems
     from .probe import enabled as probe_enabled
     from .sinks import make_sink
 
@@ -116,9 +116,7 @@ def check_problems(cfg) -> list[str]:
     else:
         for name, spec in specs.items():
             if probe_enabled(spec, cfg):
-                for hook in missing_hooks(spec, cfg.paths.tracefs):
-                    problems.append(f"probe {name}: tracepoint {hook} is missing from this kernel; "
-                                    f"disable it with probes.{name}.enabled: false")
+                problems += kernel_problems(spec, cfg.paths.tracefs, cfg.paths.sys)
     if cfg.influxdb.api == "embedded":
         if not cfg.embedded.binary.exists():
             problems.append(f"embedded: {cfg.embedded.binary} not found; install Debian's influxdb package")

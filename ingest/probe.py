@@ -73,6 +73,9 @@ class Probe:
     # Fields whose presence selects a variant: each present one is passed to the C
     # as -DSONDE_F_<event>_<field> (e.g. tcp_send_reset's `reason`, 6.10+).
     variant_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Kernel features beyond tracepoints (BTF members, a cgroup2 mount): sys root ->
+    # one-line problems, empty when the kernel has everything.
+    requires: object = None
     # More -D flags computed at load time from the kernel (e.g. BTF offsets): sys root -> flags.
     cflags: object = None
     # False for a probe that only reads counters the kernel keeps (/proc, netlink):
@@ -124,23 +127,30 @@ def tracepoint_fields(tracefs: Path, hook: str) -> set[str]:
     return set(re.findall(r"field:[^;]*?\b(\w+)(?:\[\d*\])?;", text))
 
 
-def require_hooks(spec: Probe, tracefs: Path) -> None:
-    """Raise the one-line error for the first required hook or field this kernel lacks."""
-    missing = missing_hooks(spec, tracefs)
-    if missing:
-        raise ProbeError(
-            f"probe {spec.name}: tracepoint {missing[0]} is missing from this kernel "
-            f"(no {tracefs}/events/{missing[0].replace(':', '/')}); "
-            f"disable it with probes.{spec.name}.enabled: false")
+def kernel_problems(spec: Probe, tracefs: Path, sys_root: Path | None = None) -> list[str]:
+    """Everything this kernel lacks for the probe, one line each: tracepoints, the
+    tracepoint fields it reads, and features it declares (`Probe.requires`)."""
+    problems = [f"probe {spec.name}: tracepoint {h} is missing from this kernel "
+                f"(no {tracefs}/events/{h.replace(':', '/')}); disable it with probes.{spec.name}.enabled: false"
+                for h in missing_hooks(spec, tracefs)]
     for hook, names in spec.fields.items():
-        if hook in spec.optional_hooks and missing_hooks(spec, tracefs, [hook]):
+        if missing_hooks(spec, tracefs, [hook]):
             continue
         have = tracepoint_fields(tracefs, hook)
-        lacking = [n for n in names if n not in have]
-        if lacking:
-            raise ProbeError(
-                f"probe {spec.name}: tracepoint {hook} has no field {lacking[0]} on this kernel "
-                f"({os.uname().release}); disable it with probes.{spec.name}.enabled: false")
+        problems += [f"probe {spec.name}: tracepoint {hook} has no field {n} on this kernel "
+                     f"({os.uname().release}); disable it with probes.{spec.name}.enabled: false"
+                     for n in names if n not in have]
+    if spec.requires is not None and sys_root is not None:
+        problems += [f"probe {spec.name}: {p}; disable it with probes.{spec.name}.enabled: false"
+                     for p in spec.requires(Path(sys_root))]
+    return problems
+
+
+def require_hooks(spec: Probe, tracefs: Path, sys_root: Path | None = None) -> None:
+    """Raise the one-line error for the first thing this kernel lacks for the probe."""
+    problems = kernel_problems(spec, tracefs, sys_root)
+    if problems:
+        raise ProbeError(problems[0])
 
 
 def variant_cflags(spec: Probe, tracefs: Path) -> list[str]:
@@ -206,7 +216,7 @@ class LoadedProbe:
 
     @classmethod
     def load(cls, spec: Probe, config: Config, budget: SeriesBudget | None = None) -> "LoadedProbe":
-        require_hooks(spec, config.paths.tracefs)
+        require_hooks(spec, config.paths.tracefs, config.paths.sys)
         if not spec.kernel:
             return cls(spec, config, None, budget)
         try:
