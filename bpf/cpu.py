@@ -40,13 +40,14 @@ The first poll reports what happened since the probe loaded: loading reads every
 process once, as the baseline.
 
 Limits:
-- A thread's exit record misses the CPU it uses after the tracepoint (releasing its
-  memory and files) and since its last scheduler tick: a few ms per exiting process,
-  never more than it really used.
+- The last interval of a process that exits is off by a few ms (measured here: 1-2 ms
+  under): a thread's exit record misses the CPU it uses after the tracepoint (releasing
+  its memory and files) and since its last scheduler tick, and the per-thread run times
+  it is taken from lag the process clock by the slice running at the previous read.
 - The ring holds ~29,000 exit records between two polls; records past that are lost
   and counted in sonde_probe.map_full_drops (their processes' last intervals are lost).
-- Exits and processes outside the pid namespace of the configured proc root are not
-  seen; the agent must run in that namespace (the host's, in production).
+- Only processes of the agent's own pid namespace are seen (the host's, in
+  production); the probe refuses to load when paths.proc lists another namespace.
 - A process whose non-leader thread calls execve: that thread's switch and run-queue
   counts up to the execve are counted twice (the kernel gives it the leader's id).
 

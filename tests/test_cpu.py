@@ -225,3 +225,31 @@ def test_zombie_is_counted_once(cpu_probe):
     used = ru.ru_utime + ru.ru_stime
     oncpu = total(rows, "oncpu_us") / 1e6
     assert abs(oncpu - used) <= 0.02 * used, (oncpu, used)
+
+
+def test_thread_churn_keeps_switches_exact(cpu_probe):
+    """Threads that come and go between polls: each adds what it did once, from its
+    exit record, so the process's switches add up to the kernel's own total."""
+    probe = cpu_probe()
+    code = ("import threading, time\n" + "def work():\n" + "    " + SPIN.format(s=0.02).replace("\n", "\n    ")
+            + "time.sleep(0.001)\nend = time.time() + 3\nwhile time.time() < end:\n"
+            "    ts = [threading.Thread(target=work) for _ in range(3)]\n"
+            "    [t.start() for t in ts]\n    [t.join() for t in ts]\n")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        rows = []
+        for _ in range(3):
+            time.sleep(0.9)
+            rows += of(poll(probe), child.pid)
+        _, _, ru = os.wait4(child.pid, 0)
+        rows += of(poll(probe), child.pid)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    used = ru.ru_utime + ru.ru_stime
+    oncpu = total(rows, "oncpu_us") / 1e6
+    assert abs(oncpu - used) <= 0.02 * used, (oncpu, used)
+    switches = total(rows, "voluntary_switches") + total(rows, "involuntary_switches")
+    assert abs(switches - (ru.ru_nvcsw + ru.ru_nivcsw)) <= 8, (switches, ru.ru_nvcsw, ru.ru_nivcsw)
+    assert abs(total(rows, "voluntary_switches") - ru.ru_nvcsw) <= 8
