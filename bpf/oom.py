@@ -5,6 +5,11 @@ the probe's own, which names the victim's cgroup from /proc/<pid>/cgroup at once
 while the victim is still exiting: the v1 `memory` controller's path where that
 hierarchy exists (hybrid hosts), else the v2 path. The counter is kept in the
 kernel, so a kill whose event was lost still counts.
+
+What fires: per request and per connection, nothing; per OOM kill, one program
+run on `oom:mark_victim` (a rare event); per poll, one read of a one-entry array.
+Kernel floor: `oom:mark_victim` with `pid`, `comm`, `total_vm`, `anon_rss` and
+`file_rss` (the rss fields arrived in 6.0); checked before loading.
 """
 from __future__ import annotations
 
@@ -91,5 +96,6 @@ PROBE = Probe(
     name="oom",
     doc=__doc__,
     hooks=("oom:mark_victim",),
+    fields={"oom:mark_victim": ("pid", "comm", "total_vm", "anon_rss", "file_rss")},
     decoder=OomDecoder,
 )
