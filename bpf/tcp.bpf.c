@@ -62,7 +62,8 @@ struct conn_t {
     u8 rst_rcvd;
     u8 family;
     u16 port;
-    u16 pad;
+    u8 flagged;        /* the state callback is on: a CLOSE will come and delete this */
+    u8 pad;
     u8 addr[16];
     u64 t0;            /* connect, then establishment (ns) */
     char comm[SONDE_COMM_LEN];
@@ -356,6 +357,7 @@ int sonde_sockops(struct bpf_sock_ops *s)
         if (c)
             n = *c;
         n.role = ROLE_CLIENT;
+        n.flagged = 1;
         n.family = s->family;
         n.port = bpf_ntohl(s->remote_port);
         remote_of(s, n.addr);
@@ -391,6 +393,7 @@ int sonde_sockops(struct bpf_sock_ops *s)
         u64 cookie = bpf_get_socket_cookie(s);
         struct conn_t n = {};
         n.role = ROLE_SERVER;
+        n.flagged = 1;
         n.est = 1;
         n.family = s->family;
         n.port = s->local_port;
@@ -425,7 +428,13 @@ int sonde_release(struct bpf_sock *sk)
         return 1;
     u64 cookie = bpf_get_socket_cookie(sk);
     struct conn_t *c = conns.lookup(&cookie);
-    if (c && !c->tgid) {
+    if (!c)
+        return 1;
+    if (!c->flagged) {      /* a connect that failed before reaching TCP: no CLOSE will come */
+        conns.delete(&cookie);
+        return 1;
+    }
+    if (!c->tgid) {
         c->tgid = bpf_get_current_pid_tgid() >> 32;
         bpf_get_current_comm(&c->comm, sizeof(c->comm));
     }
