@@ -49,7 +49,7 @@ from pathlib import Path
 
 from ingest import hist
 from ingest.bpfinfo import detach_by_name
-from ingest.bpfmap import read_all
+from ingest.bpfmap import pop, read_all
 from ingest.cardinality import OTHER, top_n
 from ingest.delta import DeltaTracker
 from ingest.lineproto import Point
@@ -272,8 +272,19 @@ class TcpDecoder:
         raw = read_all(self.agg)
         tgids = {k.tgid for k, _ in raw if k.tgid}
         dead = {t for t in tgids if not self.probe.procfs.alive(t)}
-        if dead:  # re-read the dead processes' entries now that they cannot change
-            raw = [(k, self.agg[k] if k.tgid in dead else v) for k, v in raw]
+        if dead:
+            # An exited process's orphaned sockets may still close and add to its
+            # entries: take each one's value and remove it in one step, so a later
+            # add starts a new entry, counted at the next poll.
+            popped = []
+            for k, v in raw:
+                if k.tgid in dead:
+                    k = type(k).from_buffer_copy(k)
+                    v = pop(self.agg, k)
+                    if v is None:
+                        continue
+                popped.append((k, v))
+            raw = popped
         members = list(AGG_MEMBERS)
         for k, v in raw:
             fk = self._fk(k)
@@ -286,7 +297,14 @@ class TcpDecoder:
                 f.counters[c] += d[c]
             for sname in ("connect_sum_us", "lifetime_sum_us", "srtt_sum_us"):
                 f.sums[sname] += d[sname]
-        raw_hists = [(k, v if isinstance(v, int) else v.value) for k, v in read_all(self.hists)]
+        raw_hists = []
+        for k, v in read_all(self.hists):
+            if k.fk.tgid in dead:
+                k = type(k).from_buffer_copy(k)
+                v = pop(self.hists, k)
+                if v is None:
+                    continue
+            raw_hists.append((k, v if isinstance(v, int) else v.value))
         for k, count in raw_hists:
             fk = self._fk(k.fk)
             kind, slot = k.kind_slot >> 8, k.kind_slot & 0xFF
@@ -306,11 +324,9 @@ class TcpDecoder:
 
         for k, _ in raw:
             if k.tgid in dead:
-                self._delete(self.agg, k)
                 self.agg_deltas.forget(self._fk(k))
         for k, _ in raw_hists:
             if k.fk.tgid in dead:
-                self._delete(self.hists, k)
                 self.hist_deltas.forget((self._fk(k.fk), k.kind_slot >> 8, k.kind_slot & 0xFF))
         self.first_poll = False
         return points, len(raw) + len(raw_hists) + len(self.known)

@@ -48,3 +48,23 @@ def read_all(table) -> list[tuple]:
         if count.value == 0:
             break
     return [(keys[i], values[i]) for i in range(total)]
+
+
+def pop(table, key):
+    """Read and delete one entry in a single step (BPF_MAP_LOOKUP_AND_DELETE_ELEM on a
+    hash map, 5.14+): an update the kernel makes after it lands in a new entry, never
+    in the gap between a read and a delete. None if the entry is gone. Kernels
+    without it fall back to read-then-delete."""
+    from bcc.libbcc import lib
+
+    leaf = table.Leaf()
+    if lib.bpf_lookup_and_delete(table.map_fd, ct.byref(key), ct.byref(leaf)) == 0:
+        return leaf
+    if ct.get_errno() == errno.ENOENT:
+        return None
+    try:
+        leaf = table[key]
+        del table[key]
+        return leaf
+    except KeyError:
+        return None
