@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""A/B overhead benchmark: nginx throughput under wrk, without (baseline) and with
-the Sonde agent running (agent), alternated B,A,B,A,... and compared by medians.
+"""A/B overhead benchmark: nginx under wrk, without (baseline) and with the Sonde agent
+running (agent), in pairs of runs whose arm order is randomised (seeded) or alternated.
 
-    .venv/bin/python bench/ab.py --name tcp_traffic --probe tcp_traffic --runs 5 --duration 10
+    .venv/bin/python bench/ab.py --name tcp --probe tcp                   # req/s at saturation
+    .venv/bin/python bench/ab.py --name x --probe tcp --rate 75000        # CPU per request at a fixed rate
+    .venv/bin/python bench/ab.py --name short_conns --probe tcp --close   # a new connection per request
 
+The loss is reported from the arms' medians with a 95 % bootstrap interval of the
+median per-pair ratio (bench/stats.py). With BPF statistics on (default) every
+program on the machine is counted over each wrk window: runs and ns per request.
 Everything it starts (its own nginx, each agent and that agent's embedded influxd,
 wrk, temp dirs) it stops and removes in finally blocks, by the pid it started.
-Writes bench/results/<name>.json. Needs root (the agent loads BPF programs).
+Writes bench/results/<name>.json (or --out). Needs root (the agent loads BPF programs).
 """
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ import argparse
 import datetime as dt
 import json
 import os
+import random
 import re
 import resource
 import shlex
 import shutil
+import secrets
 import signal
 import socket
 import statistics
@@ -32,6 +39,10 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(1, str(REPO))
+import stats as bstats  # noqa: E402  (bench/stats.py)
+from ingest import bpfinfo  # noqa: E402
 RESULTS_DIR = BENCH_DIR / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OTHER_CPU_WARN = 10  # % of one core used by processes not ours during a run: flag it
@@ -322,6 +333,38 @@ class AgentRun:
 
 # --- wrk --------------------------------------------------------------------------------
 
+# Paced requests for --rate: each wrk thread hands out send times on one schedule
+# (period = threads / rate) and delay() returns how long the asking connection waits
+# for its slot. wrk's timers have millisecond resolution, so one request may go up to
+# 0.5 ms early or late, but the schedule does not drift: the long-run rate is the
+# target as long as enough connections are waiting (otherwise it is saturated, and
+# the achieved rate says so). LuaJIT's FFI gives the monotonic clock wrk lacks.
+RATE_LUA = """\
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} sonde_timespec;
+int clock_gettime(int clk, sonde_timespec *ts);
+]]
+local ts = ffi.new("sonde_timespec")
+local function now()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+local period = {period!r}  -- seconds between two requests of this thread
+local next_at = nil
+function delay()
+  local t = now()
+  -- more than 1 s behind: saturated; restart the schedule rather than burst
+  if next_at == nil or next_at < t - 1.0 then next_at = t end
+  local at = next_at
+  next_at = next_at + period
+  local ms = (at - t) * 1000
+  if ms < 0.5 then return 0 end
+  return math.floor(ms + 0.5)
+end
+"""
+
+
 def parse_rps(out: str) -> float:
     m = re.search(r"^Requests/sec:\s*([0-9.]+)", out, re.M)
     if not m:
@@ -329,19 +372,77 @@ def parse_rps(out: str) -> float:
     return float(m.group(1))
 
 
+def parse_requests(out: str) -> int:
+    """Requests wrk completed: its '  N requests in 10.00s, ...' line."""
+    m = re.search(r"^\s*(\d+) requests in ", out, re.M)
+    if not m:
+        raise BenchError(f"no 'N requests in' line in wrk output:\n{out}")
+    return int(m.group(1))
+
+
+def parse_errors(out: str) -> dict[str, int]:
+    """wrk's socket errors and non-2xx/3xx responses; {} when it printed none."""
+    errs: dict[str, int] = {}
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errs.update(zip(("connect", "read", "write", "timeout"), map(int, m.groups())))
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        errs["non_2xx_3xx"] = int(m.group(1))
+    return {k: v for k, v in errs.items() if v}
+
+
 def system_ticks() -> dict[str, int]:
-    """Machine-wide CPU ticks from /proc/stat: task time (user+nice+system), softirq+irq, steal."""
+    """Machine-wide CPU ticks from /proc/stat: task time (user+nice+system), softirq+irq,
+    steal, and busy = all of those (everything but idle and iowait; guest time is inside user)."""
     f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     f += [0] * (10 - len(f))
-    return {"task": f[0] + f[1] + f[2], "irq": f[5] + f[6], "steal": f[7]}
+    return {"task": f[0] + f[1] + f[2], "irq": f[5] + f[6], "steal": f[7],
+            "busy": f[0] + f[1] + f[2] + f[5] + f[6] + f[7]}
+
+
+def bpf_snapshot() -> dict[int, tuple[str, int, int]]:
+    return bpfinfo.all_run_stats()
+
+
+def bpf_delta(before: dict, after: dict) -> dict[str, list[int]]:
+    """Runs and run time per program name between two snapshots (a program loaded in
+    between counts from 0; one unloaded in between is lost, and the agent keeps its
+    programs loaded across the window)."""
+    out: dict[str, list[int]] = {}
+    for pid, (name, cnt, ns) in after.items():
+        _, c0, n0 = before.get(pid, (name, 0, 0))
+        d = out.setdefault(name or f"id{pid}", [0, 0])
+        d[0] += max(cnt - c0, 0)
+        d[1] += max(ns - n0, 0)
+    return {k: v for k, v in out.items() if v[0] or v[1]}
+
+
+def held_prog_ids(pid: int) -> set[int]:
+    """Ids of the BPF programs a process holds an fd to (/proc/PID/fdinfo 'prog_id:')."""
+    ids: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            m = re.search(r"^prog_id:\s*(\d+)", Path(f"/proc/{pid}/fdinfo/{fd}").read_text(), re.M)
+        except OSError:
+            continue
+        if m:
+            ids.add(int(m.group(1)))
+    return ids
 
 
 def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] | None = None,
-            nginx_pid: int | None = None) -> tuple[float, dict, str]:
+            nginx_pid: int | None = None, bpf: bool = False) -> tuple[float, dict, str]:
     """Run wrk to the end; meanwhile sample the CPU and RSS of `sample_pids`, and the CPU of
     nginx (master and workers), wrk, this script and the whole machine, so that CPU used by
     processes that are not ours ("other": other people's tests, builds) shows per run.
-    Returns (req/s, {name: {"cpu_pct", "rss_kb_max"}, "system": {...}}, wrk stdout)."""
+    With `bpf`, also the runs and run time of every BPF program on the machine over the
+    window (statistics must be on: bpfinfo.enable_stats()).
+    Returns (req/s, {name: {"cpu_pct", "rss_kb_max"}, "system": {...}, "window": {...}}, wrk stdout)."""
     sample_pids = {k: v for k, v in (sample_pids or {}).items() if v}
     ours = dict(sample_pids)
     ours["bench"] = os.getpid()
@@ -351,6 +452,7 @@ def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] 
             ours[f"nginx-worker-{i}"] = kid
     start_ticks = {k: cpu_ticks(p) for k, p in ours.items()}
     rss_max = {k: rss_kb(p) or 0 for k, p in sample_pids.items()}
+    bpf0 = bpf_snapshot() if bpf else {}
     sys0 = system_ticks()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -367,8 +469,9 @@ def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] 
             if time.monotonic() - t0 > duration + 60:
                 raise BenchError(f"wrk still running {duration + 60:.0f} s after start")
         t1 = time.monotonic()
-        end_ticks = {k: cpu_ticks(p) for k, p in ours.items()}
         sys1 = system_ticks()
+        bpf1 = bpf_snapshot() if bpf else {}
+        end_ticks = {k: cpu_ticks(p) for k, p in ours.items()}
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped in the window
         out = proc.stdout.read().decode(errors="replace")
     finally:
@@ -392,9 +495,26 @@ def run_wrk(cmd: list[str], duration: float, sample_pids: dict[str, int | None] 
         "wrk_cpu_pct": round(wrk_s / wall * 100, 2),
         "softirq_cpu_pct": pct(sys1["irq"] - sys0["irq"]),
         "steal_pct": pct(sys1["steal"] - sys0["steal"]),
+        "busy_cpu_pct": pct(sys1["busy"] - sys0["busy"]),
         # task time of processes that are not ours; tick rounding makes a few % either way
         "other_cpu_pct": pct(max(0.0, (sys1["task"] - sys0["task"]) - own)),
     }
+    requests = parse_requests(out)
+    busy_s = (sys1["busy"] - sys0["busy"]) / CLK_TCK
+    stats["window"] = {
+        "wall_s": round(wall, 3),
+        "requests": requests,
+        "busy_cpu_s": round(busy_s, 2),
+        "cpu_us_per_request": round(busy_s / requests * 1e6, 3) if requests else None,
+        "wrk_errors": parse_errors(out),
+    }
+    if bpf:
+        by_prog = bpf_delta(bpf0, bpf1)
+        runs, ns = sum(v[0] for v in by_prog.values()), sum(v[1] for v in by_prog.values())
+        stats["bpf"] = {"runs": runs, "run_time_ns": ns, "by_program": by_prog,
+                        "runs_per_request": round(runs / requests, 4) if requests else None,
+                        "ns_per_request": round(ns / requests, 2) if requests else None,
+                        "ids": set(bpf1) | set(bpf0), "snap": (bpf0, bpf1)}
     return parse_rps(out), stats, out
 
 
@@ -441,7 +561,12 @@ def export_rev(rev: str, dest: Path) -> str:
 
 def fmt_system(st: dict) -> str:
     return (f"nginx {st['nginx_cpu_pct']} %, wrk {st['wrk_cpu_pct']} %, softirq {st['softirq_cpu_pct']} %, "
-            f"steal {st['steal_pct']} %, other processes {st['other_cpu_pct']} %")
+            f"steal {st['steal_pct']} %, machine busy {st.get('busy_cpu_pct')} %, "
+            f"other processes {st['other_cpu_pct']} %")
+
+
+def bpf_note(b: dict) -> str:
+    return f", BPF {b['runs_per_request']} runs {b['ns_per_request']} ns/req" if b else ""
 
 
 def median(xs: list[float]) -> float | None:
@@ -449,15 +574,64 @@ def median(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 2) if xs else None
 
 
+def median_n(xs: list, digits: int) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), digits) if xs else None
+
+
+def pair_orders(runs: int, mode: str, seed: int) -> list[str]:
+    """Arm order of each pair: "BA" or "AB". random: a balanced shuffle from `seed` (each
+    order in half the pairs, the odd one out drawn too), so neither arm is mostly first;
+    alternate: BA, AB, BA, ... (B A A B B A)."""
+    if mode == "alternate":
+        return ["BA" if i % 2 == 0 else "AB" for i in range(runs)]
+    rng = random.Random(seed)
+    first, second = rng.sample(("BA", "AB"), 2)
+    orders = [first] * (runs - runs // 2) + [second] * (runs // 2)
+    rng.shuffle(orders)
+    return orders
+
+
+def describe(args, probes: list[str]) -> str:
+    agent = f"`sonde run` ({', '.join(probes) if probes else 'all probes'})"
+    conns = ("every request on a new TCP connection (wrk -H 'Connection: close'; nginx closes first)"
+             if args.close else "keep-alive connections")
+    wrk = f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s"
+    pairs = (f"{args.runs} pairs of runs, arm order within each pair "
+             f"{'shuffled (balanced, seeded)' if args.order == 'random' else 'alternated (BA AB BA ...)'}")
+    if args.rate:
+        return (f"nginx (2 workers, 6-byte body) on loopback, driven at a fixed {args.rate:g} req/s by {wrk} "
+                f"(paced by a Lua delay(), meant to stay below saturation: see rate_ok), {conns}; the machine's busy CPU time per request "
+                f"(/proc/stat user+nice+system+irq+softirq+steal, so softirq and BPF programs count) without vs "
+                f"with {agent}, {pairs}; loss = increase in CPU per request")
+    return (f"nginx (2 workers, 6-byte body) on loopback, saturated by {wrk} on the same 2 cores, {conns}; "
+            f"req/s without vs with {agent}, {pairs}; loss = drop in req/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True, help="result name: writes bench/results/NAME.json")
     ap.add_argument("--probe", action="append", default=[], metavar="NAME",
                     help="run the agent with only this probe (repeatable; default: all probes)")
-    ap.add_argument("--runs", type=int, default=5, help="runs per arm (default 5)")
+    ap.add_argument("--runs", type=int, default=7, help="pairs of runs, one per arm each (default 7)")
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     ap.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    ap.add_argument("--rate", type=float, default=None, metavar="R",
+                    help="fixed-rate mode: pace wrk at R requests/s in both arms (below saturation) and "
+                         "compare the machine's busy CPU time per request instead of req/s")
+    ap.add_argument("--rate-tolerance", type=float, default=3.0, metavar="PCT",
+                    help="--rate: warn when a run's achieved rate is off the target by more than PCT %% (default 3)")
+    ap.add_argument("--close", action="store_true",
+                    help="short connections: wrk sends 'Connection: close', so every request opens a new one")
+    ap.add_argument("--order", choices=("random", "alternate"), default="random",
+                    help="arm order within each pair: random (a balanced shuffle, seeded; default) or "
+                         "alternate (BA AB BA ...)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the random arm order (default: drawn, and recorded in the result)")
+    ap.add_argument("--no-bpf-stats", action="store_true",
+                    help="do not turn on BPF run-time statistics (they cost two clock reads per program run); "
+                         "no bpf_* figures then")
     ap.add_argument("--interval", type=float, default=10, help="agent interval_seconds (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="seconds of unrecorded wrk before the first run (default 3; 0: none)")
     ap.add_argument("--notes", default="", help="free text stored in the result")
@@ -471,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--name: letters, digits, '.', '_' and '-' only")
     if args.runs < 1 or args.duration < 1:
         ap.error("--runs and --duration must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        ap.error("--rate must be positive")
+    if args.connections < args.threads:
+        ap.error("--connections must be at least --threads")
     if os.geteuid() != 0:
         print("ab: must run as root (the agent loads BPF programs)", file=sys.stderr)
         return 1
@@ -481,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     sonde_bin = Path(sys.executable).parent / "sonde"
     sonde = [str(sonde_bin)] if sonde_bin.exists() else [sys.executable, "-m", "ingest.cli"]
     agent_env = None
+    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
+    orders = pair_orders(args.runs, args.order, seed)
 
     command = the_command()
     started = dt.datetime.now(dt.timezone.utc)
@@ -492,8 +672,19 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGHUP, _term)
 
-    baseline: list[float] = []
-    agent: list[float] = []
+    # Per pair, in pair order (whatever arm ran first): the paired values.
+    base_val: list[float] = []
+    agent_val: list[float] = []
+    base_rps: list[float] = []
+    agent_rps: list[float] = []
+    base_cpu_req: list[float | None] = []
+    agent_cpu_req: list[float | None] = []
+    base_bpf_runs: list[float | None] = []
+    base_bpf_ns: list[float | None] = []
+    agent_bpf_runs: list[float | None] = []
+    agent_bpf_ns: list[float | None] = []
+    agent_bpf_other_ns: list[float | None] = []
+    agent_bpf_by_prog: list[dict] = []
     agent_cpu: list[float] = []
     influxd_cpu: list[float] = []
     agent_rss_kb: list[int] = []
@@ -503,6 +694,14 @@ def main(argv: list[str] | None = None) -> int:
     order: list[str] = []
     points_seen: list[dict | None] = []
     detail: list[dict] = []  # per run, in order: arm, req/s and where the CPU went
+    warnings: list[str] = []
+
+    stats_fd = -1
+    if not args.no_bpf_stats:
+        stats_fd = bpfinfo.enable_stats()
+        if stats_fd < 0:
+            warnings.append("the kernel refused BPF_ENABLE_STATS (needs 5.8+ and root): no bpf_* figures")
+    bpf_on = stats_fd >= 0
 
     tmp = Path(tempfile.mkdtemp(prefix="sonde-ab-"))
     nginx = Nginx(tmp)
@@ -520,48 +719,95 @@ def main(argv: list[str] | None = None) -> int:
             source = source_description()
         log(f"agent code: {source}")
         nginx.start()
-        wrk = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", nginx.url]
-        log(f"nginx {nginx.proc.pid} on {nginx.url}; temp dir {tmp}")
+        wrk_opts = [f"-t{args.threads}", f"-c{args.connections}"]
+        if args.close:
+            wrk_opts += ["-H", "Connection: close"]
+        if args.rate:
+            lua = tmp / "rate.lua"
+            lua.write_text(RATE_LUA.format(period=args.threads / args.rate))
+            wrk_opts += ["-s", str(lua)]
+        wrk = ["wrk", *wrk_opts, f"-d{args.duration}s", nginx.url]
+        log(f"nginx {nginx.proc.pid} on {nginx.url}; temp dir {tmp}; pair orders {' '.join(orders)} "
+            f"({args.order}, seed {seed}); BPF statistics {'on' if bpf_on else 'off'}")
         if args.warmup:
             log(f"warm-up: {args.warmup} s of wrk, not recorded")
-            run_wrk(wrk[:3] + [f"-d{args.warmup}s", nginx.url], args.warmup, nginx_pid=nginx.proc.pid)
-        for i in range(args.runs):
-            # B then A
-            rps, stats, _ = run_wrk(wrk, args.duration, nginx_pid=nginx.proc.pid)
-            baseline.append(rps)
-            order.append("B")
-            detail.append({"arm": "baseline", "req_s": rps, **stats["system"]})
-            log(f"run {i + 1}/{args.runs} baseline: {rps:.0f} req/s; {fmt_system(stats['system'])}")
-
-            run = AgentRun(tmp / f"agent-{i + 1}", sonde, args.probe, args.interval, agent_env)
-            try:
-                run.start()
-                loaded = loaded or run.loaded_probes()
-                rps, stats, _ = run_wrk(wrk, args.duration, {"agent": run.proc.pid, "influxd": run.influxd_pid},
-                                        nginx_pid=nginx.proc.pid)
-                if run.proc.poll() is not None:
-                    raise BenchError(f"agent exited with {run.proc.returncode} during the wrk run; its stderr:\n"
-                                     f"{tail(run.stderr_path, 40)}")
-                seen = run.count_points()
-            finally:
-                run.stop()
-                for line in run.log_problems():
-                    if line not in problems:
-                        problems.append(line)
-            if run.exit_code not in (0, None):
-                problems.append(f"agent run {i + 1} exited with {run.exit_code}")
-            agent.append(rps)
-            order.append("A")
-            points_seen.append(seen)
-            a, f = stats.get("agent", {}), stats.get("influxd", {})
-            detail.append({"arm": "agent", "req_s": rps, "agent_cpu_pct": a.get("cpu_pct"),
-                           "influxd_cpu_pct": f.get("cpu_pct"), **stats["system"]})
-            agent_cpu.append(a.get("cpu_pct"))
-            agent_rss_kb.append(a.get("rss_kb_max") or 0)
-            influxd_cpu.append(f.get("cpu_pct"))
-            influxd_rss_kb.append(f.get("rss_kb_max") or 0)
-            log(f"run {i + 1}/{args.runs} agent:    {rps:.0f} req/s; agent CPU {a.get('cpu_pct')} %, "
-                f"RSS {(a.get('rss_kb_max') or 0) / 1024:.1f} MB; influxd CPU {f.get('cpu_pct')} %; points {seen}; {fmt_system(stats['system'])}")
+            run_wrk(["wrk", *wrk_opts, f"-d{args.warmup}s", nginx.url], args.warmup, nginx_pid=nginx.proc.pid)
+        for i, pair in enumerate(orders):
+            for arm in pair:
+                if arm == "B":
+                    rps, stats, _ = run_wrk(wrk, args.duration, nginx_pid=nginx.proc.pid, bpf=bpf_on)
+                    w, b = stats["window"], stats.get("bpf", {})
+                    base_rps.append(rps)
+                    base_cpu_req.append(w["cpu_us_per_request"])
+                    base_bpf_runs.append(b.get("runs_per_request"))
+                    base_bpf_ns.append(b.get("ns_per_request"))
+                    if b.get("runs"):
+                        warnings.append(f"BPF programs ran during baseline run {i + 1} (no agent): "
+                                        f"{ {k: v[0] for k, v in b['by_program'].items()} } runs; another tool "
+                                        f"loads programs on this machine")
+                    order.append("B")
+                    detail.append({"pair": i + 1, "arm": "baseline", "req_s": rps,
+                                   **{k: v for k, v in w.items()}, **stats["system"],
+                                   **({"bpf_runs": b["runs"], "bpf_run_time_ns": b["run_time_ns"],
+                                       "bpf_by_program": b["by_program"]} if b else {})})
+                    log(f"pair {i + 1}/{args.runs} baseline: {rps:.0f} req/s, {w['cpu_us_per_request']} CPU µs/req"
+                        f"{bpf_note(b)}; {fmt_system(stats['system'])}")
+                    continue
+                run = AgentRun(tmp / f"agent-{i + 1}", sonde, args.probe, args.interval, agent_env)
+                try:
+                    run.start()
+                    loaded = loaded or run.loaded_probes()
+                    held = held_prog_ids(run.proc.pid)
+                    rps, stats, _ = run_wrk(wrk, args.duration, {"agent": run.proc.pid, "influxd": run.influxd_pid},
+                                            nginx_pid=nginx.proc.pid, bpf=bpf_on)
+                    if run.proc.poll() is not None:
+                        raise BenchError(f"agent exited with {run.proc.returncode} during the wrk run; its stderr:\n"
+                                         f"{tail(run.stderr_path, 40)}")
+                    held |= held_prog_ids(run.proc.pid)
+                    seen = run.count_points()
+                finally:
+                    run.stop()
+                    for line in run.log_problems():
+                        if line not in problems:
+                            problems.append(line)
+                if run.exit_code not in (0, None):
+                    problems.append(f"agent run {i + 1} exited with {run.exit_code}")
+                w, b = stats["window"], stats.get("bpf", {})
+                other_ns = None
+                if b:
+                    before, after = b["snap"]
+                    other = bpf_delta({k: v for k, v in before.items() if k not in held},
+                                      {k: v for k, v in after.items() if k not in held})
+                    other_ns = sum(v[1] for v in other.values())
+                    if other_ns and w["requests"]:
+                        warnings.append(f"agent run {i + 1}: programs the agent does not hold ran too "
+                                        f"({ {k: v[0] for k, v in other.items()} } runs); they are in bpf_*")
+                agent_rps.append(rps)
+                agent_cpu_req.append(w["cpu_us_per_request"])
+                agent_bpf_runs.append(b.get("runs_per_request"))
+                agent_bpf_ns.append(b.get("ns_per_request"))
+                agent_bpf_other_ns.append(round(other_ns / w["requests"], 2) if b and w["requests"] else None)
+                if b and w["requests"]:
+                    agent_bpf_by_prog.append({k: (v[0] / w["requests"], v[1] / w["requests"])
+                                              for k, v in b["by_program"].items()})
+                order.append("A")
+                points_seen.append(seen)
+                a, f = stats.get("agent", {}), stats.get("influxd", {})
+                detail.append({"pair": i + 1, "arm": "agent", "req_s": rps, "agent_cpu_pct": a.get("cpu_pct"),
+                               "influxd_cpu_pct": f.get("cpu_pct"), **{k: v for k, v in w.items()},
+                               **stats["system"],
+                               **({"bpf_runs": b["runs"], "bpf_run_time_ns": b["run_time_ns"],
+                                   "bpf_by_program": b["by_program"]} if b else {})})
+                agent_cpu.append(a.get("cpu_pct"))
+                agent_rss_kb.append(a.get("rss_kb_max") or 0)
+                influxd_cpu.append(f.get("cpu_pct"))
+                influxd_rss_kb.append(f.get("rss_kb_max") or 0)
+                log(f"pair {i + 1}/{args.runs} agent:    {rps:.0f} req/s, {w['cpu_us_per_request']} CPU µs/req"
+                    f"{bpf_note(b)}; "
+                    f"agent CPU {a.get('cpu_pct')} %, RSS {(a.get('rss_kb_max') or 0) / 1024:.1f} MB; "
+                    f"influxd CPU {f.get('cpu_pct')} %; points {seen}; {fmt_system(stats['system'])}")
+            base_val.append(base_cpu_req[-1] if args.rate else base_rps[-1])
+            agent_val.append(agent_cpu_req[-1] if args.rate else agent_rps[-1])
     except BenchError as e:
         print(f"ab: {e}", file=sys.stderr)
         return 1
@@ -570,42 +816,99 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         nginx.stop()
+        if stats_fd >= 0:
+            os.close(stats_fd)
         if args.keep:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    b_med, a_med = median(baseline), median(agent)
+    if any(v is None for v in base_val + agent_val):
+        print("ab: a run completed no requests; nothing written", file=sys.stderr)
+        return 1
+    lossd = bstats.loss(base_val, agent_val, higher_is_better=not args.rate)
     other_max = max((d["other_cpu_pct"] or 0) for d in detail)
     steal_max = max((d["steal_pct"] or 0) for d in detail)
-    warnings = []
     if other_max > OTHER_CPU_WARN:
-        busy = [f"{d['arm']} run {j // 2 + 1}: {d['other_cpu_pct']} %" for j, d in enumerate(detail)
+        busy = [f"{d['arm']} run {d['pair']}: {d['other_cpu_pct']} %" for d in detail
                 if (d["other_cpu_pct"] or 0) > OTHER_CPU_WARN]
         warnings.append(f"processes not started by this benchmark used more than {OTHER_CPU_WARN} % of a core "
                         f"during: {'; '.join(busy)}; those runs are suspect, rerun on a quiet machine")
     if steal_max > OTHER_CPU_WARN:
         warnings.append(f"hypervisor steal time reached {steal_max} % of a core in a run")
+    for d in detail:
+        if d.get("wrk_errors"):
+            warnings.append(f"{d['arm']} run {d['pair']}: wrk reported {d['wrk_errors']}")
+    rate_fields: dict = {}
+    if args.rate:
+        off = [(d["arm"], d["pair"], d["req_s"]) for d in detail
+               if abs(d["req_s"] - args.rate) / args.rate * 100 > args.rate_tolerance]
+        for arm, pair, rps in off:
+            warnings.append(f"{arm} run {pair}: achieved {rps:.0f} req/s, more than {args.rate_tolerance:g} % off "
+                            f"the target {args.rate:g} (saturated, or too few connections for the pacing)")
+        rate_fields = {
+            "target_rate": args.rate,
+            "rate_tolerance_pct": args.rate_tolerance,
+            "rate_ok": not off,
+            "achieved_rate_median": {"baseline": median(base_rps), "agent": median(agent_rps)},
+            "achieved_rate_pct_of_target": {
+                "baseline": [round(r / args.rate * 100, 2) for r in base_rps],
+                "agent": [round(r / args.rate * 100, 2) for r in agent_rps]},
+        }
     for w in warnings:
         log(f"warning: {w}")
     probes = args.probe or loaded
+    bpf_fields: dict = {"bpf_stats": bpf_on}
+    if bpf_on:
+        ns_ci = bstats.bootstrap_median_ci([x for x in agent_bpf_ns if x is not None]) \
+            if any(x is not None for x in agent_bpf_ns) else None
+        names = sorted({k for d in agent_bpf_by_prog for k in d})
+        busy_ns = [c * 1000 for c in agent_cpu_req if c]
+        bpf_fields.update({
+            "bpf_runs_per_request": median_n(agent_bpf_runs, 4),
+            "bpf_ns_per_request": median_n(agent_bpf_ns, 2),
+            "bpf_ns_per_request_ci95": [round(ns_ci[0], 2), round(ns_ci[1], 2)] if ns_ci else None,
+            "bpf_pct_of_busy_cpu": median_n([n / c * 100 for n, c in zip(agent_bpf_ns, busy_ns) if n is not None],
+                                            3),
+            "bpf_runs_per_request_runs": agent_bpf_runs,
+            "bpf_ns_per_request_runs": agent_bpf_ns,
+            "bpf_ns_per_request_not_agent_programs_runs": agent_bpf_other_ns,
+            "baseline_bpf_runs_per_request_runs": base_bpf_runs,
+            "baseline_bpf_ns_per_request_runs": base_bpf_ns,
+            "bpf_per_request_by_program": {
+                k: {"runs": median_n([d.get(k, (0, 0))[0] for d in agent_bpf_by_prog], 4),
+                    "ns": median_n([d.get(k, (0, 0))[1] for d in agent_bpf_by_prog], 2)} for k in names},
+        })
     result = {
         "name": args.name,
-        "what": (f"nginx (2 workers, 6-byte body) under wrk -t{args.threads} -c{args.connections} "
-                 f"-d{args.duration}s, alternated without/with `sonde run` "
-                 f"({', '.join(probes) if probes else 'all probes'})"),
+        "what": describe(args, probes),
         "command": command,
         "date": started.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+        "mode": ("fixed_rate" if args.rate else "saturation") + ("_short_conns" if args.close else ""),
         "runs": args.runs,
-        "unit": "req/s",
-        "baseline_median": b_med,
-        "agent_median": a_med,
-        "loss_pct": round((b_med - a_med) / b_med * 100, 2),
-        "baseline_runs": baseline,
-        "agent_runs": agent,
+        "unit": "cpu_us/request" if args.rate else "req/s",
+        "baseline_median": median_n(base_val, 3 if args.rate else 2),
+        "agent_median": median_n(agent_val, 3 if args.rate else 2),
+        "loss_pct": lossd["loss_pct"],
+        "loss_pct_ci95": lossd["loss_pct_ci95"],
+        "pair_ratios": lossd["pair_ratios"],
+        "pair_ratio_median": lossd["pair_ratio_median"],
+        "ci_method": lossd["ci_method"],
+        "baseline_runs": base_val,
+        "agent_runs": agent_val,
         "order": "".join(order),
+        "order_mode": args.order,
+        "order_seed": seed if args.order == "random" else None,
+        **rate_fields,
+        "baseline_req_s_runs": base_rps,
+        "agent_req_s_runs": agent_rps,
+        "baseline_cpu_us_per_request_runs": base_cpu_req,
+        "agent_cpu_us_per_request_runs": agent_cpu_req,
+        **bpf_fields,
         "duration_s": args.duration,
-        "wrk": f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s",
+        "wrk": shlex.join(["wrk", *[o if not o.endswith("rate.lua") else "rate.lua" for o in wrk_opts],
+                           f"-d{args.duration}s"]),
+        "short_connections": args.close,
         "agent_interval_seconds": args.interval,
         "agent_cpu_pct_runs": agent_cpu,
         "agent_cpu_pct_median": median(agent_cpu),
@@ -623,16 +926,24 @@ def main(argv: list[str] | None = None) -> int:
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
         "agent_log_problems": problems,
-        "notes": args.notes or ("CPU % is of one core over the wrk window (utime+stime from /proc/PID/stat); "
-                                "agent = the sonde python process only, influxd = its embedded InfluxDB child. "
-                                "BPF program time runs in nginx's and wrk's context, so it shows in loss_pct, "
-                                "not in agent CPU. nginx, wrk and the agent share this machine's cores."),
+        "notes": args.notes or NOTES,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     log(f"wrote {out_path}")
     return 0
+
+
+NOTES = ("Pairs: each pair has one baseline and one agent run back to back, in the order `order` shows; "
+         "loss_pct_ci95 is a 95 % bootstrap interval of the median per-pair ratio agent/baseline. "
+         "CPU % is of one core over the wrk window (utime+stime from /proc/PID/stat); agent = the sonde python "
+         "process only, influxd = its embedded InfluxDB child. BPF program time runs in nginx's, wrk's and "
+         "softirq context, so it shows in loss_pct and in CPU per request, not in agent CPU; bpf_* are the "
+         "kernel's own run_cnt/run_time_ns summed over every BPF program on the machine between just before "
+         "and just after each wrk window (statistics on for the whole benchmark, both arms), divided by the "
+         "requests wrk completed; run_time_ns excludes a regular tracepoint's record filling and the "
+         "statistics' own two clock reads per run. nginx, wrk and the agent share this machine's cores.")
 
 
 if __name__ == "__main__":

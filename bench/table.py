@@ -18,8 +18,9 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-COLUMNS = ("name", "what", "runs", "baseline median", "agent median", "unit", "loss %",
-           "agent CPU %", "agent RSS MB", "command")
+COLUMNS = ("name", "what", "runs", "baseline median", "agent median", "unit", "loss % (95 % CI)",
+           "BPF in kernel", "agent CPU %", "agent RSS MB", "command")
+NUMERIC = ("runs", "baseline median", "agent median", "loss % (95 % CI)", "agent CPU %", "agent RSS MB")
 
 
 def _num(v, digits: int = 2) -> str:
@@ -38,6 +39,44 @@ def _num(v, digits: int = 2) -> str:
 def _cell(v) -> str:
     s = v if isinstance(v, str) else _num(v) if isinstance(v, (int, float)) or v is None else json.dumps(v)
     return " ".join(s.split()).replace("|", "\\|")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _interval(ci) -> str:
+    """' (lo–hi)' from a [lo, hi] pair, else ''."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(x) for x in ci):
+        sep = "–" if ci[0] >= 0 else " to "  # an en dash after a minus sign reads badly
+        return f" ({ci[0]:.2f}{sep}{ci[1]:.2f})"
+    return ""
+
+
+def _loss(data: dict) -> str:
+    """The loss in %, with its 95 % interval when the result has one: `1.20 (0.40–2.00)`."""
+    loss = data.get("loss_pct")
+    if not _is_num(loss):
+        return _cell(loss)
+    return f"{loss:.2f}{_interval(data.get('loss_pct_ci95'))}"
+
+
+def _bpf(data: dict) -> str:
+    """What the kernel counted for BPF programs, with its unit: per request (bench/ab.py),
+    per socket event and per connection for the agent arm (bench/event_cost.py)."""
+    if _is_num(data.get("bpf_ns_per_request")):
+        return (f"{_num(data.get('bpf_runs_per_request'), 4)} runs, {_num(data['bpf_ns_per_request'], 1)} ns "
+                f"per request")
+    arm = data.get("agent_arm")
+    ns, runs = data.get("bpf_ns_per_event"), data.get("bpf_runs_per_event")
+    if arm and isinstance(ns, dict) and _is_num(ns.get(arm)):
+        out = f"{arm}: {_num((runs or {}).get(arm), 4)} runs, {_num(ns[arm], 1)} ns per socket event"
+        conn = data.get("per_connection") or {}
+        cns, cruns = conn.get("bpf_ns_per_connection"), conn.get("bpf_runs_per_connection")
+        if isinstance(cns, dict) and _is_num(cns.get(arm)):
+            out += f"; {_num((cruns or {}).get(arm), 4)} runs, {_num(cns[arm], 1)} ns per connection"
+        return out
+    return ""
 
 
 def _code(s: str) -> str:
@@ -59,13 +98,15 @@ def row(path: Path) -> list[str]:
     unit = data.get("unit", "")
     # Single-arm results (e.g. median_s): no baseline/agent, so say the median in `what`.
     if "baseline_median" not in data and "agent_median" not in data:
-        for key in sorted(data):
-            if key == "median" or key.startswith("median_"):
-                suffix = key[len("median_"):] if key.startswith("median_") else ""
-                unit = unit or suffix
-                what = f"{what} (median {_num(data[key], 3)}{' ' + suffix if suffix else ''})".strip()
-                break
-    loss = data.get("loss_pct")
+        keys = [k for k in data if (k == "median" or k.startswith("median_")) and not k.endswith("_ci95")]
+        # the median in the result's unit first (median_s when unit is "s"), then "median", then any
+        keys.sort(key=lambda k: (k != f"median_{unit}", k != "median", k))
+        if keys:
+            key = keys[0]
+            suffix = key[len("median_"):] if key.startswith("median_") else ""
+            unit = unit or suffix
+            ci = _interval(data.get(f"{key}_ci95"))
+            what = f"{what} (median {_num(data[key], 3)}{' ' + suffix if suffix else ''}{ci})".strip()
     cpu = data.get("agent_cpu_pct_median", data.get("agent_cpu_pct"))
     rss = data.get("agent_rss_mb_max", data.get("agent_rss_mb"))
     return [
@@ -75,7 +116,8 @@ def row(path: Path) -> list[str]:
         _cell(data.get("baseline_median")),
         _cell(data.get("agent_median")),
         _cell(unit),
-        _cell(f"{loss:.2f}" if isinstance(loss, (int, float)) and not isinstance(loss, bool) else loss),
+        _cell(_loss(data)),
+        _cell(_bpf(data)),
         _cell(cpu),
         _cell(rss),
         _code(_cell(data.get("command", ""))),
@@ -84,8 +126,7 @@ def row(path: Path) -> list[str]:
 
 def table(results_dir: Path = RESULTS_DIR) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |",
-             "| " + " | ".join("---:" if c in ("runs", "baseline median", "agent median", "loss %", "agent CPU %",
-                                               "agent RSS MB") else "---" for c in COLUMNS) + " |"]
+             "| " + " | ".join("---:" if c in NUMERIC else "---" for c in COLUMNS) + " |"]
     files = sorted(results_dir.glob("*.json"))
     for path in files:
         lines.append("| " + " | ".join(row(path)) + " |")

@@ -109,3 +109,60 @@ def detach_by_name(cgroup_fd: int, attach_type: int, prefix: str) -> int:
         finally:
             os.close(fd)
     return n
+
+
+# --- every program on the machine (benchmarks: bench/ab.py sums them per request) ------
+
+_BPF_PROG_GET_NEXT_ID = 11
+_TYPE_OFF = 0
+_ID_OFF = 4
+
+
+def prog_ids() -> list[int]:
+    """Ids of every BPF program loaded on the machine (BPF_PROG_GET_NEXT_ID, 4.13+; root)."""
+    if os.uname().machine != "x86_64":
+        return []
+    ids: list[int] = []
+    attr = (ctypes.c_uint32 * 3)(0, 0, 0)  # start_id, next_id, open_flags
+    while _libc.syscall(_SYS_BPF, _BPF_PROG_GET_NEXT_ID, ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
+        ids.append(attr[1])
+        attr[0] = attr[1]
+    return ids
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """A new fd for program `prog_id` (BPF_PROG_GET_FD_BY_ID); -1 if it is gone or refused."""
+    if os.uname().machine != "x86_64":
+        return -1
+    attr = (ctypes.c_uint32 * 3)(prog_id, 0, 0)  # prog_id, next_id, open_flags
+    return _libc.syscall(_SYS_BPF, _BPF_PROG_GET_FD_BY_ID, ctypes.byref(attr), ctypes.sizeof(attr))
+
+
+def prog_stats(prog_fd: int) -> tuple[int, str, int, int]:
+    """(type, name, run_cnt, run_time_ns) of a program in one BPF_OBJ_GET_INFO_BY_FD."""
+    buf = ctypes.create_string_buffer(_INFO_SIZE)
+    attr = _InfoAttr(prog_fd, _INFO_SIZE, ctypes.addressof(buf))
+    if os.uname().machine != "x86_64" or _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr) != 0:
+        return 0, "", 0, 0
+    raw = buf.raw
+
+    def u64(off: int) -> int:
+        return int.from_bytes(raw[off:off + 8], "little") if attr.info_len >= off + 8 else 0
+    name = raw[_NAME_OFF:_NAME_OFF + 16].split(b"\0", 1)[0].decode(errors="replace")
+    return int.from_bytes(raw[_TYPE_OFF:_TYPE_OFF + 4], "little"), name, u64(_RUN_CNT), u64(_RUN_TIME_NS)
+
+
+def all_run_stats() -> dict[int, tuple[str, int, int]]:
+    """prog id -> (name, run_cnt, run_time_ns) for every program loaded now. The counts
+    grow only while statistics are on (enable_stats() or kernel.bpf_stats_enabled)."""
+    out: dict[int, tuple[str, int, int]] = {}
+    for prog_id in prog_ids():
+        fd = prog_fd_by_id(prog_id)
+        if fd < 0:
+            continue  # unloaded since the id was listed
+        try:
+            _type, name, cnt, ns = prog_stats(fd)
+        finally:
+            os.close(fd)
+        out[prog_id] = (name, cnt, ns)
+    return out
