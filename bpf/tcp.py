@@ -93,20 +93,20 @@ def reset_reasons(format_text: str) -> dict[int, str]:
     return {int(n): name for n, name in re.findall(r'\{\s*(\d+),\s*"(\w+)"\s*\}', m.group(1))} if m else {}
 
 
-def app_bytes(state: int, client: bool, info: dict) -> tuple[int, int]:
+def app_bytes(s: "sockdiag.TcpSock", client: bool) -> tuple[int, int]:
     """(tx, rx) application bytes of a live socket from its tcp_info: bytes_acked less
     our SYN (active opens past SYN_SENT) and our FIN once acked (FIN_WAIT2);
     bytes_received less the peer's FIN (CLOSE_WAIT, LAST_ACK, CLOSING)."""
-    acked, rcvd = info.get("bytes_acked") or 0, info.get("bytes_received") or 0
+    state = s.state
     syn = 1 if client and state != sockdiag.TCP_SYN_SENT else 0
     fin_out = 1 if state == sockdiag.TCP_FIN_WAIT2 else 0
     fin_in = 1 if state in (sockdiag.TCP_CLOSE_WAIT, sockdiag.TCP_LAST_ACK, sockdiag.TCP_CLOSING) else 0
-    return max(acked - syn - fin_out, 0), max(rcvd - fin_in, 0)
+    return max(s.bytes_acked - syn - fin_out, 0), max(s.bytes_received - fin_in, 0)
 
 
-def live_counters(state: int, client: bool, info: dict) -> tuple[int, ...]:
-    tx, rx = app_bytes(state, client, info)
-    return (tx, rx, info.get("segs_in") or 0, info.get("segs_out") or 0, info.get("total_retrans") or 0)
+def live_counters(s: "sockdiag.TcpSock", client: bool) -> tuple[int, ...]:
+    tx, rx = app_bytes(s, client)
+    return (tx, rx, s.segs_in, s.segs_out, s.total_retrans)
 
 
 @dataclass
@@ -154,27 +154,39 @@ class Known:
     misses: int = 0
 
 
-def _scan_owners(proc: Path) -> tuple[dict[int, set[int]], dict[int, str]]:
-    """socket inode -> pids holding it, and netns inode -> a /proc path to enter it."""
-    inodes: dict[int, set[int]] = {}
-    netns: dict[int, str] = {}
+def _netns(proc: Path) -> dict[int, str]:
+    """netns inode -> a /proc path to enter it, for every network namespace in use."""
+    out: dict[int, str] = {}
+    for d in os.scandir(proc):
+        if d.name.isdigit():
+            try:
+                out.setdefault(int(os.readlink(f"{d.path}/ns/net")[5:-1]), f"{d.path}/ns/net")
+            except OSError:
+                continue
+    return out
+
+
+def _socket_owners(proc: Path) -> dict[int, int]:
+    """socket inode -> the highest pid holding it (for a socket shared by a master and
+    its workers, a worker), from every process's /proc/PID/fd links."""
+    out: dict[int, int] = {}
     for d in os.scandir(proc):
         if not d.name.isdigit():
             continue
         pid = int(d.name)
         try:
-            ns = os.readlink(f"{d.path}/ns/net")
-            netns.setdefault(int(ns[5:-1]), f"{d.path}/ns/net")
             for fd in os.scandir(f"{d.path}/fd"):
                 try:
                     link = os.readlink(fd.path)
                 except OSError:
                     continue
                 if link.startswith("socket:["):
-                    inodes.setdefault(int(link[8:-1]), set()).add(pid)
+                    inode = int(link[8:-1])
+                    if out.get(inode, 0) < pid:
+                        out[inode] = pid
         except OSError:
             continue
-    return inodes, netns
+    return out
 
 
 class TcpDecoder:
@@ -200,6 +212,8 @@ class TcpDecoder:
         self.diag: dict[int, sockdiag.DiagSocket] = {}
         self.own_netns = int(os.readlink("/proc/self/ns/net")[5:-1])
         self.listener_cache: dict[tuple, tuple] = {}
+        self.inode_owner: dict[int, int] = {}
+        self._scanned = False
         self.first_poll = True
         self._attached: list[tuple[int, int, int]] = []
         cg = cgroup2_root(probe.config.paths.sys)
@@ -314,8 +328,9 @@ class TcpDecoder:
                     flows[fk].hists.get(HISTS[kind], {}).get(slot, 0) + d
 
         # 3. Live sockets, one dump per network namespace.
-        socks, inodes = self._dump()
-        states = self._live(socks, inodes, flow)
+        self._scanned = False
+        socks = self._dump()
+        states = self._live(socks, flow)
 
         points = self._emit(ts, [f for f in flows.values() if any(f.counters.values()) or f.hists or f.window])
         points += self._traffic(ts, points)
@@ -331,8 +346,8 @@ class TcpDecoder:
         self.first_poll = False
         return points, len(raw) + len(raw_hists) + len(self.known)
 
-    def _dump(self) -> tuple[list, dict[int, set[int]]]:
-        inodes, netns = _scan_owners(self.proc)
+    def _dump(self) -> list:
+        netns = _netns(self.proc)
         socks = []
         for ns, path in netns.items():
             d = self.diag.get(ns)
@@ -348,56 +363,71 @@ class TcpDecoder:
                 log.warning("tcp: dump of netns %s failed: %s", ns, e)
         for ns in set(self.diag) - set(netns):  # namespaces that are gone
             self.diag.pop(ns).close()
-        return socks, inodes
+        return socks
 
-    def _owner_of(self, inode: int, inodes) -> int | None:
-        pids = inodes.get(inode) if inode else None
-        return max(pids) if pids else None
+    def _owner_of(self, inode: int) -> int | None:
+        """The process holding a socket inode: from the cache, or from one scan of
+        every process's fds per poll when the cache does not know it (or knows a
+        process that has exited)."""
+        if not inode:
+            return None
+        pid = self.inode_owner.get(inode)
+        if pid is not None and self.probe.procfs.alive(pid):
+            return pid
+        if self._scanned:
+            return None
+        self._scanned = True
+        self.inode_owner = _socket_owners(self.proc)
+        return self.inode_owner.get(inode)
 
-    def _live(self, socks, inodes, flow) -> list[tuple[int, str]]:
+    def _live(self, socks, flow) -> list[tuple[int, str]]:
         listening: dict[tuple, int] = {}
         for s in socks:
             if s.state == sockdiag.TCP_LISTEN:
-                owner = self._owner_of(s.inode, inodes)
+                owner = self._owner_of(s.inode)
                 if owner:
                     listening[(s.family, s.sport, s.src)] = owner
         self._sync_listeners(listening)
         listen_ports = {(fam, port) for fam, port, _ in listening}
         states: list[tuple[int, str]] = []
         present = set()
+        known = self.known
+        samples: dict[tuple, list] = {}
         for s in socks:
-            if s.state == sockdiag.TCP_LISTEN or not s.info:
-                owner = self._owner_of(s.inode, inodes) or 0
-                states.append((owner, STATES.get(s.state, str(s.state))))
+            if s.state == sockdiag.TCP_LISTEN or not s.has_info:
+                states.append((self._owner_of(s.inode) or 0, s.state))
                 continue
             present.add(s.cookie)
-            st = self.known.get(s.cookie)
+            st = known.get(s.cookie)
             if st is None:
-                st = self._first_sight(s, inodes, listen_ports, flow)
+                st = self._first_sight(s, listen_ports, flow)
                 if st is None:
-                    states.append((self._owner_of(s.inode, inodes) or 0, STATES.get(s.state, str(s.state))))
+                    states.append((self._owner_of(s.inode) or 0, s.state))
                     continue
             else:
-                now = live_counters(s.state, st.client, s.info)
-                f = flow(st.fk, b"")
-                for name, a, b in zip(VOLUME, now, st.base):
-                    f.counters[name] += max(a - b, 0)
-                st.base = tuple(max(a, b) for a, b in zip(now, st.base))
+                now = live_counters(s, st.client)
+                base = st.base
+                if now != base:
+                    counters = flow(st.fk, b"").counters
+                    for name, a, b in zip(VOLUME, now, base):
+                        if a > b:
+                            counters[name] += a - b
+                    st.base = tuple(max(a, b) for a, b in zip(now, base))
             st.misses = 0
-            self._sample(flow(st.fk, b""), s.info)
-            states.append((st.fk[0], STATES.get(s.state, str(s.state))))
-        for cookie in list(self.known):
-            if cookie in present:
-                continue
-            st = self.known[cookie]
+            samples.setdefault(st.fk, []).append(s)
+            states.append((st.fk[0], s.state))
+        for fk, socks_of_flow in samples.items():
+            self._sample(flow(fk, b""), socks_of_flow)
+        for cookie in [c for c in known if c not in present]:
+            st = known[cookie]
             st.misses += 1
             # Opened under the agent: its final counters come through closed_seen at
             # the next poll. Older sockets end here (no state callback was set).
             if not st.flagged or st.misses > 3:
-                del self.known[cookie]
-        return states
+                del known[cookie]
+        return [(owner, STATES.get(state, str(state))) for owner, state in states]
 
-    def _first_sight(self, s, inodes, listen_ports, flow) -> Known | None:
+    def _first_sight(self, s, listen_ports, flow) -> Known | None:
         try:
             c = self.conns[self.conns.Key(s.cookie)]
         except KeyError:
@@ -405,12 +435,12 @@ class TcpDecoder:
         if c is None:
             # Older than the agent (or not tracked): counted from now on.
             client = (s.family, s.sport) not in listen_ports
-            owner = self._owner_of(s.inode, inodes) or 0
+            owner = self._owner_of(s.inode) or 0
             fk = (owner, 1 if client else 2, s.family, s.dport if client else s.sport, s.dst.ljust(16, b"\0"))
-            st = self.known[s.cookie] = Known(fk, live_counters(s.state, client, s.info), False, client)
+            st = self.known[s.cookie] = Known(fk, live_counters(s, client), False, client)
             flow(fk, self._comm(owner))
             return st
-        owner = c.tgid or self._owner_of(s.inode, inodes)
+        owner = c.tgid or self._owner_of(s.inode)
         if not owner:
             return None  # accepted but not yet taken by a process: next poll, or the close counts it
         comm = bytes(c.comm).split(b"\0", 1)[0] if c.tgid else (self._comm(owner) or b"")
@@ -436,7 +466,7 @@ class TcpDecoder:
             except KeyError:      # closed after the mark: its finals are in closed_seen
                 self.known[s.cookie] = Known(fk, (0,) * len(VOLUME), True, client)
                 return None
-        now = live_counters(s.state, client, s.info)
+        now = live_counters(s, client)
         st = self.known[s.cookie] = Known(fk, now, True, client)
         f = flow(fk, comm)
         for name, a in zip(VOLUME, now):
@@ -450,24 +480,25 @@ class TcpDecoder:
             return b""
         return self.probe.procfs.comm(pid) or b""
 
-    def _sample(self, f: "Flow", info: dict) -> None:
-        srtt, cwnd = info.get("rtt_us") or 0, info.get("snd_cwnd") or 0
-        swnd, rwnd = info.get("snd_wnd") or 0, info.get("rcv_wnd") or 0
-        f.sums["wnd_samples"] += 1
-        f.sums["srtt_sum_us"] += srtt
-        f.sums["snd_cwnd_sum"] += cwnd
-        f.sums["snd_wnd_sum"] += swnd
-        f.sums["rcv_wnd_sum"] += rwnd
-        w = f.window
-        first = "srtt_max_us" not in w
-        w["srtt_max_us"] = srtt if first else max(w["srtt_max_us"], srtt)
-        w["snd_cwnd_min"] = cwnd if first else min(w["snd_cwnd_min"], cwnd)
-        w["snd_wnd_min"] = swnd if first else min(w["snd_wnd_min"], swnd)
-        w["rcv_wnd_min"] = rwnd if first else min(w["rcv_wnd_min"], rwnd)
-        w.update(srtt_last_us=srtt, snd_cwnd_last=cwnd, snd_wnd_last=swnd, rcv_wnd_last=rwnd)
+    @staticmethod
+    def _sample(f: "Flow", socks: list) -> None:
+        """One sample per live socket of the flow: rtt, cwnd and windows from tcp_info."""
+        srtt = [s.rtt_us for s in socks]
+        cwnd = [s.snd_cwnd for s in socks]
+        swnd = [s.snd_wnd for s in socks]
+        rwnd = [s.rcv_wnd for s in socks]
+        f.sums["wnd_samples"] += len(socks)
+        f.sums["srtt_sum_us"] += sum(srtt)
+        f.sums["snd_cwnd_sum"] += sum(cwnd)
+        f.sums["snd_wnd_sum"] += sum(swnd)
+        f.sums["rcv_wnd_sum"] += sum(rwnd)
+        f.window.update(srtt_max_us=max(srtt), snd_cwnd_min=min(cwnd), snd_wnd_min=min(swnd), rcv_wnd_min=min(rwnd),
+                        srtt_last_us=srtt[-1], snd_cwnd_last=cwnd[-1], snd_wnd_last=swnd[-1],
+                        rcv_wnd_last=rwnd[-1])
         b = f.hists.setdefault("tcp_srtt", {})
-        slot = hist.slot_of(srtt)
-        b[slot] = b.get(slot, 0) + 1
+        for v in srtt:
+            slot = hist.slot_of(v)
+            b[slot] = b.get(slot, 0) + 1
 
     def _sync_listeners(self, listening: dict[tuple, int]) -> None:
         want = {}

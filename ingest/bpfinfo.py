@@ -88,16 +88,45 @@ def prog_name(prog_fd: int) -> str:
     return buf.raw[_NAME_OFF:_NAME_OFF + 16].split(b"\0", 1)[0].decode(errors="replace")
 
 
+def held_prog_ids(proc: str = "/proc") -> set[int]:
+    """Ids of the BPF programs some live process holds an fd to (fdinfo `prog_id:`)."""
+    held = set()
+    for d in os.scandir(proc):
+        if not d.name.isdigit():
+            continue
+        try:
+            fds = list(os.scandir(f"{d.path}/fd"))
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd.path) != "anon_inode:bpf-prog":
+                    continue
+                with open(f"{d.path}/fdinfo/{fd.name}") as f:
+                    for line in f:
+                        if line.startswith("prog_id:"):
+                            held.add(int(line.split()[1]))
+            except (OSError, ValueError):
+                continue
+    return held
+
+
 def detach_by_name(cgroup_fd: int, attach_type: int, prefix: str) -> int:
-    """Detach the programs on a cgroup whose name starts with `prefix`: a cgroup
-    attachment outlives the process that made it, so an agent killed with SIGKILL
-    leaves its programs running until the next start removes them. Returns how many."""
+    """Detach the programs on a cgroup whose name starts with `prefix` and that no
+    live process holds: a cgroup attachment outlives the process that made it, so an
+    agent killed with SIGKILL leaves its programs running until the next start
+    removes them; another running agent's programs stay. Returns how many."""
     ids = (ctypes.c_uint32 * 64)()
     q = _QueryAttr(cgroup_fd, attach_type, 0, 0, ctypes.addressof(ids), 64, 0)
     if _bpf(_BPF_PROG_QUERY, q) != 0:
         return 0
+    if not q.prog_cnt:
+        return 0
+    held = held_prog_ids()
     n = 0
     for prog_id in ids[:q.prog_cnt]:
+        if prog_id in held:
+            continue
         fd_attr = (ctypes.c_uint32 * 4)(prog_id, 0, 0, 0)
         fd = _libc.syscall(_SYS_BPF, _BPF_PROG_GET_FD_BY_ID, ctypes.byref(fd_attr), ctypes.sizeof(fd_attr))
         if fd < 0:

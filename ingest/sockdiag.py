@@ -18,7 +18,7 @@ import ctypes
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -38,22 +38,23 @@ DUMP_STATES = sum(1 << s for s in STATE_NAMES if s not in (TCP_TIME_WAIT, TCP_NE
 
 _NLMSG = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBBI")                 # inet_diag_req_v2 head; then inet_diag_sockid
-_SOCKID = struct.Struct(">HH16s16s")           # sport, dport (network order), src, dst
-_MSG_HEAD = struct.Struct("=BBBB")             # family, state, timer, retrans
-_MSG_TAIL = struct.Struct("=IIIIIII")          # if, cookie[2], expires, rqueue, wqueue, uid, inode: after sockid
+# inet_diag_msg: family, state, timer, retrans, sport, dport (network order), src, dst,
+# if, cookie[2], expires, rqueue, wqueue, uid, inode
+_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
 _MSG_LEN = 72
 _NLA = struct.Struct("=HH")
+_PORT = struct.Struct(">H")
 
-# struct tcp_info: (name, offset, format)
-TCP_INFO_FIELDS = (
-    ("rtt_us", 68, "I"), ("snd_cwnd", 80, "I"), ("total_retrans", 100, "I"),
-    ("bytes_acked", 120, "Q"), ("bytes_received", 128, "Q"), ("segs_out", 136, "I"), ("segs_in", 140, "I"),
-    ("snd_wnd", 228, "I"), ("rcv_wnd", 232, "I"),
-)
+# struct tcp_info fields, read in one unpack from offset 68 (tcpi_rtt) to 236 (tcpi_rcv_wnd, 6.2+):
+# rtt, snd_cwnd (80), total_retrans (100), bytes_acked (120), bytes_received (128),
+# segs_out (136), segs_in (140), snd_wnd (228, 5.4+), rcv_wnd (232, 6.2+)
+_INFO_FULL = struct.Struct("=I8xI16xI16xQQII84xII")
+_INFO_NO_RCV_WND = struct.Struct("=I8xI16xI16xQQII84xI")
+_INFO_MIN = struct.Struct("=I8xI16xI16xQQII")
+_INFO_OFF = 68
 
 
-@dataclass
-class TcpSock:
+class TcpSock(NamedTuple):
     family: int
     state: int
     sport: int
@@ -63,7 +64,16 @@ class TcpSock:
     cookie: int
     uid: int
     inode: int
-    info: dict[str, int | None]
+    has_info: bool
+    rtt_us: int = 0
+    snd_cwnd: int = 0
+    total_retrans: int = 0
+    bytes_acked: int = 0
+    bytes_received: int = 0
+    segs_out: int = 0
+    segs_in: int = 0
+    snd_wnd: int = 0
+    rcv_wnd: int = 0
 
 
 def request(family: int, states: int = DUMP_STATES, seq: int = 1) -> bytes:
@@ -71,12 +81,18 @@ def request(family: int, states: int = DUMP_STATES, seq: int = 1) -> bytes:
     return _NLMSG.pack(_NLMSG.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
-def parse_tcp_info(raw: bytes) -> dict[str, int | None]:
-    out = {}
-    for name, off, fmt in TCP_INFO_FIELDS:
-        size = struct.calcsize(fmt)
-        out[name] = struct.unpack_from("=" + fmt, raw, off)[0] if len(raw) >= off + size else None
-    return out
+def parse_tcp_info(raw: bytes, off: int = 0, end: int | None = None) -> tuple[int, ...]:
+    """(rtt_us, snd_cwnd, total_retrans, bytes_acked, bytes_received, segs_out, segs_in,
+    snd_wnd, rcv_wnd) from a struct tcp_info; fields the kernel did not send are 0."""
+    n = (len(raw) if end is None else end) - off
+    base = off + _INFO_OFF
+    if n >= 236:
+        return _INFO_FULL.unpack_from(raw, base)
+    if n >= 232:
+        return _INFO_NO_RCV_WND.unpack_from(raw, base) + (0,)
+    if n >= 144:
+        return _INFO_MIN.unpack_from(raw, base) + (0, 0)
+    return (0,) * 9
 
 
 class DumpError(Exception):
@@ -88,35 +104,36 @@ def parse_dump(data: bytes) -> tuple[list[TcpSock], bool]:
     socks = []
     off = 0
     done = False
-    while off + _NLMSG.size <= len(data):
-        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size or off + length > len(data):
-            raise DumpError(f"truncated netlink message ({length} bytes at {off} of {len(data)})")
-        body = off + _NLMSG.size
+    size = len(data)
+    unpack_nl, unpack_msg, unpack_nla, port = _NLMSG.unpack_from, _MSG.unpack_from, _NLA.unpack_from, _PORT.unpack
+    while off + 16 <= size:
+        length, mtype, _flags, _seq, _pid = unpack_nl(data, off)
+        if length < 16 or off + length > size:
+            raise DumpError(f"truncated netlink message ({length} bytes at {off} of {size})")
+        body = off + 16
         if mtype == NLMSG_DONE:
             done = True
             break
         if mtype == NLMSG_ERROR:
             err = struct.unpack_from("=i", data, body)[0]
             raise DumpError(f"sock_diag refused the dump: {os.strerror(-err)}")
-        if mtype == SOCK_DIAG_BY_FAMILY and length >= _NLMSG.size + _MSG_LEN:
-            family, state, _timer, _retrans = _MSG_HEAD.unpack_from(data, body)
-            sport, dport, src, dst = _SOCKID.unpack_from(data, body + 4)
-            _if, c0, c1, _exp, _rq, _wq, uid = struct.unpack_from("=IIIIIII", data, body + 40)
-            inode = struct.unpack_from("=I", data, body + 68)[0]
+        if mtype == SOCK_DIAG_BY_FAMILY and length >= 16 + _MSG_LEN:
+            (family, state, _timer, _retrans, sport, dport, src, dst, _if, c0, c1, _exp, _rq, _wq, uid,
+             inode) = unpack_msg(data, body)
             alen = 4 if family == socket.AF_INET else 16
-            info: dict[str, int | None] = {}
             a = body + _MSG_LEN
             end = off + length
-            while a + _NLA.size <= end:
-                nla_len, nla_type = _NLA.unpack_from(data, a)
-                if nla_len < _NLA.size:
+            info = None
+            while a + 4 <= end:
+                nla_len, nla_type = unpack_nla(data, a)
+                if nla_len < 4:
                     break
                 if nla_type & 0x3FFF == INET_DIAG_INFO:
-                    info = parse_tcp_info(data[a + _NLA.size:a + nla_len])
+                    info = parse_tcp_info(data, a + 4, a + nla_len)
+                    break
                 a += (nla_len + 3) & ~3
-            socks.append(TcpSock(family, state, sport, dport, src[:alen], dst[:alen],
-                                 c0 | (c1 << 32), uid, inode, info))
+            head = (family, state, port(sport)[0], port(dport)[0], src[:alen], dst[:alen], c0 | (c1 << 32), uid, inode)
+            socks.append(TcpSock(*head, True, *info) if info is not None else TcpSock(*head, False))
         off += (length + 3) & ~3
     return socks, done
 
