@@ -75,6 +75,7 @@ AGG_MEMBERS = {"tx_bytes": "tx_bytes", "rx_bytes": "rx_bytes", "rx_segments": "s
                "resets_received": "resets_received", "connect_sum_us": "connect_sum_us",
                "lifetime_sum_us": "lifetime_sum_us", "srtt_sum_us": "srtt_sum_us"}
 UNATTRIBUTED = b"[unattributed]"
+UNOWNED_RETRY = 6
 CGROUP2_CANDIDATES = ("fs/cgroup/unified", "fs/cgroup")
 
 
@@ -213,6 +214,8 @@ class TcpDecoder:
         self.own_netns = int(os.readlink("/proc/self/ns/net")[5:-1])
         self.listener_cache: dict[tuple, tuple] = {}
         self.inode_owner: dict[int, int] = {}
+        self.unowned: dict[int, int] = {}   # inode -> poll of the scan that did not find it
+        self.polls = 0
         self._scanned = False
         self.first_poll = True
         self._attached: list[tuple[int, int, int]] = []
@@ -329,6 +332,9 @@ class TcpDecoder:
 
         # 3. Live sockets, one dump per network namespace.
         self._scanned = False
+        self.polls += 1
+        if self.polls % UNOWNED_RETRY == 0:
+            self.unowned = {i: p for i, p in self.unowned.items() if self.polls - p < UNOWNED_RETRY}
         socks = self._dump()
         states = self._live(socks, flow)
 
@@ -374,11 +380,16 @@ class TcpDecoder:
         pid = self.inode_owner.get(inode)
         if pid is not None and self.probe.procfs.alive(pid):
             return pid
-        if self._scanned:
+        # a socket no process holds (a kernel socket, one in another pid namespace's
+        # process that /proc hides) is retried only every few polls, not scanned for each time
+        if self._scanned or self.polls - self.unowned.get(inode, -UNOWNED_RETRY) < UNOWNED_RETRY:
             return None
         self._scanned = True
         self.inode_owner = _socket_owners(self.proc)
-        return self.inode_owner.get(inode)
+        pid = self.inode_owner.get(inode)
+        if pid is None:
+            self.unowned[inode] = self.polls
+        return pid
 
     def _live(self, socks, flow) -> list[tuple[int, str]]:
         listening: dict[tuple, int] = {}
