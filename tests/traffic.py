@@ -4,7 +4,7 @@ port to PORTFILE once listening.
 
   recv PORTFILE COMM [COUNT] [BIND]      accept COUNT connections, read each to EOF, print bytes
   send HOST PORT COMM N [CHUNK]          connect, send exactly N bytes, close
-  burst HOST PORT COMM                   connect; per stdin line N send N bytes, answer "ok"
+  burst HOST PORT COMM                   connect; per stdin line N send N bytes, answer "ok" once acked
   accept PORTFILE COMM COUNT MODE BIND   accept COUNT connections; MODE eof: read to EOF and
                                          close; rst: read one byte, close with SO_LINGER {1,0};
                                          close: close at once (TIME_WAIT stays on this side)
@@ -95,10 +95,19 @@ def send(host, port, n, chunk):
     s.close()
 
 
+def acked(s) -> None:
+    """Wait until the peer has acknowledged everything sent (the send queue, SIOCOUTQ, is empty)."""
+    import fcntl
+    import termios
+    while struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]:
+        time.sleep(0.001)
+
+
 def burst(host, port):
     s = socket.create_connection((host, port))
     for line in sys.stdin:
         s.sendall(b"b" * int(line))
+        acked(s)
         print("ok", flush=True)
     s.close()
 
