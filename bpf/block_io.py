@@ -1,36 +1,58 @@
-"""block_io: block I/O per disk and class, the latency split, utilisation, per-process bytes.
+"""block_io: block I/O per disk and class, the latency split, and utilisation.
 
-Hooks: `block:block_io_start` (kernel 6.5+; `block:block_rq_insert` where it is
-missing), `block:block_rq_issue`, `block:block_rq_complete`. Requests are matched
-by (device, sector) across them; nothing is read from kernel structs.
+What runs, and when:
+- per I/O: one raw tracepoint program at `block_rq_complete` (per completion: a
+  request the driver completes in parts runs it once per part). It reads the
+  request's own timestamps, op, size and device at offsets from this kernel's BTF and
+  adds to one per-CPU entry per (device, op class). Nothing is followed across hooks
+  and no per-request state is kept.
+- per poll: one read of those per-CPU entries and one of /proc/diskstats.
+Bytes per process need a hook where the request is submitted: that is the separate
+probe `process_io`, off by default.
 
-- `block_io`: requests, bytes and errors per disk and op class (read, write,
-  sync_write, flush, discard, other, from rwbs).
-- `block_{queue,device,total}_latency` (+ `_hist`): start -> issue (scheduler and
-  queue), issue -> complete (driver and device), start -> complete.
-- `disk_busy`: in-flight time per disk and its share of the interval.
-- `process_io`: bytes and requests per process at submit time. Buffered writes are
-  submitted by writeback kernel threads and show under them (`kworker/...`).
+Measurements:
+- `block_io`: requests, bytes and errors per whole disk and op class (read, write,
+  sync_write, flush, discard, other: the classes blk_fill_rwbs prints), at
+  completion. Bytes count every completion, partial ones too, as iostats does.
+- `block_{queue,device,total}_latency` (+ `_hist`): start -> issue, issue -> complete
+  and start -> complete. Start and issue are the kernel's own stamps
+  (`start_time_ns`, set where it starts accounting the request, and
+  `io_start_time_ns`, set when it hands it to the driver), which it takes from one
+  cached clock read per plug (a batch submitted without sleeping): what iostat's
+  await is computed from. A request the kernel did not stamp at start (iostats off,
+  the flush machinery's own requests) is in no histogram (field `untimed`); one not
+  stamped at issue (no blk-stat user on the queue: writeback throttling, io.latency,
+  io.cost) is in the total histogram only (field `unsplit`).
+- `disk_busy`: the kernel's io_ticks from /proc/diskstats per whole disk, written
+  every interval for every disk that has done I/O, idle intervals included.
 
-Disks are named from /sys/dev/block/<major>:<minor>/uevent under the configured
-sys root. Limits: requests started before the agent are counted from their issue;
-two requests in flight at once for the same (device, sector) count as one.
+Disks are named from /sys/dev/block/<major>:<minor> under the configured sys root
+(a partition counts to its disk). Kernel floor: raw tracepoints and BTF in sysfs
+(5.2+ with CONFIG_DEBUG_INFO_BTF); the tracepoint's prototype, struct members and
+flag values are looked up by name in the kernel's BTF, and a kernel that lacks one
+is named in a one-line error.
 """
 from __future__ import annotations
 
+import os
+import struct
+import time
 from pathlib import Path
 
-from ingest import hist
-from ingest.bpfmap import read_all
-from ingest.cardinality import OTHER, top_n
+from ingest import btf, hist
 from ingest.delta import DeltaTracker
+from ingest.errors import ProbeError
 from ingest.lineproto import Point, printable_name
-from ingest.probe import Probe
+from ingest.probe import BPF_DIR, Probe
 
 OPS = {0: "read", 1: "write", 2: "sync_write", 3: "flush", 4: "discard", 5: "other"}
-KINDS = {0: "block_queue_latency", 1: "block_device_latency", 2: "block_total_latency"}
-SUMS = {0: "queue_sum_us", 1: "device_sum_us", 2: "total_sum_us"}
-IO_FIELDS = ("requests", "bytes", "errors", "queue_sum_us", "device_sum_us", "total_sum_us")
+KINDS = ("block_queue_latency", "block_device_latency", "block_total_latency")  # LAT_* order in the C
+COUNTERS = ("requests", "bytes", "errors", "untimed", "unsplit")
+SLOTS = hist.SLOTS
+# struct io_t in the C: 5 counters, 3 sums, 3 x SLOTS histogram slots, all u64
+IO_VALUES = struct.Struct(f"<{len(COUNTERS) + 3 + 3 * SLOTS}Q")
+# Before the flags became an enum (6.x), RQF_IO_STAT was `1 << 13` in every kernel.
+RQF_IO_STAT_DEFINE = 13
 
 
 def split_dev(dev: int) -> tuple[int, int]:
@@ -39,9 +61,13 @@ def split_dev(dev: int) -> tuple[int, int]:
 
 
 def disk_name(sys_root: Path, dev: int) -> str:
+    """The whole disk's name for a disk or partition dev_t (sda for sda1), from sysfs."""
     major, minor = split_dev(dev)
+    node = Path(sys_root) / f"dev/block/{major}:{minor}"
+    if (node / "partition").exists():
+        node = node.resolve().parent
     try:
-        for line in (Path(sys_root) / f"dev/block/{major}:{minor}/uevent").read_text().splitlines():
+        for line in (node / "uevent").read_text().splitlines():
             if line.startswith("DEVNAME="):
                 return printable_name(line.split("=", 1)[1])
     except OSError:
@@ -49,86 +75,178 @@ def disk_name(sys_root: Path, dev: int) -> str:
     return f"{major}:{minor}"
 
 
+# --- what the kernel must have, looked up by name in its BTF --------------------------
+
+def need_btf(what: str, fn, *args, probe: str = "block_io"):
+    try:
+        return fn(*args)
+    except btf.BTFError as e:
+        raise ProbeError(f"probe {probe}: this kernel lacks {what} ({str(e).split(': ', 1)[-1]}); "
+                         f"disable it with probes.{probe}.enabled: false")
+
+
+def layout(b: btf.BTF) -> dict[str, int]:
+    """The -D values block_io.bpf.c needs, from this kernel's BTF. Raises a one-line
+    ProbeError naming the first thing the kernel lacks."""
+    args = need_btf("the raw tracepoint block_rq_complete", b.raw_tracepoint_args, "block_rq_complete")
+    if len(args) != 3 or args[0] != "struct request *":
+        raise ProbeError(f"probe block_io: raw tracepoint block_rq_complete passes ({', '.join(args)}), "
+                         f"not (struct request *, status, nr_bytes); disable it with probes.block_io.enabled: false")
+    d = {"BLOCK_IO_LAYOUT": 1, "RQC_ARG_RQ": 0, "RQC_ARG_ERROR": 1, "RQC_ARG_NR_BYTES": 2}
+
+    def member(struct_name: str, path: str, size: int) -> int:
+        m = need_btf(f"{struct_name}.{path}", b.member, struct_name, path)
+        if m.size != size:
+            raise ProbeError(f"probe block_io: {struct_name}.{path} is {m.size} bytes in this kernel, "
+                             f"not {size}; disable it with probes.block_io.enabled: false")
+        return m.offset
+
+    rq = {"RQ_CMD_FLAGS": member("request", "cmd_flags", 4), "RQ_RQ_FLAGS": member("request", "rq_flags", 4),
+          "RQ_DATA_LEN": member("request", "__data_len", 4), "RQ_START": member("request", "start_time_ns", 8),
+          "RQ_IO_START": member("request", "io_start_time_ns", 8)}
+    sizes = {"RQ_CMD_FLAGS": 4, "RQ_RQ_FLAGS": 4, "RQ_DATA_LEN": 4, "RQ_START": 8, "RQ_IO_START": 8}
+    part = need_btf("request.part", b.member, "request", "part")
+    if b.spell(part.type_id) == "struct block_device *":  # 5.10's is a struct hd_struct: disk only
+        rq["RQ_PART"], sizes["RQ_PART"] = part.offset, 8
+        d["BD_DEV"] = member("block_device", "bd_dev", 4)
+    if b.has_member("request", "rq_disk"):  # before 5.19 the request names its disk
+        rq["RQ_DISK"], sizes["RQ_DISK"] = member("request", "rq_disk", 8), 8
+    else:
+        rq["RQ_Q"], sizes["RQ_Q"] = member("request", "q", 8), 8
+        d["Q_DISK"] = member("request_queue", "disk", 8)
+    d |= rq
+    d["RQ_SPAN_BASE"] = min(rq.values())
+    d["RQ_SPAN_LEN"] = max(off + sizes[k] for k, off in rq.items()) - d["RQ_SPAN_BASE"]
+    if d["RQ_SPAN_LEN"] > 256:
+        raise ProbeError(f"probe block_io: struct request's fields span {d['RQ_SPAN_LEN']} bytes in this kernel "
+                         f"(at most 256 are read at once); disable it with probes.block_io.enabled: false")
+    d["GD_MAJOR"] = member("gendisk", "major", 4)
+    d["GD_FIRST_MINOR"] = member("gendisk", "first_minor", 4)
+
+    # op and flag values (trailing _ keeps them clear of the kernel headers' own macros)
+    for op in ("READ", "WRITE", "FLUSH", "DISCARD", "SECURE_ERASE"):
+        d[f"REQ_OP_{op}_"] = need_btf(f"REQ_OP_{op}", b.enum_value, f"REQ_OP_{op}")
+    op_bits = need_btf("__REQ_FAILFAST_DEV (the first flag after the op bits)", b.enum_value, "__REQ_FAILFAST_DEV")
+    d["REQ_OP_MASK_"] = (1 << op_bits) - 1
+    d["REQ_SYNC_"] = 1 << need_btf("__REQ_SYNC", b.enum_value, "__REQ_SYNC")
+    rqf = b.enum_value("__RQF_IO_STAT") if b.has_enum_value("__RQF_IO_STAT") else RQF_IO_STAT_DEFINE
+    d["RQF_IO_STAT_"] = 1 << rqf
+    return d
+
+
+def compile_with_layout(probe, values: dict[str, int]) -> None:
+    """Compile bpf/<probe>.bpf.c again, with this kernel's layout as -D flags, in place
+    of the object the runtime compiled without them (which holds no programs)."""
+    from bcc import BPF
+
+    from ingest.probe import _malloc_trim
+
+    name = probe.spec.name
+    flags = [f"-DMAX_ENTRIES={probe.settings.map_entries}", f"-I{BPF_DIR}"] + [f"-D{k}={v}" for k, v in values.items()]
+    probe.bpf.cleanup()
+    probe.bpf = None
+    src = BPF_DIR / f"{name}.bpf.c"
+    try:
+        probe.bpf = BPF(src_file=str(src).encode(), cflags=flags)
+    except Exception as e:  # bcc raises bare Exception for compile and attach failures
+        raise ProbeError(f"probe {name}: bcc could not load {src.name}: {str(e).splitlines()[0]}")
+    _malloc_trim()
+
+
+def kernel_btf(probe) -> btf.BTF:
+    try:
+        return btf.load(probe.config.paths.sys)
+    except btf.BTFError as e:
+        raise ProbeError(f"probe {probe.spec.name}: {e}; disable it with probes.{probe.spec.name}.enabled: false")
+
+
+# --- /proc/diskstats -------------------------------------------------------------------
+
+def parse_diskstats(text: str) -> dict[str, tuple[int, int]]:
+    """name -> (requests completed of every kind, io_ticks in ms) from /proc/diskstats."""
+    out = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 14:
+            continue
+        ios = int(f[3]) + int(f[7]) + (int(f[14]) if len(f) > 14 else 0) + (int(f[18]) if len(f) > 18 else 0)
+        out[f[2]] = (ios, int(f[12]))
+    return out
+
+
 class BlockDecoder:
     def __init__(self, probe):
         self.probe = probe
         self.host = probe.config.host
+        self.sys_root = Path(probe.config.paths.sys)
+        self.proc_root = Path(probe.config.paths.proc)
+        if probe.bpf is not None and not probe.bpf.funcs:
+            compile_with_layout(probe, layout(kernel_btf(probe)))
         self.io = probe.table("block_io")
-        self.busy = probe.table("disk_busy")
-        self.hist = probe.table("block_hist")
-        self.procs = probe.table("proc_io")
-        self.io_d, self.busy_d, self.hist_d, self.proc_d = DeltaTracker(), DeltaTracker(), DeltaTracker(), DeltaTracker()
+        self.io_d = DeltaTracker()
         self.names: dict[int, str] = {}
-        self.last_ts: int | None = None
+        self.stats, self.stats_at = self._diskstats(), time.monotonic_ns()
 
     def disk(self, dev: int) -> str:
         if dev not in self.names:
-            self.names[dev] = disk_name(self.probe.config.paths.sys, dev)
+            name = disk_name(self.sys_root, dev)
+            if name != "%d:%d" % split_dev(dev):  # not found (yet): look again next time
+                self.names[dev] = name
+            return name
         return self.names[dev]
 
-    def poll(self, ts: int) -> tuple[list[Point], int]:
-        interval_ns = ts - self.last_ts if self.last_ts else None
-        self.last_ts = ts
-        points: list[Point] = []
-        buckets: dict[tuple, dict[int, int]] = {}
-        hist_rows = read_all(self.hist)
-        for k, c in hist_rows:
-            (d,) = self.hist_d.delta((k.dev, k.op, k.kind, k.slot), (int(c),))
-            if d:
-                buckets.setdefault((k.dev, k.op, k.kind), {})[k.slot] = d
-        io_rows = read_all(self.io)
-        for k, v in io_rows:
-            d = dict(zip(IO_FIELDS, self.io_d.delta((k.dev, k.op), tuple(getattr(v, f) for f in IO_FIELDS))))
-            if not d["requests"]:
-                continue
-            tags = {"host": self.host, "disk": self.disk(k.dev), "op": OPS.get(k.op, "other")}
-            points.append(Point("block_io", tags, {f: d[f] for f in ("requests", "bytes", "errors")}, ts))
-            for kind, name in KINDS.items():
-                b = buckets.get((k.dev, k.op, kind))
-                if not b:
-                    continue
-                points += hist.points(name, tags, b, d[SUMS[kind]], ts)
-        busy_rows = read_all(self.busy)
-        for k, v in busy_rows:
-            dev = int(k)
-            (d,) = self.busy_d.delta(dev, (v.busy_ns,))
-            if d and interval_ns:
-                points.append(Point("disk_busy", {"host": self.host, "disk": self.disk(dev)}, {
-                    "busy_us": d // 1000, "util_pct": min(100.0, d / interval_ns * 100),
-                    "interval_us": interval_ns // 1000}, ts))
-        points += self._processes(ts)
-        return points, len(hist_rows) + len(io_rows) + len(busy_rows)
+    def _diskstats(self) -> dict[str, tuple[int, int]]:
+        try:
+            return parse_diskstats((self.proc_root / "diskstats").read_text())
+        except OSError:
+            return {}
 
-    def _processes(self, ts: int) -> list[Point]:
-        raw, dead = self.probe.read_process_map(self.procs)
-        rows = []
-        for tgid, v in raw:
-            b, r = self.proc_d.delta(tgid, (v.bytes, v.requests))
-            if r:
-                rows.append((tgid, bytes(v.comm).split(b"\0", 1)[0], b, r))
-        keep, rest = top_n(rows, self.probe.settings.max_processes, lambda x: x[2])
+    def poll(self, ts: int) -> tuple[list[Point], int]:
+        rows = self.io.items()
+        # per (whole disk, op): a disk's partitions are separate entries in the kernel
+        per_disk: dict[tuple[str, int], list[int]] = {}
+        for k, per_cpu in rows:
+            values = tuple(sum(col) for col in zip(*(IO_VALUES.unpack(bytes(leaf)) for leaf in per_cpu)))
+            d = self.io_d.delta((k.dev, k.op), values)
+            if any(d):
+                acc = per_disk.setdefault((self.disk(k.dev), k.op), [0] * len(d))
+                for i, x in enumerate(d):
+                    acc[i] += x
+        points: list[Point] = []
+        for (disk, op), d in sorted(per_disk.items()):
+            tags = {"host": self.host, "disk": disk, "op": OPS.get(op, "other")}
+            points.append(Point("block_io", tags, dict(zip(COUNTERS, d)), ts))
+            sums, slots = d[len(COUNTERS):len(COUNTERS) + 3], d[len(COUNTERS) + 3:]
+            for kind, name in enumerate(KINDS):
+                buckets = {s: c for s, c in enumerate(slots[kind * SLOTS:(kind + 1) * SLOTS]) if c}
+                if buckets:
+                    points += hist.points(name, tags, buckets, sums[kind] // 1000, ts)
+        points += self._disk_busy(ts)
+        return points, len(rows)
+
+    def _disk_busy(self, ts: int) -> list[Point]:
+        """Every whole disk that has done I/O, every interval, from the kernel's io_ticks."""
+        now, stats = time.monotonic_ns(), self._diskstats()
+        interval_ns = now - self.stats_at
+        prev, self.stats, self.stats_at = self.stats, stats, now
+        try:
+            whole = set(os.listdir(self.sys_root / "block"))
+        except OSError:
+            whole = set(stats)
         points = []
-        for tgid, kcomm, b, r in keep:
-            name = self.probe.process_name(tgid, kcomm, exited=tgid in dead)
-            if self.probe.budget.admit({("process_io", str(tgid), name)}):
-                points.append(Point("process_io", {"host": self.host, "pid": str(tgid), "comm": name},
-                                    {"bytes": b, "requests": r}, ts))
-            else:
-                rest.append((tgid, kcomm, b, r))
-        if rest:
-            points.append(Point("process_io", {"host": self.host, "pid": OTHER, "comm": OTHER},
-                                {"bytes": sum(x[2] for x in rest), "requests": sum(x[3] for x in rest)}, ts))
-        self.probe.reclaim(self.procs, dead)
-        for tgid in dead:
-            self.proc_d.forget(tgid)
+        for name, (ios, ticks) in sorted(stats.items()):
+            if name not in whole or name not in prev or not (ios or ticks) or interval_ns <= 0:
+                continue
+            busy_ms = max(ticks - prev[name][1], 0)
+            points.append(Point("disk_busy", {"host": self.host, "disk": printable_name(name)}, {
+                "busy_us": busy_ms * 1000, "util_pct": min(100.0, busy_ms * 1e6 / interval_ns * 100),
+                "interval_us": interval_ns // 1000}, ts))
         return points
 
 
 PROBE = Probe(
     name="block_io",
     doc=__doc__,
-    hooks=("block:block_rq_issue", "block:block_rq_complete"),
-    optional_hooks={"block:block_io_start": "queue latency starts at block_rq_insert instead, and process_io "
-                                            "counts only requests that pass the I/O scheduler"},
+    hooks=("block:block_rq_complete",),
     decoder=BlockDecoder,
 )

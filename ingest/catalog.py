@@ -237,51 +237,64 @@ _histogram("process_runq_latency", "Run-queue latency per process, wakeup to swi
            tags=(HOST, PID, COMM))
 
 DISK = Tag("disk", "Block device name from /sys/dev/block/<major>:<minor> (sda, nvme0n1, loop0), or `major:minor`.")
-OP = Tag("op", "I/O class from the request's rwbs: read, write, sync_write, flush, discard, other.")
+OP = Tag("op", "I/O class of the request's op and flags, as its rwbs reads: read, write, sync_write, flush, "
+              "discard, other.")
 
 BLOCK_IO = _declare(Measurement(
     name="block_io",
     kind="delta",
-    help="Block requests completed per disk and I/O class. " + _INTERVAL_NOTE,
-    source="block:block_io_start (or block_rq_insert), block_rq_issue, block_rq_complete (probe block_io)",
+    help="Block requests completed per disk (the whole disk, as /proc/diskstats' disk line) and I/O class. "
+         + _INTERVAL_NOTE,
+    source="raw tracepoint block_rq_complete (probe block_io)",
     tags=(HOST, DISK, OP),
     fields=(
         Field("requests", "int", "requests", "Requests completed."),
-        Field("bytes", "int", "bytes", "Bytes those requests moved."),
+        Field("bytes", "int", "bytes", "Bytes completed, partial completions included (as /proc/diskstats "
+                                       "counts sectors)."),
         Field("errors", "int", "requests", "Requests completed with an error (EIO, ENOSPC, ...)."),
+        Field("untimed", "int", "requests", "Requests the kernel did not time (iostats off for the disk, or "
+                                            "the flush machinery's own requests): in no latency histogram."),
+        Field("unsplit", "int", "requests", "Timed requests with no issue time (the disk's queue keeps none "
+                                            "unless writeback throttling, io.latency or io.cost uses it): in "
+                                            "the total latency histogram only."),
     ),
 ))
 
 for _kind, _what in (("queue", "start (accounting) to issue to the driver"),
                      ("device", "issue to completion"), ("total", "start to completion")):
-    _histogram(f"block_{_kind}_latency", f"Block request latency, {_what}, in microseconds",
-               "block:block_io_start, block_rq_issue, block_rq_complete (probe block_io)", tags=(HOST, DISK, OP))
+    _histogram(f"block_{_kind}_latency", f"Block request latency, {_what}, in microseconds, from the kernel's "
+               f"own request timestamps (those iostat's await uses; within one plug the kernel reuses one "
+               f"clock read, so a batch's requests share their start and issue times)",
+               "raw tracepoint block_rq_complete: request start_time_ns, io_start_time_ns (probe block_io)",
+               tags=(HOST, DISK, OP))
 
 DISK_BUSY = _declare(Measurement(
     name="disk_busy",
     kind="delta",
-    help="Time each disk had at least one request in flight, the rule /proc/diskstats io_ticks follows. "
+    help="Time each whole disk had requests in flight: the kernel's own io_ticks from /proc/diskstats, "
+         "written every interval for every disk that has done I/O, idle intervals included. "
          + _INTERVAL_NOTE,
-    source="block:block_io_start, block_rq_complete (probe block_io)",
+    source="/proc/diskstats io_ticks (probe block_io)",
     tags=(HOST, DISK),
     fields=(
-        Field("busy_us", "int", "us", "Busy time this interval."),
+        Field("busy_us", "int", "us", "Busy time this interval (io_ticks: millisecond resolution)."),
         Field("util_pct", "float", "percent", "busy_us over the interval, in percent."),
-        Field("interval_us", "int", "us", "Length of the interval."),
+        Field("interval_us", "int", "us", "Length of the interval, between two reads of /proc/diskstats."),
     ),
 ))
 
 PROCESS_IO = _declare(Measurement(
     name="process_io",
     kind="delta",
-    help="Block I/O per process at submit time. Page-cache writeback is submitted by kernel threads "
-         "(comm `kworker/...`, `jbd2/...`), so buffered writes show there, not under the writer. "
+    help="Block I/O per process when it creates a request. Page-cache writeback is submitted by kernel "
+         "threads (comm `kworker/...`, `jbd2/...`), so buffered writes show there, not under the writer. "
          + _INTERVAL_NOTE,
-    source="block:block_io_start (probe block_io)",
+    source="raw tracepoint block_getrq (probe process_io, off by default)",
     tags=(HOST, PID, COMM),
     fields=(
-        Field("bytes", "int", "bytes", "Bytes of the requests the process submitted."),
-        Field("requests", "int", "requests", "Requests the process submitted."),
+        Field("bytes", "int", "bytes", "Bytes of the requests the process created, at creation (bios merged "
+                                       "into a request later are not added)."),
+        Field("requests", "int", "requests", "Requests the process created."),
     ),
 ))
 

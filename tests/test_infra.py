@@ -38,7 +38,7 @@ def loopdev(tmp_path, request):
 
 
 def test_block_requests_bytes_and_latency_exact(agent_for, influx, influx_db, loopdev):
-    agent = agent_for("block_io")
+    agent = agent_for("block_io", "process_io")
     sh("dd", "if=/dev/zero", f"of={loopdev}", "bs=4k", "count=123", "oflag=direct")
     sh("dd", f"if={loopdev}", "of=/dev/null", "bs=8k", "count=45", "iflag=direct")
     flush(agent)

@@ -1,0 +1,290 @@
+"""block_io against the kernel's own counters: /proc/diskstats, under a deep queue.
+
+A direct-I/O loop device is busy for real (its requests go to the backing file on
+the real disk), fio keeps 32 requests in flight on it, and every poll's points are
+checked against /proc/diskstats read at the same moment. Requests are 128 KiB: at
+4 KiB the queue drains whenever a busy host keeps fio off the CPU for a millisecond,
+and the disk is then really idle for part of the interval (diskstats agrees).
+"""
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import need
+from ingest import btf
+from ingest.errors import ProbeError
+
+pytestmark = [pytest.mark.hot_path]
+
+OPS_READ, OPS_WRITE = {"read"}, {"write", "sync_write"}
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, capture_output=True, text=True, check=check).stdout.strip()
+
+
+def diskstats(name: str) -> dict[str, int]:
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if f[2] == name:
+            v = [int(x) for x in f[3:]]
+            return {"reads": v[0], "read_sectors": v[2], "read_ms": v[3], "writes": v[4], "write_sectors": v[6],
+                    "write_ms": v[7], "io_ticks": v[9]}
+    raise AssertionError(f"{name} not in /proc/diskstats")
+
+
+def minus(a: dict, b: dict) -> dict:
+    return {k: a[k] - b[k] for k in a}
+
+
+@pytest.fixture
+def block_probe(bpf_ready, tmp_path):
+    """block_io loaded on its own, polled by the test; closed at the end."""
+    from bpf.block_io import PROBE
+    from conftest import make_config
+    from ingest.probe import LoadedProbe
+
+    probes = []
+
+    def load():
+        p = LoadedProbe.load(PROBE, make_config(tmp_path))
+        probes.append(p)
+        return p
+    yield load
+    for p in probes:
+        p.close()
+
+
+@pytest.fixture
+def loop(tmp_path):
+    """make(size_mb, direct=, partscan=): a loop device on a sparse file, detached (its
+    iostats setting restored first: loop devices keep it across attachments) at the end."""
+    need(Path("/usr/sbin/losetup").exists() or Path("/sbin/losetup").exists(), "losetup (util-linux)")
+    made = []
+
+    def make(size_mb=64, direct=False, partscan=False):
+        img = tmp_path / f"disk{len(made)}.img"
+        sh("truncate", "-s", f"{size_mb}M", str(img))
+        dev = sh("losetup", "-f", "--show", *(["--direct-io=on"] if direct else []), *(["-P"] if partscan else []),
+                 str(img))
+        made.append(dev)
+        return dev
+    yield make
+    for dev in made:
+        Path(f"/sys/block/{os.path.basename(dev)}/queue/iostats").write_text("1")
+        sh("losetup", "-d", dev, check=False)
+
+
+def polled(probe) -> list:
+    points, self_point = probe.poll(time.time_ns())
+    return points + [self_point]
+
+
+def block_points(points, disk):
+    io = [p for p in points if p.measurement == "block_io" and p.tags["disk"] == disk]
+    hists = {}
+    for p in points:
+        if p.measurement.endswith("_latency_hist") and p.tags["disk"] == disk:
+            hists.setdefault(p.measurement.removesuffix("_hist"), []).append(p)
+    return io, hists
+
+
+def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop):
+    need(Path("/usr/bin/fio").exists(), "fio")
+    probe = block_probe()
+    dev = loop(256, direct=True)
+    disk = os.path.basename(dev)
+    probe.poll(time.time_ns())
+    base = diskstats(disk)
+    # Queue depth 32 in all, from four processes at a raised priority, so that a busy
+    # host (other tests, a VM) keeping one off the CPU does not let the queue drain.
+    fio = subprocess.Popen(["nice", "-n", "-10", "fio", "--name=qd32", f"--filename={dev}", "--rw=randrw",
+                            "--rwmixread=50", "--bs=128k", "--direct=1", "--ioengine=libaio", "--numjobs=4", "--iodepth=8",
+                            "--group_reporting", "--time_based", "--runtime=20", "--output-format=json"],
+                           stdout=subprocess.PIPE, text=True)
+    everything = []  # every point polled after the baseline, the probe's own included
+    intervals = []   # (points, diskstats delta over the same interval, seconds), wholly under load
+    try:
+        time.sleep(1)  # fio's start-up
+        everything += polled(probe)
+        prev, prev_t = diskstats(disk), time.monotonic()
+        while fio.poll() is None:
+            time.sleep(1)
+            points = polled(probe)
+            now, now_t = diskstats(disk), time.monotonic()
+            everything += points
+            if fio.poll() is None:
+                intervals.append((points, minus(now, prev), now_t - prev_t))
+            prev, prev_t = now, now_t
+        fio_out = json.loads(fio.stdout.read())
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+        fio.wait()
+    everything += polled(probe)
+    total = minus(diskstats(disk), base)
+
+    assert len(intervals) >= 15, len(intervals)
+    utils = []  # (ours, diskstats')
+    for points, delta, seconds in intervals:
+        busy = [p for p in points if p.measurement == "disk_busy" and p.tags["disk"] == disk]
+        assert len(busy) == 1, "disk_busy must be written every interval"
+        utils.append((round(busy[0].fields["util_pct"], 1), round(delta["io_ticks"] / (seconds * 1000) * 100, 1)))
+        assert [p for p in points if p.measurement == "block_io" and p.tags["disk"] == disk]
+    assert all(ours >= 95 and abs(ours - theirs) <= 3 for ours, theirs in utils), utils
+
+    # Requests and bytes against diskstats over the whole run (the baseline was read
+    # after the first poll, and the last poll came after fio had finished).
+    io, hists = block_points(everything, disk)
+    got = {"reads": 0, "read_bytes": 0, "writes": 0, "write_bytes": 0, "untimed": 0, "unsplit": 0, "errors": 0}
+    for p in io:
+        assert p.tags["op"] in OPS_READ | OPS_WRITE, p.tags
+        kind = "read" if p.tags["op"] in OPS_READ else "write"
+        got[kind + "s"] += p.fields["requests"]
+        got[kind + "_bytes"] += p.fields["bytes"]
+        for f in ("untimed", "unsplit", "errors"):
+            got[f] += p.fields[f]
+    # Exact up to completions the kernel never hands to BPF. On this kernel a few
+    # block completions in 10^5 reach ftrace (an instance of its own sees every one)
+    # but no BPF program, raw or perf-based, and they are not counted as recursion
+    # misses either (measured: 2-6 of 400,000 with nothing else attached, up to 4 in
+    # 10^4 on a busy host). So: never more than the kernel counted, short by at most
+    # the misses the kernel reports plus 1 in 10^3, and short only by whole requests.
+    misses = sum(p.fields["kernel_misses"] for p in everything if p.measurement == "sonde_probe")
+    short = {op: total[op + "s"] - got[op + "s"] for op in ("read", "write")}
+    assert all(n >= 0 for n in short.values()), (got, total)
+    assert sum(short.values()) <= misses + (total["reads"] + total["writes"]) // 1000, (got, total, misses)
+    assert total["read_sectors"] * 512 - got["read_bytes"] == short["read"] * 128 * 1024
+    assert total["write_sectors"] * 512 - got["write_bytes"] == short["write"] * 128 * 1024
+    assert total["reads"] >= fio_out["jobs"][0]["read"]["total_ios"] > 1000
+    assert got["errors"] == 0
+
+    # Histograms: bucket counts sum exactly to the requests they cover.
+    requests = got["reads"] + got["writes"]
+    counts = {name: sum(p.fields["count"] for p in pts) for name, pts in hists.items()}
+    assert got["untimed"] == 0  # iostats is on for loop devices
+    assert counts["block_total_latency"] == requests
+    assert counts["block_queue_latency"] == counts["block_device_latency"] == requests - got["unsplit"]
+    assert counts["block_device_latency"] > 0
+
+
+def test_latency_split_and_buckets_are_consistent(block_probe, loop):
+    """queue + device = total per request (so in sums), every sum lies within its buckets'
+    bounds, and the total agrees with the kernel's own time-spent counters."""
+    need(Path("/usr/bin/fio").exists(), "fio")
+    probe = block_probe()
+    dev = loop(256, direct=True)
+    disk = os.path.basename(dev)
+    probe.poll(time.time_ns())
+    base = diskstats(disk)
+    sh("fio", "--name=qd32", f"--filename={dev}", "--rw=randrw", "--bs=4k", "--direct=1", "--ioengine=libaio",
+       "--iodepth=32", "--time_based", "--runtime=5", "--output=/dev/null")
+    points, _ = probe.poll(time.time_ns())
+    total = minus(diskstats(disk), base)
+    _, hists = block_points(points, disk)
+    sums = {}
+    for p in points:
+        if p.measurement.endswith("_latency") and p.tags["disk"] == disk:
+            sums[p.measurement] = sums.get(p.measurement, 0) + p.fields["sum_us"]
+            bounds = [(int(h.tags["le"]) if h.tags["le"] != "+Inf" else None, h.fields["count"])
+                      for h in hists[p.measurement] if h.tags["op"] == p.tags["op"]]
+            low = sum(((le + 1) // 2) * c for le, c in bounds if le is not None)
+            high = sum((le + 1) * c for le, c in bounds if le is not None)  # exclusive upper bound, in µs
+            assert all(le is not None for le, _ in bounds)
+            # sum_us is the ns sum // 1000, each value's µs is floor(ns / 1000)
+            assert low <= p.fields["sum_us"] <= high, (p.measurement, p.tags["op"], low, p.fields["sum_us"], high)
+    # one interval, two ops: each sum_us is an ns sum floored once, so within 2 µs per op
+    assert abs(sums["block_queue_latency"] + sums["block_device_latency"] - sums["block_total_latency"]) <= 4
+    assert sums["block_device_latency"] > 0
+    # The kernel adds (its own completion time - start) to diskstats' ms fields just
+    # after our hook runs, so it reads a little higher; ms fields are truncated.
+    theirs_us = (total["read_ms"] + total["write_ms"]) * 1000
+    assert 0.9 * theirs_us <= sums["block_total_latency"] <= theirs_us + 2000, (sums, theirs_us)
+
+
+def test_partition_io_counts_to_its_disk(block_probe, loop):
+    """A partition's requests count to its whole disk, as the block tracepoints' dev
+    does (the kernel accounts them to the partition first)."""
+    need(shutil.which("addpart") is not None, "addpart (util-linux)")
+    probe = block_probe()
+    dev = loop(64, partscan=True)
+    disk = os.path.basename(dev)
+    # BLKPG adds the partition directly: no partition table parser needed in the kernel
+    sh("addpart", dev, "1", "2048", str(64 * 2048 - 4096))
+    deadline = time.monotonic() + 5
+    while not Path(f"{dev}p1").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    need(Path(f"{dev}p1").exists(), f"partition {dev}p1 did not appear")
+    probe.poll(time.time_ns())
+    sh("dd", "if=/dev/zero", f"of={dev}p1", "bs=4k", "count=77", "oflag=direct")
+    sh("dd", f"if={dev}p1", "of=/dev/null", "bs=16k", "count=9", "iflag=direct")
+    points, _ = probe.poll(time.time_ns())
+    got = {p.tags["op"]: (p.fields["requests"], p.fields["bytes"]) for p in points
+           if p.measurement == "block_io" and p.tags["disk"] == disk}
+    assert got == {"sync_write": (77, 77 * 4096), "read": (9, 9 * 16384)}
+    assert not [p for p in points if p.tags.get("disk") == f"{disk}p1"]
+
+
+def test_requests_the_kernel_does_not_time_are_counted_untimed(block_probe, loop):
+    """With iostats off the kernel leaves a request's start stamp from its slot's last
+    use; such requests are counted, and kept out of every latency histogram."""
+    probe = block_probe()
+    dev = loop()
+    disk = os.path.basename(dev)
+    sh("dd", "if=/dev/zero", f"of={dev}", "bs=4k", "count=50", "oflag=direct")  # stamps in the slots
+    Path(f"/sys/block/{disk}/queue/iostats").write_text("0")
+    probe.poll(time.time_ns())
+    sh("dd", f"if={dev}", "of=/dev/null", "bs=4k", "count=40", "iflag=direct")
+    points, _ = probe.poll(time.time_ns())
+    io = [p.fields for p in points if p.measurement == "block_io" and p.tags["disk"] == disk]
+    assert io == [{"requests": 40, "bytes": 40 * 4096, "errors": 0, "untimed": 40, "unsplit": 0}]
+    assert not [p for p in points if "latency" in p.measurement and p.tags["disk"] == disk]
+
+
+def test_a_kernel_without_the_hook_is_named_in_one_line():
+    from bpf.block_io import layout
+    from test_btf import BLOB
+
+    with pytest.raises(ProbeError) as e:
+        layout(btf.BTF.parse(BLOB, "blob"))
+    msg = str(e.value)
+    assert "\n" not in msg and "block_rq_complete" in msg and "probes.block_io.enabled: false" in msg
+
+
+def test_layout_is_read_from_this_kernel():
+    from bpf.block_io import layout
+
+    need(Path("/sys/kernel/btf/vmlinux").exists(), "the kernel has no BTF")
+    b = btf.load("/sys")
+    d = layout(b)
+    assert d["RQ_START"] == b.offsetof("request", "start_time_ns")
+    assert d["RQ_SPAN_BASE"] <= d["RQ_CMD_FLAGS"] < d["RQ_SPAN_BASE"] + d["RQ_SPAN_LEN"]
+    assert d["REQ_OP_WRITE_"] == 1 and d["REQ_SYNC_"] == 1 << b.enum_value("__REQ_SYNC")
+
+
+def test_diskstats_parser_on_a_literal():
+    from bpf.block_io import parse_diskstats
+
+    text = ("   7       0 loop0 120 0 960 13 45 0 360 2 0 31 15 0 0 0 0 4 1\n"
+            " 254       0 vda 5 1 40 2 6 0 48 1 1 9 3\n")
+    assert parse_diskstats(text) == {"loop0": (120 + 45 + 0 + 4, 31), "vda": (11, 9)}
+
+
+def test_partition_is_named_as_its_disk(tmp_path):
+    from bpf.block_io import disk_name
+
+    disk = tmp_path / "devices/block/sdz"
+    (disk / "sdz1").mkdir(parents=True)
+    (disk / "uevent").write_text("MAJOR=8\nMINOR=0\nDEVNAME=sdz\nDEVTYPE=disk\n")
+    (disk / "sdz1/uevent").write_text("MAJOR=8\nMINOR=1\nDEVNAME=sdz1\nDEVTYPE=partition\n")
+    (disk / "sdz1/partition").write_text("1\n")
+    (tmp_path / "dev/block").mkdir(parents=True)
+    (tmp_path / "dev/block/8:0").symlink_to(disk)
+    (tmp_path / "dev/block/8:1").symlink_to(disk / "sdz1")
+    assert disk_name(tmp_path, 8 << 20 | 1) == disk_name(tmp_path, 8 << 20) == "sdz"
+    assert disk_name(tmp_path, 9 << 20 | 3) == "9:3"
