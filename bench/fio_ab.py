@@ -2,11 +2,16 @@
 """A/B block I/O overhead: fio random 4k direct reads on a loop device, alternated
 without (baseline) and with `sonde run --probe block_io` (agent), compared by medians.
 
-    .venv/bin/python bench/fio_ab.py [--runs 5] [--duration 10]
+    .venv/bin/python bench/fio_ab.py [--runs 5] [--duration 10] [--probe NAME ...] [--out FILE]
 
 The loop device sits on a 256 MiB file written out first, so its reads come from the
 page cache and the device is as fast as this machine allows: the harshest case for
-per-request hooks. Writes bench/results/block_io_fio.json. Needs root.
+per-request hooks. block_io runs one raw tracepoint program per I/O; add
+`--probe process_io` to measure the opt-in per-process hook too. Writes
+bench/results/block_io_fio.json (or --out). Needs root.
+
+For the programs' own time per I/O, measured by the kernel (bpf_stats), see
+bench/block_io_cost.py.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--probe", action="append", default=None)
+    ap.add_argument("--out", type=Path, default=ab.RESULTS_DIR / "block_io_fio.json",
+                    help="where to write the result (a smoke run should not overwrite the recorded one)")
     args = ap.parse_args()
     probes = args.probe or ["block_io"]
     sonde = [str(ab.REPO / ".venv/bin/sonde")]
@@ -79,8 +86,7 @@ def main() -> int:
         "probes": probes,
         "kernel": os.uname().release,
     }
-    out = ab.RESULTS_DIR / "block_io_fio.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
