@@ -6,7 +6,9 @@ time spent in them (`run_cnt`, `run_time_ns` in /proc/<pid>/fdinfo/<prog fd>). T
 loads each probe in turn (block_io, process_io), runs fio on a page-cached loop device (as bench/fio_ab.py does), and
 divides each program's time by the I/Os the loop device completed (/proc/diskstats).
 It does not include the tracepoint's own dispatch (~20-40 ns for a raw tracepoint
-here) nor the agent's polling.
+here) nor the agent's polling. An empty raw tracepoint program on block_rq_complete
+is measured too: what bpf_stats itself reads for a program that does nothing (its
+two clock reads around each run), to subtract.
 
     .venv/bin/python bench/block_io_cost.py [--duration 10] [--iodepth 1] [--probe NAME] [--compare REV]
 
@@ -102,6 +104,11 @@ def main() -> int:
                         results[name] = measure(probe.bpf.funcs, dev, args.duration, args.iodepth)
                     finally:
                         probe.close()
+                empty = BPF(text="RAW_TRACEPOINT_PROBE(block_rq_complete) { return 0; }")
+                try:
+                    results["empty_raw_tracepoint"] = measure(empty.funcs, dev, args.duration, args.iodepth)
+                finally:
+                    empty.cleanup()
                 if args.compare:
                     src = subprocess.run(["git", "-C", str(REPO), "show", f"{args.compare}:bpf/block_io.bpf.c"],
                                          capture_output=True, text=True, check=True).stdout
