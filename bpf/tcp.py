@@ -152,6 +152,7 @@ class Known:
     base: tuple[int, ...]
     flagged: bool        # opened under the agent: its final counters arrive in closed_seen
     client: bool
+    comm: bytes = b""    # the owner's name when first seen, for when it has exited since
     misses: int = 0
 
 
@@ -277,7 +278,7 @@ class TcpDecoder:
             st = self.known.pop(cookie, None)
             base = st.base if st else (0,) * len(VOLUME)
             fk = st.fk if st else (0, 0, 0, 0, bytes(16))
-            f = flow(fk, b"")
+            f = flow(fk, st.comm if st else b"")
             for name, a, b in zip(VOLUME, final, base):
                 f.counters[name] += max(a - b, 0)
             try:
@@ -419,7 +420,7 @@ class TcpDecoder:
                 now = live_counters(s, st.client)
                 base = st.base
                 if now != base:
-                    counters = flow(st.fk, b"").counters
+                    counters = flow(st.fk, st.comm).counters
                     for name, a, b in zip(VOLUME, now, base):
                         if a > b:
                             counters[name] += a - b
@@ -428,7 +429,7 @@ class TcpDecoder:
             samples.setdefault(st.fk, []).append(s)
             states.append((st.fk[0], s.state))
         for fk, socks_of_flow in samples.items():
-            self._sample(flow(fk, b""), socks_of_flow)
+            self._sample(flow(fk, known[socks_of_flow[0].cookie].comm), socks_of_flow)
         for cookie in [c for c in known if c not in present]:
             st = known[cookie]
             st.misses += 1
@@ -448,8 +449,8 @@ class TcpDecoder:
             client = (s.family, s.sport) not in listen_ports
             owner = self._owner_of(s.inode) or 0
             fk = (owner, 1 if client else 2, s.family, s.dport if client else s.sport, s.dst.ljust(16, b"\0"))
-            st = self.known[s.cookie] = Known(fk, live_counters(s, client), False, client)
-            flow(fk, self._comm(owner))
+            st = self.known[s.cookie] = Known(fk, live_counters(s, client), False, client, self._comm(owner))
+            flow(fk, st.comm)
             return st
         owner = c.tgid or self._owner_of(s.inode)
         if not owner:
@@ -475,10 +476,10 @@ class TcpDecoder:
                 del self.seen[key]
                 return None       # closed before the mark: the kernel summed all of it
             except KeyError:      # closed after the mark: its finals are in closed_seen
-                self.known[s.cookie] = Known(fk, (0,) * len(VOLUME), True, client)
+                self.known[s.cookie] = Known(fk, (0,) * len(VOLUME), True, client, comm)
                 return None
         now = live_counters(s, client)
-        st = self.known[s.cookie] = Known(fk, now, True, client)
+        st = self.known[s.cookie] = Known(fk, now, True, client, comm)
         f = flow(fk, comm)
         for name, a in zip(VOLUME, now):
             f.counters[name] += a
