@@ -304,32 +304,66 @@ class TcpDecoder:
                 popped.append((k, v))
             raw = popped
         members = list(AGG_MEMBERS)
-        for k, v in raw:
-            fk = self._fk(k)
-            d = dict(zip(members, self.agg_deltas.delta(fk, tuple(getattr(v, AGG_MEMBERS[m]) for m in members))))
+
+        def add_agg(k, v, values) -> None:
+            d = dict(zip(members, values))
             if not any(d.values()):
-                continue
-            f = flow(fk, bytes(v.comm).split(b"\0", 1)[0])
+                return
+            f = flow(self._fk(k), bytes(v.comm).split(b"\0", 1)[0])
             f.exited = k.tgid in dead
             for c in COUNTERS:
                 f.counters[c] += d[c]
             for sname in ("connect_sum_us", "lifetime_sum_us", "srtt_sum_us"):
                 f.sums[sname] += d[sname]
+
+        idle = []
+        for k, v in raw:
+            fk = self._fk(k)
+            now = tuple(getattr(v, AGG_MEMBERS[m]) for m in members)
+            d = self.agg_deltas.delta(fk, now)
+            if any(d):
+                add_agg(k, v, d)
+            elif k.tgid not in dead:
+                idle.append((type(k).from_buffer_copy(k), now))
+        # Entries idle this interval are taken out of the map (a public server's
+        # per-client entries would fill it otherwise): whatever the kernel added
+        # since the read is in the popped value and counted now; a later add starts
+        # a new entry.
+        for k, before in idle:
+            v = pop(self.agg, k)
+            self.agg_deltas.forget(self._fk(k))
+            if v is not None:
+                add_agg(k, v, tuple(getattr(v, AGG_MEMBERS[m]) - b for m, b in zip(members, before)))
+
+        def add_hist(k, d) -> None:
+            fk = self._fk(k.fk)
+            kind, slot = k.kind_slot >> 8, k.kind_slot & 0xFF
+            b = flow(fk, b"").hists.setdefault(HISTS[kind], {})
+            b[slot] = b.get(slot, 0) + d
+
         raw_hists = []
+        idle_hists = []
         for k, v in read_all(self.hists):
             if k.fk.tgid in dead:
                 k = type(k).from_buffer_copy(k)
                 v = pop(self.hists, k)
                 if v is None:
                     continue
-            raw_hists.append((k, v if isinstance(v, int) else v.value))
-        for k, count in raw_hists:
-            fk = self._fk(k.fk)
-            kind, slot = k.kind_slot >> 8, k.kind_slot & 0xFF
-            (d,) = self.hist_deltas.delta((fk, kind, slot), (count,))
+            count = v if isinstance(v, int) else v.value
+            raw_hists.append((k, count))
+            hk = (self._fk(k.fk), k.kind_slot >> 8, k.kind_slot & 0xFF)
+            (d,) = self.hist_deltas.delta(hk, (count,))
             if d:
-                flow(fk, b"").hists.setdefault(HISTS[kind], {})[slot] = \
-                    flows[fk].hists.get(HISTS[kind], {}).get(slot, 0) + d
+                add_hist(k, d)
+            elif k.fk.tgid not in dead:
+                idle_hists.append((type(k).from_buffer_copy(k), count, hk))
+        for k, before, hk in idle_hists:
+            v = pop(self.hists, k)
+            self.hist_deltas.forget(hk)
+            if v is not None:
+                extra = (v if isinstance(v, int) else v.value) - before
+                if extra:
+                    add_hist(k, extra)
 
         # 3. Live sockets, one dump per network namespace.
         self._scanned = False
