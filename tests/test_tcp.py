@@ -238,3 +238,47 @@ def test_bpf_stats_show_the_probe_runs_per_connection_not_per_byte(bpf_ready, ne
     # two sockets: connect, 2 established callbacks, ~5 state changes each, 2 releases
     assert 4 <= runs <= 40, runs
     assert me[0].fields["bpf_run_time_ns"] > 0
+
+
+def test_many_peers_keep_the_maps_bounded_with_exact_totals(bpf_ready, net, tmp_path):
+    """400 distinct client addresses against one server, with a 64-entry flow map:
+    entries idle for an interval leave the map, so nothing is dropped, and the
+    server's totals over every peer stay exact."""
+    from conftest import make_config
+    peers, per_child = 400, 40
+    for i in range(peers):
+        net.exec("client", "ip", "addr", "add", f"198.18.{1 + i // 200}.{10 + i % 200}/32", "dev", "c0")
+    net.exec("client", "ip", "route", "replace", "198.18.0.0/24", "dev", "c0")
+    net.exec("server", "ip", "route", "replace", "198.18.0.0/15", "dev", "s0")
+    cfg = make_config(tmp_path, "probes:\n  tcp:\n    map_entries: 64\n")
+    probe = LoadedProbe.load(discover()["tcp"], cfg)
+    points, sizes = [], []
+    srv = None
+    try:
+        probe.poll(time.time_ns())
+        portfile = tmp_path / "port"
+        srv = Child("accept", str(portfile), "tcp-many", peers, "eof", net.V4["server"], netns=net.ns["server"])
+        port = int(wait_for_file(portfile))
+        for j in range(peers // per_child):
+            first = j * per_child
+            src = f"198.18.{1 + first // 200}.{10 + first % 200}"
+            Child("fromeach", net.V4["server"], port, "tcp-peers", src, per_child, netns=net.ns["client"]).wait()
+            time.sleep(0.1)
+            new, me = probe.poll(time.time_ns())
+            assert me.fields["poll_success"] == 1 and me.fields["map_full_drops"] == 0
+            points += new
+            sizes.append(len(probe.bpf.get_table(b"tcp_agg")))
+        assert srv.wait(timeout=60).strip() == "done"
+        time.sleep(0.2)
+        new, me = probe.poll(time.time_ns())
+        assert me.fields["map_full_drops"] == 0
+        points += new
+    finally:
+        if srv:
+            srv.kill()
+        probe.close()
+    assert max(sizes) <= 64
+    rows = [p.fields for p in points if p.measurement == "tcp_flow" and p.tags["pid"] == str(srv.pid)]
+    assert sum(r["passive_opens"] for r in rows) == peers
+    assert sum(r["rx_bytes"] for r in rows) == peers
+    assert sum(r["closes"] for r in rows) == peers

@@ -18,6 +18,7 @@ port to PORTFILE once listening.
                                          RESET_EVERY-th request (0: never) is closed with a reset
   udpflood HOST PORT COMM SECONDS        UDP datagrams as fast as possible (keeps a qdisc full;
                                          TCP cannot, its small-queue limit stops it)
+  fromeach HOST PORT COMM FIRST COUNT    one connection, one byte, from each of COUNT source addresses from FIRST
   duplexd PORTFILE COMM BIND N MODE      one connection: read N bytes, send N back; MODE close:
                                          wait for EOF, close; abort: read N/2, let the rest queue
                                          0.3 s, print the bytes received in order (read + FIONREAD)
@@ -225,6 +226,20 @@ def udpflood(host, port, seconds):
                 pass
 
 
+def fromeach(host, port, first, count):
+    """One connection from each of COUNT source addresses FIRST, FIRST+1, ... (IPv4,
+    already on an interface), one byte each, closed at once."""
+    import ipaddress
+    base = ipaddress.IPv4Address(first)
+    for i in range(count):
+        s = socket.socket()
+        s.bind((str(base + i), 0))
+        s.connect((host, port))
+        s.sendall(b"x")
+        s.close()
+    print("done", flush=True)
+
+
 def duplexd(portfile, bind, n, mode):
     import fcntl
     import termios
@@ -301,6 +316,8 @@ if __name__ == "__main__":
         messages(a[1], int(a[2]), int(a[4]), int(a[5]), float(a[6]))
     elif cmd == "httpd":
         httpd(a[1], a[3], int(a[4]), int(a[5]))
+    elif cmd == "fromeach":
+        fromeach(a[1], int(a[2]), a[4], int(a[5]))
     elif cmd == "duplexd":
         duplexd(a[1], a[3], int(a[4]), a[5])
     elif cmd == "duplex":
