@@ -24,6 +24,15 @@ pytestmark = pytest.mark.ansible
 ANSIBLE = REPO / "ansible"
 BIN = Path(sys.executable).parent
 PASSWORD = "rollout-S3CRET-pw"  # must never show up outside the root-only secret file
+DEFAULT_PROBES = {"block_io", "oom", "cpu", "tcp"}
+# The unit's capability bounding set, with each one's bit (linux/capability.h).
+UNIT_CAPS = {"cap_dac_read_search": 2, "cap_sys_ptrace": 19, "cap_sys_admin": 21, "cap_syslog": 34,
+             "cap_perfmon": 38, "cap_bpf": 39}
+# `systemd-analyze security` of the unit on the test host (systemd 252), as the README
+# states: 2.4 before the tcp probe's capabilities; CAP_SYS_ADMIN, CAP_SYS_PTRACE and
+# CAP_DAC_READ_SEARCH with RestrictNamespaces=net bring it to 3.2, and CAP_SYSLOG
+# without ProtectKernelLogs= and ProtectKernelTunables= (for /proc/kallsyms) to 3.7.
+MAX_EXPOSURE = 3.7
 
 
 def _need_host_tools() -> None:
@@ -218,13 +227,38 @@ def test_unpinned_source_fails_in_preflight_before_any_change(fresh_host, shared
     assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde", check=False).returncode == 1
 
 
+# Each kernel prerequisite, taken away on a fresh host: the extra var outranks the
+# role's floor; a tmpfs hides /sys/kernel/btf, or every cgroup2 mount the agent would use.
+KERNEL_GAPS = {
+    "floor": ("-e _sonde_min_kernel=99.0", "Check the kernel is one the probes are proven on", "older than 99.0"),
+    "btf": ("mount -t tmpfs tmpfs /sys/kernel/btf", "Check the kernel exposes its BTF", "CONFIG_DEBUG_INFO_BTF=y"),
+    "cgroup2": ("for d in /sys/fs/cgroup/unified /sys/fs/cgroup; do [ \"$(stat -f -c %T $d)\" = cgroup2fs ] && "
+                "mount -t tmpfs tmpfs $d; done; true", "Check a cgroup2 hierarchy is mounted", "mount -t cgroup2"),
+}
+
+
+@pytest.mark.parametrize("gap", sorted(KERNEL_GAPS))
+def test_a_kernel_the_probes_cannot_run_on_fails_in_preflight(fresh_host, shared_influx, wheel, tmp_path, gap):
+    setup, task, advice = KERNEL_GAPS[gap]
+    args = setup.split(" ", 1) if setup.startswith("-e ") else []
+    if not args:
+        fresh_host.ssh(setup)
+    play = Rollout(fresh_host, tmp_path, shared_vars(shared_influx, wheel)).play("site.yml", *args)
+    assert play.rc != 0 and play.failed == 1 and play.changed == 0, play.out[-3000:]
+    assert play.task_result(f"sonde : {task}") == "fatal", play.out[-3000:]
+    assert advice in play.out, play.out[-3000:]
+    assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde", check=False).returncode == 1
+
+
 def test_check_mode_on_a_fresh_host_changes_nothing(fresh_host, shared_influx, wheel, tmp_path):
     rollout = Rollout(fresh_host, tmp_path, shared_vars(shared_influx, wheel))
     play = rollout.play("site.yml", "--check", "--diff")
     assert play.clean, play.out[-6000:]
     assert play.changed > 0
     assert "+interval_seconds: 2" in play.out  # the config's diff
-    assert "CapabilityBoundingSet=CAP_BPF CAP_PERFMON" in play.out  # the unit's diff
+    # the unit's diff
+    assert "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SYS_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SYSLOG" \
+        in play.out
     assert PASSWORD not in play.out
     assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde || test -e /etc/systemd/system/sonde.service",
                           check=False).returncode == 1
@@ -246,7 +280,7 @@ def test_applied_service_is_active_and_points_arrive(deployed, shared_influx):
         return {s["tags"]["probe"]: s["values"][0][1] for s in res.get("series", [])}
 
     probes = wait_until(lambda: (r := rows()) and len(r) >= 4 and r, timeout=60, what="points from the test host")
-    assert {"block_io", "oom", "cpu", "tcp_flow"} <= set(probes)
+    assert DEFAULT_PROBES <= set(probes)
     # Kernel data from that host, not only self-metrics: its CPUs' scheduler activity.
     cpu = shared_influx.query(f"SELECT sum(oncpu_us) FROM process_cpu WHERE host = '{host.name}'",
                               db="fleet", auth=("admin", PASSWORD))["results"][0]
@@ -259,24 +293,92 @@ def test_unit_is_hardened_and_verified(deployed):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     show = dict(line.split("=", 1) for line in host.ssh(
         "systemctl show sonde -p CapabilityBoundingSet -p NoNewPrivileges -p ProtectSystem -p ProtectHome "
-        "-p Restart -p StateDirectory -p MainPID").stdout.splitlines())
-    assert set(show["CapabilityBoundingSet"].split()) == {"cap_bpf", "cap_perfmon"}
+        "-p Restart -p StateDirectory -p MainPID -p RestrictNamespaces").stdout.splitlines())
+    assert set(show["CapabilityBoundingSet"].split()) == set(UNIT_CAPS)
+    assert show["RestrictNamespaces"] == "net"
     assert show["NoNewPrivileges"] == "yes"
     assert show["ProtectSystem"] == "strict"
     assert show["ProtectHome"] == "yes"
     assert show["Restart"] == "on-failure"
     assert show["StateDirectory"] == "sonde"
-    # The running agent holds exactly those two (CAP_PERFMON is bit 38, CAP_BPF 39).
+    # The running agent holds exactly those.
     cap_eff = host.ssh(f"grep CapEff /proc/{show['MainPID']}/status").stdout.split()[1]
-    assert int(cap_eff, 16) == (1 << 38) | (1 << 39)
+    assert int(cap_eff, 16) == sum(1 << bit for bit in UNIT_CAPS.values())
     # systemd's own exposure score (0 = fully confined, 10 = unconfined), as the README states.
     security = host.ssh("systemd-analyze security sonde --no-pager", check=False).stdout
     exposure = float(re.search(r"Overall exposure level for sonde\.service: ([0-9.]+)", security).group(1))
-    assert exposure <= 3.0, security[-2000:]
+    assert exposure <= MAX_EXPOSURE, security[-2000:]
     # The file system is read-only to it but for its state dir.
     pid = show["MainPID"]
     assert host.ssh(f"nsenter -t {pid} -m sh -c 'touch /etc/x'", check=False).returncode != 0
     assert host.ssh(f"nsenter -t {pid} -m sh -c 'touch /var/lib/sonde/x && rm /var/lib/sonde/x'").returncode == 0
+
+
+# A listener and one connection to it over loopback, kept open and busy; with
+# `netns`, in the new network namespace it runs in (unshare -rn), whose loopback it
+# brings up itself (the test host has no CAP_NET_ADMIN on the machine's network).
+PAIR = """\
+import fcntl, socket, struct, sys, time
+port = int(sys.argv[1])
+if sys.argv[2:] == ["netns"]:
+    s = socket.socket()
+    flags = struct.unpack("16sh", fcntl.ioctl(s, 0x8913, struct.pack("16sh", b"lo", 0)))[1]  # SIOCGIFFLAGS
+    fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags | 1))  # SIOCSIFFLAGS: IFF_UP
+srv = socket.socket()
+srv.bind(("127.0.0.1", port))
+srv.listen()
+cli = socket.create_connection(("127.0.0.1", port))
+conn, _ = srv.accept()
+while True:
+    cli.sendall(b"x" * 1000)
+    conn.recv(65536)
+    time.sleep(0.2)
+"""
+
+
+def test_capabilities_give_the_tcp_probe_every_owner_and_namespace(deployed, shared_influx, tmp_path):
+    """What the tcp probe's capabilities are for, under the unit: a listening or accepted
+    socket's owner is the process whose /proc/PID/fd links to it (CAP_SYS_PTRACE for a
+    process with more capabilities than the agent or another uid, CAP_DAC_READ_SEARCH
+    to list another user's fd directory), and a socket in another network namespace is
+    only in a sock_diag dump made there (setns: CAP_SYS_ADMIN, RestrictNamespaces=net).
+    Checked here: the unit without any one of them loses at least one of these owners
+    (without CAP_SYS_ADMIN or CAP_SYSLOG the tcp probe does not load at all)."""
+    host = deployed[0].host
+    script = tmp_path / "pair.py"
+    script.write_text(PAIR)
+    host.put(script, "/usr/local/lib/sonde-test-pair.py")
+    host.ssh("chmod 0644 /usr/local/lib/sonde-test-pair.py")
+    run = "/usr/bin/python3 /usr/local/lib/sonde-test-pair.py"
+    units = {  # systemd-run starts each as root with every capability unless told otherwise
+        "sonde-pair-root": f"{run} {free_port()}",
+        "sonde-pair-nobody": f"-p User=nobody {run} {free_port()}",
+        "sonde-pair-netns": f"/usr/bin/unshare -rn {run} {free_port()} netns",
+    }
+    try:
+        for unit, cmd in units.items():
+            host.ssh(f"systemd-run --quiet --unit={unit} {cmd}")
+        pids = {unit: host.ssh(f"systemctl show -p MainPID --value {unit}").stdout.strip() for unit in units}
+        assert "0" not in pids.values(), host.ssh("systemctl status 'sonde-pair-*' --no-pager", check=False).stdout
+        netns = {unit: host.ssh(f"readlink /proc/{pid}/ns/net").stdout.strip() for unit, pid in pids.items()}
+        assert netns["sonde-pair-netns"] != netns["sonde-pair-root"]
+
+        def states() -> dict[str, set[str]]:
+            res = shared_influx.query(
+                f"SELECT last(sockets) FROM tcp_states WHERE host = '{host.name}' AND time > now() - 10s "
+                f"GROUP BY pid, state", db="fleet", auth=("admin", PASSWORD))["results"][0]
+            seen: dict[str, set[str]] = {}
+            for series in res.get("series", []):
+                seen.setdefault(series["tags"]["pid"], set()).add(series["tags"]["state"])
+            return seen
+
+        want = {pid: {"LISTEN", "ESTABLISHED"} for pid in pids.values()}
+        wait_until(lambda: all(want[pid] <= states().get(pid, set()) for pid in want), timeout=60,
+                   what=f"the pairs' sockets attributed to their pids {pids}")
+        journal = host.ssh("journalctl -u sonde -o cat --no-pager", check=False).stdout
+        assert "cannot open a sock_diag socket" not in journal, journal[-2000:]
+    finally:
+        host.ssh(f"systemctl stop {' '.join(units)}", check=False)
 
 
 def test_secret_is_root_only_and_nowhere_else(deployed):
@@ -435,8 +537,8 @@ def test_example_embedded_group_runs_its_own_influxdb(base_root, wheel, tmp_path
             except OSError:  # the agent's influxd may still be starting
                 return set()
             return {s["tags"]["probe"] for s in res.get("series", [])}
-        assert {"block_io", "oom", "cpu", "tcp_flow"} <= wait_until(
-            lambda: (p := probes()) >= {"block_io", "oom", "cpu", "tcp_flow"} and p, timeout=90,
+        assert DEFAULT_PROBES <= wait_until(
+            lambda: (p := probes()) >= DEFAULT_PROBES and p, timeout=90,
             what="points in the host's embedded InfluxDB")
         # Its data lives in the unit's state dir, the one writable place.
         assert host.ssh("ls /var/lib/sonde").stdout.split()
@@ -462,7 +564,7 @@ def test_example_v2_group_writes_through_the_v2_api(base_root, wheel, victoria, 
             except OSError:
                 return []
         series = wait_until(exported, timeout=90, what="points in VictoriaMetrics from the test host")
-        assert {s["metric"]["probe"] for s in series} >= {"block_io", "oom", "cpu", "tcp_flow"}
+        assert {s["metric"]["probe"] for s in series} >= DEFAULT_PROBES
 
 
 def test_a_new_wheel_is_reinstalled_and_restarts_once(deployed, wheel, tmp_path):
