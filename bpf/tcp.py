@@ -49,9 +49,8 @@ from pathlib import Path
 
 from ingest import hist
 from ingest.bpfinfo import detach_by_name
-from ingest.bpfmap import pop, read_all
+from ingest.bpfmap import pop_all, read_all
 from ingest.cardinality import OTHER, top_n
-from ingest.delta import DeltaTracker
 from ingest.lineproto import Point
 from ingest.probe import Probe
 from ingest import sockdiag
@@ -205,9 +204,6 @@ class TcpDecoder:
         self.closed_seen = probe.table("closed_seen")
         self.listeners = probe.table("listeners")
         self.reasons_map = probe.table("tcp_reset_reason")
-        self.agg_deltas = DeltaTracker()
-        self.hist_deltas = DeltaTracker()
-        self.reason_deltas = DeltaTracker()
         fmt = probe.config.paths.tracefs / "events/tcp/tcp_send_reset/format"
         self.reason_names = reset_reasons(fmt.read_text()) if fmt.exists() else {}
         self.known: dict[int, Known] = {}
@@ -286,84 +282,29 @@ class TcpDecoder:
             except KeyError:
                 pass
 
-        # 2. What the kernel summed per flow: events, and sockets no dump saw.
-        raw = read_all(self.agg)
-        tgids = {k.tgid for k, _ in raw if k.tgid}
-        dead = {t for t in tgids if not self.probe.procfs.alive(t)}
-        if dead:
-            # An exited process's orphaned sockets may still close and add to its
-            # entries: take each one's value and remove it in one step, so a later
-            # add starts a new entry, counted at the next poll.
-            popped = []
-            for k, v in raw:
-                if k.tgid in dead:
-                    k = type(k).from_buffer_copy(k)
-                    v = pop(self.agg, k)
-                    if v is None:
-                        continue
-                popped.append((k, v))
-            raw = popped
+        # 2. What the kernel summed per flow since the last poll (events, and sockets no
+        # dump saw), taken out of the maps entry by entry: a map holds only what one
+        # interval touched, and an add after the take lands in the next interval.
         members = list(AGG_MEMBERS)
-
-        def add_agg(k, v, values) -> None:
-            d = dict(zip(members, values))
+        raw = pop_all(self.agg)
+        dead = {t for t in {k.tgid for k, _ in raw if k.tgid} if not self.probe.procfs.alive(t)}
+        for k, v in raw:
+            d = {m: getattr(v, AGG_MEMBERS[m]) for m in members}
             if not any(d.values()):
-                return
+                continue
             f = flow(self._fk(k), bytes(v.comm).split(b"\0", 1)[0])
             f.exited = k.tgid in dead
             for c in COUNTERS:
                 f.counters[c] += d[c]
             for sname in ("connect_sum_us", "lifetime_sum_us", "srtt_sum_us"):
                 f.sums[sname] += d[sname]
-
-        idle = []
-        for k, v in raw:
-            fk = self._fk(k)
-            now = tuple(getattr(v, AGG_MEMBERS[m]) for m in members)
-            d = self.agg_deltas.delta(fk, now)
-            if any(d):
-                add_agg(k, v, d)
-            elif k.tgid not in dead:
-                idle.append((type(k).from_buffer_copy(k), now))
-        # Entries idle this interval are taken out of the map (a public server's
-        # per-client entries would fill it otherwise): whatever the kernel added
-        # since the read is in the popped value and counted now; a later add starts
-        # a new entry.
-        for k, before in idle:
-            v = pop(self.agg, k)
-            self.agg_deltas.forget(self._fk(k))
-            if v is not None:
-                add_agg(k, v, tuple(getattr(v, AGG_MEMBERS[m]) - b for m, b in zip(members, before)))
-
-        def add_hist(k, d) -> None:
-            fk = self._fk(k.fk)
-            kind, slot = k.kind_slot >> 8, k.kind_slot & 0xFF
-            b = flow(fk, b"").hists.setdefault(HISTS[kind], {})
-            b[slot] = b.get(slot, 0) + d
-
-        raw_hists = []
-        idle_hists = []
-        for k, v in read_all(self.hists):
-            if k.fk.tgid in dead:
-                k = type(k).from_buffer_copy(k)
-                v = pop(self.hists, k)
-                if v is None:
-                    continue
+        raw_hists = pop_all(self.hists)
+        for k, v in raw_hists:
             count = v if isinstance(v, int) else v.value
-            raw_hists.append((k, count))
-            hk = (self._fk(k.fk), k.kind_slot >> 8, k.kind_slot & 0xFF)
-            (d,) = self.hist_deltas.delta(hk, (count,))
-            if d:
-                add_hist(k, d)
-            elif k.fk.tgid not in dead:
-                idle_hists.append((type(k).from_buffer_copy(k), count, hk))
-        for k, before, hk in idle_hists:
-            v = pop(self.hists, k)
-            self.hist_deltas.forget(hk)
-            if v is not None:
-                extra = (v if isinstance(v, int) else v.value) - before
-                if extra:
-                    add_hist(k, extra)
+            if count:
+                b = flow(self._fk(k.fk), b"").hists.setdefault(HISTS[k.kind_slot >> 8], {})
+                slot = k.kind_slot & 0xFF
+                b[slot] = b.get(slot, 0) + count
 
         # 3. Live sockets, one dump per network namespace.
         self._scanned = False
@@ -378,12 +319,6 @@ class TcpDecoder:
         points += self._states(ts, states)
         points += self._resets(ts, dead)
 
-        for k, _ in raw:
-            if k.tgid in dead:
-                self.agg_deltas.forget(self._fk(k))
-        for k, _ in raw_hists:
-            if k.fk.tgid in dead:
-                self.hist_deltas.forget((self._fk(k.fk), k.kind_slot >> 8, k.kind_slot & 0xFF))
         self.first_poll = False
         return points, len(raw) + len(raw_hists) + len(self.known)
 
@@ -709,10 +644,8 @@ class TcpDecoder:
 
     def _resets(self, ts: int, dead: set[int]) -> list[Point]:
         pts = []
-        for k, v in list(self.reasons_map.items()):
-            if k.tgid in dead:
-                v = self.reasons_map[k]
-            (d,) = self.reason_deltas.delta((k.tgid, k.reason), (v.resets,))
+        for k, v in pop_all(self.reasons_map):
+            d = v.resets
             if d:
                 kept = k.tgid in self.kept_tgids or k.tgid == 0
                 pid = str(k.tgid) if kept else OTHER
@@ -723,9 +656,6 @@ class TcpDecoder:
                     pid, comm = OTHER, OTHER
                 pts.append(Point("tcp_resets_sent", {"host": self.host, "pid": pid, "comm": comm, "reason": reason},
                                  {"resets": d}, ts))
-            if k.tgid in dead:
-                self._delete(self.reasons_map, k)
-                self.reason_deltas.forget((k.tgid, k.reason))
         # several folded processes may share pid=other and a reason: merge them
         merged: dict[tuple, Point] = {}
         for p in pts:

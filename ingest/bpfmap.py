@@ -18,7 +18,23 @@ _buffers: dict[tuple, tuple] = {}
 def read_all(table) -> list[tuple]:
     """Every (key, value) of a non-per-CPU hash map, valid until the next call for this map."""
     from bcc.libbcc import lib
+    return _batch(table, lib.bpf_lookup_batch, "BPF_MAP_LOOKUP_BATCH")
 
+
+def pop_all(table) -> list[tuple]:
+    """Take every (key, value) out of a non-per-CPU hash map
+    (BPF_MAP_LOOKUP_AND_DELETE_BATCH): each entry is copied and deleted under its
+    bucket's lock, so an update the kernel makes after that lands in a new entry,
+    taken at the next call. Nothing is lost between a read and a delete. Valid until
+    the next call for this map."""
+    from bcc.libbcc import lib
+    rows = _batch(table, lib.bpf_lookup_and_delete_batch, "BPF_MAP_LOOKUP_AND_DELETE_BATCH", fallback=False)
+    if rows is None:  # no batch ops (before 5.6): one entry at a time
+        rows = [(k, v) for k in list(table.keys()) if (v := pop(table, k)) is not None]
+    return rows
+
+
+def _batch(table, fn, what: str, fallback: bool = True):
     n = table.max_entries
     fd = table.map_fd
     slot = (fd, table.Key, table.Leaf, n)
@@ -32,8 +48,8 @@ def read_all(table) -> list[tuple]:
     total, first = 0, True
     while total < n:
         count = ct.c_uint32(n - total)
-        res = lib.bpf_lookup_batch(fd, None if first else ct.byref(in_batch), ct.byref(out_batch),
-                                   ct.byref(keys, ksz * total), ct.byref(values, vsz * total), ct.byref(count))
+        res = fn(fd, None if first else ct.byref(in_batch), ct.byref(out_batch),
+                 ct.byref(keys, ksz * total), ct.byref(values, vsz * total), ct.byref(count))
         err = ct.get_errno()
         total += count.value
         if res != 0:
@@ -41,8 +57,8 @@ def read_all(table) -> list[tuple]:
                 break  # the whole map has been read
             if total == 0 and err in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524,
                                        errno.EOPNOTSUPP, 524):
-                return list(table.items())
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {table.name if hasattr(table, 'name') else fd} failed")
+                return list(table.items()) if fallback else None
+            raise OSError(err, f"{what} on {table.name if hasattr(table, 'name') else fd} failed")
         in_batch.value = out_batch.value
         first = False
         if count.value == 0:

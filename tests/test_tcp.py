@@ -231,12 +231,15 @@ def test_bpf_stats_show_the_probe_runs_per_connection_not_per_byte(bpf_ready, ne
     finally:
         agent.stop()
     me = [p for p in points if p.measurement == "sonde_probe" and p.tags["probe"] == "tcp"]
-    segs = sum(p.fields["rx_segments"] + p.fields["tx_segments"] for p in points
-               if p.measurement == "tcp_flow" and p.tags["port"] == str(port))
-    assert segs > 100
+    flows = [p.fields for p in points if p.measurement == "tcp_flow"]
+    segs = sum(f["rx_segments"] + f["tx_segments"] for f in flows)
+    # every connection on the host in the interval (other processes' too): its
+    # programs run a bounded number of times per connection, never per segment
+    conns = sum(f["active_opens"] + f["passive_opens"] + f["connect_refused"] + f["connect_timeouts"]
+                for f in flows)
     runs = me[0].fields["bpf_run_count"]
-    # two sockets: connect, 2 established callbacks, ~5 state changes each, 2 releases
-    assert 4 <= runs <= 40, runs
+    assert conns >= 2 and segs > 100
+    assert 4 <= runs <= 12 * conns, (runs, conns, segs)
     assert me[0].fields["bpf_run_time_ns"] > 0
 
 
