@@ -2,9 +2,10 @@
 
 A direct-I/O loop device is busy for real (its requests go to the backing file on
 the real disk), fio keeps 32 requests in flight on it, and every poll's points are
-checked against /proc/diskstats read at the same moment. Requests are 128 KiB: at
+checked against /proc/diskstats read at the same moment. Requests are 1 MiB: at
 4 KiB the queue drains whenever a busy host keeps fio off the CPU for a millisecond,
-and the disk is then really idle for part of the interval (diskstats agrees).
+and the disk is then really idle for part of the interval (diskstats agrees); 32 MiB
+in flight take tens of milliseconds to drain.
 """
 import json
 import os
@@ -62,14 +63,18 @@ def block_probe(bpf_ready, tmp_path):
 
 @pytest.fixture
 def loop(tmp_path):
-    """make(size_mb, direct=, partscan=): a loop device on a sparse file, detached (its
-    iostats setting restored first: loop devices keep it across attachments) at the end."""
+    """make(size_mb, direct=, partscan=, filled=): a loop device on a sparse (or written
+    out) file, detached at the end (its iostats setting restored first: loop devices keep
+    it across attachments)."""
     need(Path("/usr/sbin/losetup").exists() or Path("/sbin/losetup").exists(), "losetup (util-linux)")
     made = []
 
-    def make(size_mb=64, direct=False, partscan=False):
+    def make(size_mb=64, direct=False, partscan=False, filled=False):
         img = tmp_path / f"disk{len(made)}.img"
-        sh("truncate", "-s", f"{size_mb}M", str(img))
+        if filled:  # written out, so reads do real I/O (a hole reads back at once, without any)
+            sh("dd", "if=/dev/zero", f"of={img}", "bs=1M", f"count={size_mb}", "oflag=direct")
+        else:
+            sh("truncate", "-s", f"{size_mb}M", str(img))
         dev = sh("losetup", "-f", "--show", *(["--direct-io=on"] if direct else []), *(["-P"] if partscan else []),
                  str(img))
         made.append(dev)
@@ -97,15 +102,17 @@ def block_points(points, disk):
 def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop):
     need(Path("/usr/bin/fio").exists(), "fio")
     probe = block_probe()
-    dev = loop(256, direct=True)
+    dev = loop(128, direct=True, filled=True)
     disk = os.path.basename(dev)
     probe.poll(time.time_ns())
     base = diskstats(disk)
-    # Queue depth 32 in all, from four processes at a raised priority, so that a busy
-    # host (other tests, a VM) keeping one off the CPU does not let the queue drain.
-    fio = subprocess.Popen(["nice", "-n", "-10", "fio", "--name=qd32", f"--filename={dev}", "--rw=randrw",
-                            "--rwmixread=50", "--bs=128k", "--direct=1", "--ioengine=libaio", "--numjobs=4", "--iodepth=8",
-                            "--group_reporting", "--time_based", "--runtime=20", "--output-format=json"],
+    # Queue depth 32 in all, from four processes at real-time priority (they mostly
+    # sleep in io_getevents), so that a busy host (other tests, a VM) keeping them off
+    # the CPU does not let the queue drain.
+    need(shutil.which("chrt") is not None, "chrt (util-linux)")
+    fio = subprocess.Popen(["chrt", "-f", "10", "fio", "--name=qd32", f"--filename={dev}", "--rw=randrw",
+                            "--rwmixread=50", "--bs=1m", "--direct=1", "--ioengine=libaio", "--numjobs=4",
+                            "--iodepth=8", "--group_reporting", "--time_based", "--runtime=20", "--output-format=json"],
                            stdout=subprocess.PIPE, text=True)
     everything = []  # every point polled after the baseline, the probe's own included
     intervals = []   # (points, diskstats delta over the same interval, seconds), wholly under load
@@ -136,7 +143,7 @@ def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop
         assert len(busy) == 1, "disk_busy must be written every interval"
         utils.append((round(busy[0].fields["util_pct"], 1), round(delta["io_ticks"] / (seconds * 1000) * 100, 1)))
         assert [p for p in points if p.measurement == "block_io" and p.tags["disk"] == disk]
-    assert all(ours >= 95 and abs(ours - theirs) <= 3 for ours, theirs in utils), utils
+    assert not [u for u in utils if u[0] < 95 or abs(u[0] - u[1]) > 3], utils
 
     # Requests and bytes against diskstats over the whole run (the baseline was read
     # after the first poll, and the last poll came after fio had finished).
@@ -154,13 +161,15 @@ def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop
     # but no BPF program, raw or perf-based, and they are not counted as recursion
     # misses either (measured: 2-6 of 400,000 with nothing else attached, up to 4 in
     # 10^4 on a busy host). So: never more than the kernel counted, short by at most
-    # the misses the kernel reports plus 1 in 10^3, and short only by whole requests.
+    # the misses the kernel reports plus 1 in 10^3, and bytes short only with requests.
     misses = sum(p.fields["kernel_misses"] for p in everything if p.measurement == "sonde_probe")
     short = {op: total[op + "s"] - got[op + "s"] for op in ("read", "write")}
     assert all(n >= 0 for n in short.values()), (got, total)
     assert sum(short.values()) <= misses + (total["reads"] + total["writes"]) // 1000, (got, total, misses)
-    assert total["read_sectors"] * 512 - got["read_bytes"] == short["read"] * 128 * 1024
-    assert total["write_sectors"] * 512 - got["write_bytes"] == short["write"] * 128 * 1024
+    largest = int(Path(f"/sys/block/{disk}/queue/max_sectors_kb").read_text()) * 1024  # fio's 1 MiB is split
+    for op in ("read", "write"):
+        missing = total[op + "_sectors"] * 512 - got[op + "_bytes"]
+        assert (missing > 0) == (short[op] > 0) and missing <= short[op] * largest, (op, missing, short)
     assert total["reads"] >= fio_out["jobs"][0]["read"]["total_ios"] > 1000
     assert got["errors"] == 0
 
