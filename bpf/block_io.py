@@ -77,25 +77,26 @@ def disk_name(sys_root: Path, dev: int) -> str:
 
 # --- what the kernel must have, looked up by name in its BTF --------------------------
 
-def need_btf(what: str, fn, *args, probe: str = "block_io"):
+def need_btf(fn, *args, probe: str = "block_io"):
+    """fn(*args) on the kernel's BTF, its BTFError turned into the probe's one line."""
     try:
         return fn(*args)
     except btf.BTFError as e:
-        raise ProbeError(f"probe {probe}: this kernel lacks {what} ({str(e).split(': ', 1)[-1]}); "
-                         f"disable it with probes.{probe}.enabled: false")
+        source, _, what = str(e).partition(": ")
+        raise ProbeError(f"probe {probe}: {what} (per {source}); disable it with probes.{probe}.enabled: false")
 
 
 def layout(b: btf.BTF) -> dict[str, int]:
     """The -D values block_io.bpf.c needs, from this kernel's BTF. Raises a one-line
     ProbeError naming the first thing the kernel lacks."""
-    args = need_btf("the raw tracepoint block_rq_complete", b.raw_tracepoint_args, "block_rq_complete")
+    args = need_btf(b.raw_tracepoint_args, "block_rq_complete")
     if len(args) != 3 or args[0] != "struct request *":
         raise ProbeError(f"probe block_io: raw tracepoint block_rq_complete passes ({', '.join(args)}), "
                          f"not (struct request *, status, nr_bytes); disable it with probes.block_io.enabled: false")
     d = {"BLOCK_IO_LAYOUT": 1, "RQC_ARG_RQ": 0, "RQC_ARG_ERROR": 1, "RQC_ARG_NR_BYTES": 2}
 
     def member(struct_name: str, path: str, size: int) -> int:
-        m = need_btf(f"{struct_name}.{path}", b.member, struct_name, path)
+        m = need_btf(b.member, struct_name, path)
         if m.size != size:
             raise ProbeError(f"probe block_io: {struct_name}.{path} is {m.size} bytes in this kernel, "
                              f"not {size}; disable it with probes.block_io.enabled: false")
@@ -105,7 +106,7 @@ def layout(b: btf.BTF) -> dict[str, int]:
           "RQ_DATA_LEN": member("request", "__data_len", 4), "RQ_START": member("request", "start_time_ns", 8),
           "RQ_IO_START": member("request", "io_start_time_ns", 8)}
     sizes = {"RQ_CMD_FLAGS": 4, "RQ_RQ_FLAGS": 4, "RQ_DATA_LEN": 4, "RQ_START": 8, "RQ_IO_START": 8}
-    part = need_btf("request.part", b.member, "request", "part")
+    part = need_btf(b.member, "request", "part")
     if b.spell(part.type_id) == "struct block_device *":  # 5.10's is a struct hd_struct: disk only
         rq["RQ_PART"], sizes["RQ_PART"] = part.offset, 8
         d["BD_DEV"] = member("block_device", "bd_dev", 4)
@@ -125,10 +126,10 @@ def layout(b: btf.BTF) -> dict[str, int]:
 
     # op and flag values (trailing _ keeps them clear of the kernel headers' own macros)
     for op in ("READ", "WRITE", "FLUSH", "DISCARD", "SECURE_ERASE"):
-        d[f"REQ_OP_{op}_"] = need_btf(f"REQ_OP_{op}", b.enum_value, f"REQ_OP_{op}")
-    op_bits = need_btf("__REQ_FAILFAST_DEV (the first flag after the op bits)", b.enum_value, "__REQ_FAILFAST_DEV")
+        d[f"REQ_OP_{op}_"] = need_btf(b.enum_value, f"REQ_OP_{op}")
+    op_bits = need_btf(b.enum_value, "__REQ_FAILFAST_DEV")  # the first flag bit, just past the op
     d["REQ_OP_MASK_"] = (1 << op_bits) - 1
-    d["REQ_SYNC_"] = 1 << need_btf("__REQ_SYNC", b.enum_value, "__REQ_SYNC")
+    d["REQ_SYNC_"] = 1 << need_btf(b.enum_value, "__REQ_SYNC")
     rqf = b.enum_value("__RQF_IO_STAT") if b.has_enum_value("__RQF_IO_STAT") else RQF_IO_STAT_DEFINE
     d["RQF_IO_STAT_"] = 1 << rqf
     return d

@@ -27,11 +27,11 @@ from ingest.probe import CounterMap, Probe
 
 def layout(b: btf.BTF) -> dict[str, int]:
     """-D values process_io.bpf.c needs; a one-line ProbeError names what the kernel lacks."""
-    args = need_btf("the raw tracepoint block_getrq", b.raw_tracepoint_args, "block_getrq", probe="process_io")
+    args = need_btf(b.raw_tracepoint_args, "block_getrq", probe="process_io")
     if "struct bio *" not in args:
         raise ProbeError(f"probe process_io: raw tracepoint block_getrq passes ({', '.join(args)}), no bio; "
                          f"disable it with probes.process_io.enabled: false")
-    size = need_btf("bio.bi_iter.bi_size", b.member, "bio", "bi_iter.bi_size", probe="process_io")
+    size = need_btf(b.member, "bio", "bi_iter.bi_size", probe="process_io")
     if size.size != 4:
         raise ProbeError(f"probe process_io: bio.bi_iter.bi_size is {size.size} bytes in this kernel, not 4; "
                          f"disable it with probes.process_io.enabled: false")
