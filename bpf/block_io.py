@@ -135,30 +135,16 @@ def layout(b: btf.BTF) -> dict[str, int]:
     return d
 
 
-def compile_with_layout(probe, values: dict[str, int]) -> None:
-    """Compile bpf/<probe>.bpf.c again, with this kernel's layout as -D flags, in place
-    of the object the runtime compiled without them (which holds no programs)."""
-    from bcc import BPF
-
-    from ingest.probe import _malloc_trim
-
-    name = probe.spec.name
-    flags = [f"-DMAX_ENTRIES={probe.settings.map_entries}", f"-I{BPF_DIR}"] + [f"-D{k}={v}" for k, v in values.items()]
-    probe.bpf.cleanup()
-    probe.bpf = None
-    src = BPF_DIR / f"{name}.bpf.c"
+def kernel_btf(sys_root, probe: str = "block_io") -> btf.BTF:
     try:
-        probe.bpf = BPF(src_file=str(src).encode(), cflags=flags)
-    except Exception as e:  # bcc raises bare Exception for compile and attach failures
-        raise ProbeError(f"probe {name}: bcc could not load {src.name}: {str(e).splitlines()[0]}")
-    _malloc_trim()
-
-
-def kernel_btf(probe) -> btf.BTF:
-    try:
-        return btf.load(probe.config.paths.sys)
+        return btf.load(sys_root)
     except btf.BTFError as e:
-        raise ProbeError(f"probe {probe.spec.name}: {e}; disable it with probes.{probe.spec.name}.enabled: false")
+        raise ProbeError(f"probe {probe}: {e}; disable it with probes.{probe}.enabled: false")
+
+
+def kernel_cflags(sys_root) -> list[str]:
+    """The -D flags of this kernel's layout, passed to the compile by the runtime."""
+    return [f"-D{k}={v}" for k, v in layout(kernel_btf(sys_root)).items()]
 
 
 # --- /proc/diskstats -------------------------------------------------------------------
@@ -181,8 +167,6 @@ class BlockDecoder:
         self.host = probe.config.host
         self.sys_root = Path(probe.config.paths.sys)
         self.proc_root = Path(probe.config.paths.proc)
-        if probe.bpf is not None and not probe.bpf.funcs:
-            compile_with_layout(probe, layout(kernel_btf(probe)))
         self.io = probe.table("block_io")
         self.io_d = DeltaTracker()
         self.names: dict[int, str] = {}
@@ -249,5 +233,6 @@ PROBE = Probe(
     name="block_io",
     doc=__doc__,
     hooks=("block:block_rq_complete",),
+    cflags=kernel_cflags,
     decoder=BlockDecoder,
 )

@@ -19,7 +19,7 @@ Kernel floor: raw tracepoints and BTF in sysfs; the tracepoint's prototype and
 """
 from __future__ import annotations
 
-from bpf.block_io import compile_with_layout, kernel_btf, need_btf
+from bpf.block_io import kernel_btf, need_btf
 from ingest import btf
 from ingest.errors import ProbeError
 from ingest.probe import CounterMap, Probe
@@ -38,16 +38,8 @@ def layout(b: btf.BTF) -> dict[str, int]:
     return {"PROCESS_IO_LAYOUT": 1, "GETRQ_ARG_BIO": args.index("struct bio *"), "BIO_SIZE": size.offset}
 
 
-class Loader:
-    """No decoding of its own (the map is declared below); it compiles the program
-    with this kernel's layout."""
-
-    def __init__(self, probe):
-        if probe.bpf is not None and not probe.bpf.funcs:
-            compile_with_layout(probe, layout(kernel_btf(probe)))
-
-    def poll(self, ts: int):
-        return [], 0
+def kernel_cflags(sys_root) -> list[str]:
+    return [f"-D{k}={v}" for k, v in layout(kernel_btf(sys_root, "process_io")).items()]
 
 
 PROBE = Probe(
@@ -56,5 +48,5 @@ PROBE = Probe(
     hooks=("block:block_getrq",),
     maps=(CounterMap("process_io", {"bytes": "bytes", "requests": "requests"}, tgid="", rank_by=("bytes",)),),
     default_enabled=False,
-    decoder=Loader,
+    cflags=kernel_cflags,
 )

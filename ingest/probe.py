@@ -229,6 +229,8 @@ class LoadedProbe:
         if spec.cflags is not None:
             try:
                 cflags += spec.cflags(config.paths.sys)
+            except ProbeError:
+                raise
             except SondeError as e:
                 raise ProbeError(f"probe {spec.name}: {e}")
         optional_missing = tuple(missing_hooks(spec, config.paths.tracefs, spec.optional_hooks))
