@@ -107,15 +107,16 @@ http {{
 
 @pytest.fixture(scope="module")
 def filled(influx, tmp_path_factory):
-    """A real agent run with every default probe while nginx proxies, a disk works,
-    a process spins and one is OOM-killed."""
+    """A real agent run with every default probe (and the opt-in process_io, which a
+    disk panel shows) while nginx proxies, a disk works, a process spins and one is
+    OOM-killed."""
     from conftest import bpf_prereqs, free_port
     bpf_prereqs()
     need(Path("/usr/sbin/nginx").exists(), "nginx")
     tmp = tmp_path_factory.mktemp("filled")
     db = "t_dashboards"
     influx.query(f'CREATE DATABASE "{db}"')
-    cfg = make_config(tmp, api="v1", url=influx.url, database=db)
+    cfg = make_config(tmp, "probes:\n  process_io:\n    enabled: true\n", api="v1", url=influx.url, database=db)
     agent = Agent(cfg, max_backoff=0.5).start()
     procs, loop, cg = [], None, None
     start_ms = int(time.time() * 1000)
