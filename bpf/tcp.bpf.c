@@ -23,6 +23,11 @@
 #include <uapi/linux/bpf.h>
 #include "sonde.h"
 
+/* bpf_probe_read_kernel, called by its number: bcc rewrites calls by that name to
+ * bpf_probe_read when /proc/kallsyms shows no addresses (no CAP_SYSLOG, or systemd's
+ * ProtectKernelTunables=), and sock_ops programs may not call bpf_probe_read. */
+static long (*sonde_read_kernel)(void *dst, u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
+
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
@@ -191,7 +196,7 @@ static __always_inline u64 sock_cookie_of(const void *sk)
 {
     u64 cookie = 0;
     if (sk)
-        bpf_probe_read_kernel(&cookie, sizeof(cookie), (const char *)sk + OFF_SKC_COOKIE);
+        sonde_read_kernel(&cookie, sizeof(cookie), (const char *)sk + OFF_SKC_COOKIE);
     return cookie;
 }
 
@@ -269,7 +274,7 @@ static __always_inline void on_close(struct bpf_sock_ops *s, u64 cookie, u32 old
         /* a BTF-typed pointer may take a constant offset; the bare socket pointer may not */
         void *tp = bpf_skc_to_tcp_sock(sk);
         if (tp)
-            bpf_probe_read_kernel(&flags, sizeof(flags), (const char *)tp + OFF_SKC_FLAGS);
+            sonde_read_kernel(&flags, sizeof(flags), (const char *)tp + OFF_SKC_FLAGS);
     }
     u64 fin_in = (flags >> SOCK_DONE_BIT) & 1;
     struct final_t f = {};

@@ -32,7 +32,7 @@ RECIPE = {
 # The container keeps what the agent needs on top of nspawn's default set (which
 # has CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH but not these), and
 # bpf()/perf_event_open() are let through nspawn's syscall filter.
-CAPABILITIES = "CAP_BPF,CAP_PERFMON,CAP_SYSLOG"
+CAPABILITIES = "CAP_BPF,CAP_PERFMON"
 SYSCALLS = "bpf perf_event_open"
 # apt's archives, shared by the test hosts (which run one at a time), so the role
 # runs download bcc, LLVM and the headers once, not once per host.

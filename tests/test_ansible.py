@@ -26,13 +26,11 @@ BIN = Path(sys.executable).parent
 PASSWORD = "rollout-S3CRET-pw"  # must never show up outside the root-only secret file
 DEFAULT_PROBES = {"block_io", "oom", "cpu", "tcp"}
 # The unit's capability bounding set, with each one's bit (linux/capability.h).
-UNIT_CAPS = {"cap_dac_read_search": 2, "cap_sys_ptrace": 19, "cap_sys_admin": 21, "cap_syslog": 34,
-             "cap_perfmon": 38, "cap_bpf": 39}
+UNIT_CAPS = {"cap_dac_read_search": 2, "cap_sys_ptrace": 19, "cap_sys_admin": 21, "cap_perfmon": 38, "cap_bpf": 39}
 # `systemd-analyze security` of the unit on the test host (systemd 252), as the README
 # states: 2.4 before the tcp probe's capabilities; CAP_SYS_ADMIN, CAP_SYS_PTRACE and
-# CAP_DAC_READ_SEARCH with RestrictNamespaces=net bring it to 3.2, and CAP_SYSLOG
-# without ProtectKernelLogs= and ProtectKernelTunables= (for /proc/kallsyms) to 3.7.
-MAX_EXPOSURE = 3.7
+# CAP_DAC_READ_SEARCH with RestrictNamespaces=net bring it to 3.2.
+MAX_EXPOSURE = 3.2
 
 
 def _need_host_tools() -> None:
@@ -257,8 +255,7 @@ def test_check_mode_on_a_fresh_host_changes_nothing(fresh_host, shared_influx, w
     assert play.changed > 0
     assert "+interval_seconds: 2" in play.out  # the config's diff
     # the unit's diff
-    assert "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SYS_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH CAP_SYSLOG" \
-        in play.out
+    assert "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_SYS_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH" in play.out
     assert PASSWORD not in play.out
     assert fresh_host.ssh("test -e /opt/sonde || test -e /etc/sonde || test -e /etc/systemd/system/sonde.service",
                           check=False).returncode == 1
@@ -343,7 +340,7 @@ def test_capabilities_give_the_tcp_probe_every_owner_and_namespace(deployed, sha
     to list another user's fd directory), and a socket in another network namespace is
     only in a sock_diag dump made there (setns: CAP_SYS_ADMIN, RestrictNamespaces=net).
     Checked here: the unit without any one of them loses at least one of these owners
-    (without CAP_SYS_ADMIN or CAP_SYSLOG the tcp probe does not load at all)."""
+    (without CAP_SYS_ADMIN the tcp probe does not load at all)."""
     host = deployed[0].host
     script = tmp_path / "pair.py"
     script.write_text(PAIR)
