@@ -24,7 +24,8 @@ pytestmark = pytest.mark.hot_path
 GUEST_MARKER = "kernel_matrix"   # the guest runs `pytest -m GUEST_MARKER tests/`
 MIN_GUEST_TESTS = 1              # fewer collected in a guest fails, once marked tests exist
 # Boot + job, per kernel, once the image is cached (boot ~20 s; each probe compile 5-40 s).
-BOOT_TIMEOUT = float(os.environ.get("SONDE_KERNEL_TIMEOUT", 420))
+# The guest tests dominate; raise this as the marked set grows.
+BOOT_TIMEOUT = float(os.environ.get("SONDE_KERNEL_TIMEOUT", 600))
 # Run the smoke job even when marked tests exist: SONDE_KERNEL_SMOKE=1.
 FORCE_SMOKE = os.environ.get("SONDE_KERNEL_SMOKE", "") == "1"
 RESULTS = qemu.CACHE / "results"  # each run's guest output, by kernel, for reading afterwards
@@ -68,7 +69,7 @@ def test_kernel_matrix(name, capsys):
     marked = guest_test_files()
     smoke = FORCE_SMOKE or not marked
     job = (qemu.smoke_step() if smoke else "") \
-        + qemu.pytest_step(GUEST_MARKER, "--ignore=tests/test_kernel_matrix.py tests/") \
+        + qemu.pytest_step(GUEST_MARKER, "--durations=5 --ignore=tests/test_kernel_matrix.py tests/") \
         + 'exit "$(cat /job/pytest.rc)"\n'
     progress(f"[{name}] booting {kernel.abi} under QEMU (TCG); job: "
              + ("smoke, then " if smoke else "") + f"pytest -m {GUEST_MARKER} ({len(marked)} files marked)")
@@ -76,6 +77,8 @@ def test_kernel_matrix(name, capsys):
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.log").write_text(res.output + f"\n# {res.summary()}\n")
     (RESULTS / f"{name}.console.log").write_text(res.console)
+    if "junit.xml" in res.files:  # per-test times in the guest
+        (RESULTS / f"{name}.junit.xml").write_text(res.files["junit.xml"])
     for line in res.output.splitlines():
         if line.startswith("SMOKE ") or re.match(r"=+ .*(passed|failed|error|no tests ran|deselected).* =+$", line):
             progress(f"[{name}] {line}")
