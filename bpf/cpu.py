@@ -216,12 +216,13 @@ class CpuDecoder:
         return [int(n) for n in os.listdir(self.root) if n.isdigit()]
 
     def _text(self, path: str) -> str | None:
+        """A small /proc file in one read (os.open: pathlib costs more than the read here)."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return None
         try:
-            return os.read(fd, 8192).decode("ascii", "replace")
+            return os.read(fd, 8192).decode("utf-8", "surrogateescape")
         except OSError:
             return None
         finally:
@@ -344,7 +345,9 @@ class CpuDecoder:
             p.listed = self.gen
             d = self._read(tgid, p)
             if d and any(d):
-                p.last_comm = self.probe.procfs.comm(tgid) or p.comm or p.last_comm
+                comm = self._text(f"{self.root}/{tgid}/comm")
+                p.last_comm = (comm.encode("utf-8", "surrogateescape").removesuffix(b"\n") if comm else
+                               p.comm or p.last_comm)
                 rows.append((tgid, printable_name(p.last_comm), d))
 
         for tgid, p in list(self.procs.items()):
