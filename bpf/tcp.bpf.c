@@ -133,13 +133,17 @@ struct aborted_t {
     char comm[SONDE_COMM_LEN];
 };
 
-BPF_HASH(conns, u64, struct conn_t, MAX_CONNS);
+/* Maps whose entries are deleted while programs may hold a pointer to them (an
+ * entry looked up, then added to) are not preallocated: a deleted element is freed
+ * after an RCU grace period, so a late add can never land in an element already
+ * reused for another key. */
+BPF_F_TABLE("hash", u64, struct conn_t, conns, MAX_CONNS, BPF_F_NO_PREALLOC);
 BPF_HASH(seen, u64, struct owner_t, MAX_CONNS);
 BPF_HASH(closed_seen, u64, struct final_t, MAX_CONNS);
-BPF_HASH(tcp_agg, struct flow_key, struct agg_t, MAX_ENTRIES);
-BPF_HASH(tcp_hist, struct hist_key, u64, MAX_ENTRIES * 4);
+BPF_F_TABLE("hash", struct flow_key, struct agg_t, tcp_agg, MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct hist_key, u64, tcp_hist, MAX_ENTRIES * 4, BPF_F_NO_PREALLOC);
 BPF_HASH(listeners, struct listen_key, struct owner_t, 4096);
-BPF_HASH(tcp_reset_reason, struct reason_key, struct reason_val, 4096);
+BPF_F_TABLE("hash", struct reason_key, struct reason_val, tcp_reset_reason, 4096, BPF_F_NO_PREALLOC);
 BPF_TABLE("lru_hash", u64, struct aborted_t, aborted, 4096);
 BPF_PERCPU_ARRAY(scratch_agg, struct agg_t, 1);
 BPF_PERCPU_ARRAY(sonde_drops, u64, 1);

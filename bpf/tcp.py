@@ -49,7 +49,8 @@ from pathlib import Path
 
 from ingest import hist
 from ingest.bpfinfo import detach_by_name
-from ingest.bpfmap import pop_all, read_all
+from ingest.bpfmap import pop, read_all
+from ingest.delta import DeltaTracker
 from ingest.cardinality import OTHER, top_n
 from ingest.lineproto import Point
 from ingest.probe import Probe
@@ -204,6 +205,9 @@ class TcpDecoder:
         self.closed_seen = probe.table("closed_seen")
         self.listeners = probe.table("listeners")
         self.reasons_map = probe.table("tcp_reset_reason")
+        self.agg_deltas = DeltaTracker()
+        self.hist_deltas = DeltaTracker()
+        self.reason_deltas = DeltaTracker()
         fmt = probe.config.paths.tracefs / "events/tcp/tcp_send_reset/format"
         self.reason_names = reset_reasons(fmt.read_text()) if fmt.exists() else {}
         self.known: dict[int, Known] = {}
@@ -282,29 +286,63 @@ class TcpDecoder:
             except KeyError:
                 pass
 
-        # 2. What the kernel summed per flow since the last poll (events, and sockets no
-        # dump saw), taken out of the maps entry by entry: a map holds only what one
-        # interval touched, and an add after the take lands in the next interval.
+        # 2. What the kernel summed per flow (events, and sockets no dump saw):
+        # cumulative entries, read as deltas. An entry idle for a whole interval is
+        # taken out (lookup-and-delete), counting anything added since the read, so
+        # a map holds at most two intervals' flows; no program can still be adding to
+        # an entry nothing touched for an interval, and the maps are not preallocated,
+        # so a deleted entry is never reused under a late writer.
         members = list(AGG_MEMBERS)
-        raw = pop_all(self.agg)
+        raw = read_all(self.agg)
         dead = {t for t in {k.tgid for k, _ in raw if k.tgid} if not self.probe.procfs.alive(t)}
-        for k, v in raw:
-            d = {m: getattr(v, AGG_MEMBERS[m]) for m in members}
+
+        def add_agg(k, v, values) -> None:
+            d = dict(zip(members, values))
             if not any(d.values()):
-                continue
+                return
             f = flow(self._fk(k), bytes(v.comm).split(b"\0", 1)[0])
             f.exited = k.tgid in dead
             for c in COUNTERS:
                 f.counters[c] += d[c]
             for sname in ("connect_sum_us", "lifetime_sum_us", "srtt_sum_us"):
                 f.sums[sname] += d[sname]
-        raw_hists = pop_all(self.hists)
+
+        idle = []
+        for k, v in raw:
+            now = tuple(getattr(v, AGG_MEMBERS[m]) for m in members)
+            d = self.agg_deltas.delta(self._fk(k), now)
+            if any(d):
+                add_agg(k, v, d)
+            else:
+                idle.append((type(k).from_buffer_copy(k), now))
+        for k, before in idle:
+            v = pop(self.agg, k)
+            self.agg_deltas.forget(self._fk(k))
+            if v is not None:
+                add_agg(k, v, tuple(getattr(v, AGG_MEMBERS[m]) - b for m, b in zip(members, before)))
+
+        def add_hist(k, d) -> None:
+            b = flow(self._fk(k.fk), b"").hists.setdefault(HISTS[k.kind_slot >> 8], {})
+            slot = k.kind_slot & 0xFF
+            b[slot] = b.get(slot, 0) + d
+
+        raw_hists = read_all(self.hists)
+        idle_hists = []
         for k, v in raw_hists:
             count = v if isinstance(v, int) else v.value
-            if count:
-                b = flow(self._fk(k.fk), b"").hists.setdefault(HISTS[k.kind_slot >> 8], {})
-                slot = k.kind_slot & 0xFF
-                b[slot] = b.get(slot, 0) + count
+            hk = (self._fk(k.fk), k.kind_slot)
+            (d,) = self.hist_deltas.delta(hk, (count,))
+            if d:
+                add_hist(k, d)
+            else:
+                idle_hists.append((type(k).from_buffer_copy(k), count, hk))
+        for k, before, hk in idle_hists:
+            v = pop(self.hists, k)
+            self.hist_deltas.forget(hk)
+            if v is not None:
+                extra = (v if isinstance(v, int) else v.value) - before
+                if extra:
+                    add_hist(k, extra)
 
         # 3. Live sockets, one dump per network namespace.
         self._scanned = False
@@ -446,6 +484,8 @@ class TcpDecoder:
                 return None       # closed before the mark: the kernel summed all of it
             except KeyError:      # closed after the mark: its finals are in closed_seen
                 self.known[s.cookie] = Known(fk, (0,) * len(VOLUME), True, client, comm)
+                if c.role == 2:  # its first sight: the kernel leaves the open to the agent
+                    flow(fk, comm).counters["passive_opens"] += 1
                 return None
         now = live_counters(s, client)
         st = self.known[s.cookie] = Known(fk, now, True, client, comm)
@@ -644,8 +684,14 @@ class TcpDecoder:
 
     def _resets(self, ts: int, dead: set[int]) -> list[Point]:
         pts = []
-        for k, v in pop_all(self.reasons_map):
-            d = v.resets
+        for k, v in read_all(self.reasons_map):
+            (d,) = self.reason_deltas.delta((k.tgid, k.reason), (v.resets,))
+            if not d:
+                k = type(k).from_buffer_copy(k)
+                before = v.resets
+                v = pop(self.reasons_map, k)
+                self.reason_deltas.forget((k.tgid, k.reason))
+                d = (v.resets - before) if v is not None else 0
             if d:
                 kept = k.tgid in self.kept_tgids or k.tgid == 0
                 pid = str(k.tgid) if kept else OTHER

@@ -21,19 +21,6 @@ def read_all(table) -> list[tuple]:
     return _batch(table, lib.bpf_lookup_batch, "BPF_MAP_LOOKUP_BATCH")
 
 
-def pop_all(table) -> list[tuple]:
-    """Take every (key, value) out of a non-per-CPU hash map
-    (BPF_MAP_LOOKUP_AND_DELETE_BATCH): each entry is copied and deleted under its
-    bucket's lock, so an update the kernel makes after that lands in a new entry,
-    taken at the next call. Nothing is lost between a read and a delete. Valid until
-    the next call for this map."""
-    from bcc.libbcc import lib
-    rows = _batch(table, lib.bpf_lookup_and_delete_batch, "BPF_MAP_LOOKUP_AND_DELETE_BATCH", fallback=False)
-    if rows is None:  # no batch ops (before 5.6): one entry at a time
-        rows = [(k, v) for k in list(table.keys()) if (v := pop(table, k)) is not None]
-    return rows
-
-
 def _batch(table, fn, what: str, fallback: bool = True):
     n = table.max_entries
     fd = table.map_fd
