@@ -96,10 +96,12 @@ def reset_reasons(format_text: str) -> dict[int, str]:
 
 def app_bytes(s: "sockdiag.TcpSock", client: bool) -> tuple[int, int]:
     """(tx, rx) application bytes of a live socket from its tcp_info: bytes_acked less
-    our SYN (active opens past SYN_SENT) and our FIN once acked (FIN_WAIT2);
-    bytes_received less the peer's FIN (CLOSE_WAIT, LAST_ACK, CLOSING)."""
-    state = s.state
-    syn = 1 if client and state != sockdiag.TCP_SYN_SENT else 0
+    our SYN (an active open's first acked byte) and our FIN once acked (FIN_WAIT2);
+    bytes_received less the peer's FIN (CLOSE_WAIT, LAST_ACK, CLOSING). The state is
+    tcp_info's own, read with the counters; a socket changing state during the dump can
+    still be off by one here, which the final count at close corrects."""
+    state = s.info_state or s.state
+    syn = 1 if client and s.bytes_acked else 0
     fin_out = 1 if state == sockdiag.TCP_FIN_WAIT2 else 0
     fin_in = 1 if state in (sockdiag.TCP_CLOSE_WAIT, sockdiag.TCP_LAST_ACK, sockdiag.TCP_CLOSING) else 0
     return max(s.bytes_acked - syn - fin_out, 0), max(s.bytes_received - fin_in, 0)
@@ -211,6 +213,7 @@ class TcpDecoder:
         fmt = probe.config.paths.tracefs / "events/tcp/tcp_send_reset/format"
         self.reason_names = reset_reasons(fmt.read_text()) if fmt.exists() else {}
         self.known: dict[int, Known] = {}
+        self.debt: dict[tuple, list[int]] = {}  # flow -> counts written ahead of its final count
         self.diag: dict[int, sockdiag.DiagSocket] = {}
         self.own_netns = int(os.readlink("/proc/self/ns/net")[5:-1])
         self.listener_cache: dict[tuple, tuple] = {}
@@ -280,7 +283,7 @@ class TcpDecoder:
             fk = st.fk if st else (0, 0, 0, 0, bytes(16))
             f = flow(fk, st.comm if st else b"")
             for name, a, b in zip(VOLUME, final, base):
-                f.counters[name] += max(a - b, 0)
+                f.counters[name] += a - b  # below 0 when a poll caught the socket mid-transition
             try:
                 del self.closed_seen[self.closed_seen.Key(cookie)]
             except KeyError:
@@ -352,6 +355,17 @@ class TcpDecoder:
         socks = self._dump()
         states = self._live(socks, flow)
 
+        # A final count below what the polls wrote (a socket read mid-transition, off
+        # by a SYN or FIN) is taken from the flow's later intervals, never written as
+        # a negative delta: totals stay exact.
+        for fk, f in flows.items():
+            debt = self.debt.pop(fk, None)
+            for i, name in enumerate(VOLUME):
+                v = f.counters[name] + (debt[i] if debt else 0)
+                if v < 0:
+                    self.debt.setdefault(fk, [0] * len(VOLUME))[i] = v
+                    v = 0
+                f.counters[name] = v
         points = self._emit(ts, [f for f in flows.values() if any(f.counters.values()) or f.hists or f.window])
         points += self._traffic(ts, points)
         points += self._states(ts, states)

@@ -65,6 +65,7 @@ class TcpSock(NamedTuple):
     uid: int
     inode: int
     has_info: bool
+    info_state: int = 0  # tcpi_state: read with the counters, later than `state` in the same message
     rtt_us: int = 0
     snd_cwnd: int = 0
     total_retrans: int = 0
@@ -129,7 +130,7 @@ def parse_dump(data: bytes) -> tuple[list[TcpSock], bool]:
                 if nla_len < 4:
                     break
                 if nla_type & 0x3FFF == INET_DIAG_INFO:
-                    info = parse_tcp_info(data, a + 4, a + nla_len)
+                    info = (data[a + 4],) + parse_tcp_info(data, a + 4, a + nla_len)
                     break
                 a += (nla_len + 3) & ~3
             head = (family, state, port(sport)[0], port(dport)[0], src[:alen], dst[:alen], c0 | (c1 << 32), uid, inode)

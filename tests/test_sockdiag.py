@@ -29,7 +29,7 @@ def test_established_client_socket():
     assert done
     assert socks == [sockdiag.TcpSock(
         family=2, state=1, sport=36076, dport=35281, src=b"\x7f\0\0\x01", dst=b"\x7f\0\0\x01", cookie=3986270,
-        uid=0, inode=4712952, has_info=True, rtt_us=23, snd_cwnd=11, total_retrans=0, bytes_acked=1001,
+        uid=0, inode=4712952, has_info=True, info_state=1, rtt_us=23, snd_cwnd=11, total_retrans=0, bytes_acked=1001,
         bytes_received=0, segs_out=3, segs_in=2, snd_wnd=70656, rcv_wnd=65536)]
 
 
