@@ -74,7 +74,7 @@ def fired(points, rule):
 
 
 def test_backend_resets_fire_and_grafana_rule_computes_the_same_value(staged, influx, influx_db, tmp_path):
-    agent = staged("tcp_flow")
+    agent = staged("tcp")
     portfile = tmp_path / "port"
     srv = Child("accept", str(portfile), "rst-backend", 5, "rst", "127.0.0.1")
     port = int(wait_for_file(portfile))
@@ -102,7 +102,7 @@ def test_backend_resets_fire_and_grafana_rule_computes_the_same_value(staged, in
 
 
 def test_failed_connects_fire_then_resolve(staged, influx, influx_db):
-    agent = staged("tcp_flow")
+    agent = staged("tcp")
     bad = Child("connects", "127.0.0.1", free_port(), "sonde-hc", 3)
     assert bad.wait().strip() == "ok=0 refused=3 reset=0"
     t0 = int(time.time() * 1000)
