@@ -91,11 +91,13 @@ def test_bytes_both_directions_exact(tcp, net, tmp_path, v6, life):
     assert c["active_opens"] == 1 and s["passive_opens"] == 1
     assert c["closes"] == 1 and s["closes"] == 1
     if life == "reset":
-        # the server read half, let the rest queue, then reset: what it had
-        # received in order (its own count) is exactly what the client had acked
+        # the server read half, let the rest queue, then reset: its rx is exactly
+        # what it received in order (its own count); the client's acked bytes are
+        # that much unless the reset overtook the last ACK, and what it sent but
+        # never saw acknowledged is in tx_unacked_bytes
         assert N // 2 <= got <= sent
-        assert c["tx_bytes"] == s["rx_bytes"] == got
-        assert c["tx_bytes"] + c["tx_unacked_bytes"] <= sent
+        assert s["rx_bytes"] == got
+        assert c["tx_bytes"] <= got <= c["tx_bytes"] + c["tx_unacked_bytes"] <= sent
         assert c["rx_bytes"] == s["tx_bytes"] == 0
         assert s["resets_sent"] == 1 and c["resets_received"] == 1
         return
