@@ -65,9 +65,14 @@ _NAME_OFF = 64
 
 
 class _QueryAttr(ctypes.Structure):
+    # Room for the whole query section: since 6.6 the kernel writes `revision` (at byte
+    # 56) back whatever size was passed, which past a 32-byte struct corrupts memory.
     _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
                 ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
-                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("prog_attach_flags", ctypes.c_uint64), ("link_ids", ctypes.c_uint64),
+                ("link_attach_flags", ctypes.c_uint64), ("revision", ctypes.c_uint64),
+                ("reserved", ctypes.c_uint8 * 64)]
 
 
 class _DetachAttr(ctypes.Structure):
