@@ -204,24 +204,17 @@ static __always_inline u64 sock_cookie_of(const void *sk)
     return cookie;
 }
 
-static __always_inline void remote_of(struct bpf_sock_ops *s, u8 *addr)
+/* The remote (or, with local set, the local) address of a sock_ops socket. */
+static __always_inline void addr_of(struct bpf_sock_ops *s, u8 *addr, int local)
 {
     if (s->family == SONDE_AF_INET) {
-        u32 a = s->remote_ip4;
+        u32 a = local ? s->local_ip4 : s->remote_ip4;
         __builtin_memcpy(addr, &a, 4);
+    } else if (local) {
+        u32 a[4] = {s->local_ip6[0], s->local_ip6[1], s->local_ip6[2], s->local_ip6[3]};
+        __builtin_memcpy(addr, a, 16);
     } else {
         u32 a[4] = {s->remote_ip6[0], s->remote_ip6[1], s->remote_ip6[2], s->remote_ip6[3]};
-        __builtin_memcpy(addr, a, 16);
-    }
-}
-
-static __always_inline void local_of(struct bpf_sock_ops *s, u8 *addr)
-{
-    if (s->family == SONDE_AF_INET) {
-        u32 a = s->local_ip4;
-        __builtin_memcpy(addr, &a, 4);
-    } else {
-        u32 a[4] = {s->local_ip6[0], s->local_ip6[1], s->local_ip6[2], s->local_ip6[3]};
         __builtin_memcpy(addr, a, 16);
     }
 }
@@ -231,7 +224,7 @@ static __always_inline void local_of(struct bpf_sock_ops *s, u8 *addr)
 static __always_inline void listener_owner(struct bpf_sock_ops *s, struct flow_key *fk, char *comm)
 {
     struct listen_key lk = {.port = (u16)s->local_port, .family = (u16)s->family};
-    local_of(s, lk.addr);
+    addr_of(s, lk.addr, 1);
     struct owner_t *o = listeners.lookup(&lk);
     if (!o) {
         __builtin_memset(lk.addr, 0, sizeof(lk.addr));
@@ -369,7 +362,7 @@ int sonde_sockops(struct bpf_sock_ops *s)
         n.flagged = 1;
         n.family = s->family;
         n.port = bpf_ntohl(s->remote_port);
-        remote_of(s, n.addr);
+        addr_of(s, n.addr, 0);
         n.t0 = bpf_ktime_get_ns();
         if (conns.update(&cookie, &n))
             count_drop();
@@ -406,7 +399,7 @@ int sonde_sockops(struct bpf_sock_ops *s)
         n.est = 1;
         n.family = s->family;
         n.port = s->local_port;
-        remote_of(s, n.addr);
+        addr_of(s, n.addr, 0);
         n.t0 = bpf_ktime_get_ns();
         if (conns.update(&cookie, &n))
             count_drop();

@@ -21,7 +21,7 @@ def read_all(table) -> list[tuple]:
     return _batch(table, lib.bpf_lookup_batch, "BPF_MAP_LOOKUP_BATCH")
 
 
-def _batch(table, fn, what: str, fallback: bool = True):
+def _batch(table, fn, what: str):
     n = table.max_entries
     fd = table.map_fd
     slot = (fd, table.Key, table.Leaf, n)
@@ -44,7 +44,7 @@ def _batch(table, fn, what: str, fallback: bool = True):
                 break  # the whole map has been read
             if total == 0 and err in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524,
                                        errno.EOPNOTSUPP, 524):
-                return list(table.items()) if fallback else None
+                return list(table.items())
             raise OSError(err, f"{what} on {table.name if hasattr(table, 'name') else fd} failed")
         in_batch.value = out_batch.value
         first = False
