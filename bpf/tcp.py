@@ -480,7 +480,7 @@ class TcpDecoder:
         key = self.seen.Key(s.cookie)
         leaf = self.seen.Leaf()
         leaf.tgid = owner
-        ctypes.memmove(leaf.comm, comm[:15], min(len(comm), 15))
+        leaf.comm = comm[:15]  # a char[] field reads back as a bytes copy: assign, never memmove into it
         try:
             self.seen[key] = leaf
         except Exception:  # the map is full: count it from the kernel's sums at close
@@ -543,15 +543,15 @@ class TcpDecoder:
             if self.listener_cache.get(key) != val:
                 k = self.listeners.Key()
                 k.port, k.family = key[1], key[0]
-                ctypes.memmove(k.addr, key[2], 16)
+                k.addr[:] = key[2]
                 leaf = self.listeners.Leaf()
                 leaf.tgid = val[0]
-                ctypes.memmove(leaf.comm, val[1][:15], min(len(val[1]), 15))
+                leaf.comm = val[1][:15]
                 self.listeners[k] = leaf
         for key in set(self.listener_cache) - set(want):
             k = self.listeners.Key()
             k.port, k.family = key[1], key[0]
-            ctypes.memmove(k.addr, key[2], 16)
+            k.addr[:] = key[2]
             self._delete(self.listeners, k)
         self.listener_cache = want
 

@@ -279,10 +279,3 @@ def drain(agent) -> None:
     agent.poll()
     wait_until(lambda: len(agent.spool) == 0, what="spool drained")
 
-
-def pytest_collection_modifyitems(session, config, items):
-    """The Ansible tests run first. Run after the in-process agent tests (alerts,
-    anomaly), their first subprocess failed with `embedded null byte` on this machine
-    (issue 12 closing note: an in-process memory fault not yet found); run first, they
-    pass. The order is stable otherwise."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/test_ansible.py") else 1)
