@@ -4,7 +4,7 @@ Each rule is a few catalog-checked InfluxQL queries (refs A, B, ... over relativ
 time windows), a formula over their per-series values (Grafana math syntax:
 `$A / $B`, comparisons give 0 or 1), and a comparison against a threshold from
 alerts/thresholds.yaml. `grafana_provisioning()` renders Grafana alerting
-provisioning (validated against the Grafana 11.6 schema); ingest/alerting.py
+provisioning (validated against the Grafana 11.6 schema); ingest/analysis/alerting.py
 evaluates the same queries and formula inside the agent.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from ingest.docs import replace_section
-from ingest.queries import Query
+from sonde.ingest.docs import replace_section
+from sonde.ingest.analysis.queries import Query
 
 THRESHOLDS = Path(__file__).resolve().parent / "thresholds.yaml"
 DATASOURCE_UID = "sonde-influxdb"
@@ -133,7 +133,7 @@ def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
                       {"A": Ref(q("sonde_probe", "count(poll_success) - sum(poll_success) as value", (),
                                   ("host", "probe")), r["window"])},
                       "$A", "gt", r["threshold"], r["for"], _why("agent_poll_failures")))
-    for rule in rules:  # (the `anomaly` section configures ingest/anomaly.py, not a rule)
+    for rule in rules:  # (the `anomaly` section configures ingest/analysis/anomaly.py, not a rule)
         for ref in rule.refs.values():
             ref.query.check()
     return {r.name: r for r in rules}

@@ -42,7 +42,7 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(1, str(REPO))
 import stats as bstats  # noqa: E402  (bench/stats.py)
-from ingest import bpfinfo  # noqa: E402
+from sonde.ingest.runtime import bpfinfo  # noqa: E402
 RESULTS_DIR = BENCH_DIR / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OTHER_CPU_WARN = 10  # % of one core used by processes not ours during a run: flag it
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ab: {tool} not found on PATH; scripts/setup.sh install installs it", file=sys.stderr)
             return 1
     sonde_bin = Path(sys.executable).parent / "sonde"
-    sonde = [str(sonde_bin)] if sonde_bin.exists() else [sys.executable, "-m", "ingest.cli"]
+    sonde = [str(sonde_bin)] if sonde_bin.exists() else [sys.executable, "-m", "sonde.ingest.cli"]
     agent_env = None
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
     orders = pair_orders(args.runs, args.order, seed)
@@ -711,9 +711,14 @@ def main(argv: list[str] | None = None) -> int:
                 sha = export_rev(args.rev, tmp / "src")
             except subprocess.CalledProcessError as e:
                 raise BenchError(f"--rev {args.rev}: {(e.stderr or '').strip() or e}")
-            # PYTHONPATH comes before the venv's editable install, so ingest/ and bpf/ are the export's.
-            sonde = [sys.executable, "-m", "ingest.cli"]
-            agent_env = dict(os.environ, PYTHONPATH=str(tmp / "src"))
+            # PYTHONPATH comes before the venv's editable install, so ingest/ and bpf/ are the export's:
+            # pkgs/sonde -> src makes the export importable as the `sonde` namespace (the layout since
+            # issue 13); an older revision's top-level `ingest` package runs from src itself.
+            (tmp / "pkgs").mkdir()
+            (tmp / "pkgs" / "sonde").symlink_to(tmp / "src")
+            new_layout = (tmp / "src" / "ingest" / "runtime").is_dir()
+            sonde = [sys.executable, "-m", "sonde.ingest.cli" if new_layout else "ingest.cli"]
+            agent_env = dict(os.environ, PYTHONPATH=f"{tmp / 'pkgs'}:{tmp / 'src'}")
             source = f"git archive {sha[:12]} ({args.rev})"
         else:
             source = source_description()

@@ -25,10 +25,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ingest.config import InfluxDB  # noqa: E402
-from ingest.embedded import InfluxServer  # noqa: E402
-from ingest.lineproto import Point, encode  # noqa: E402
-from ingest.sinks import V1Sink  # noqa: E402
+from sonde.ingest.config import InfluxDB  # noqa: E402
+from sonde.ingest.output.embedded import InfluxServer  # noqa: E402
+from sonde.ingest.output.lineproto import Point, encode  # noqa: E402
+from sonde.ingest.output.sinks import V1Sink  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from ab import free_port  # noqa: E402

@@ -12,7 +12,7 @@ two clock reads around each run), to subtract.
 
     .venv/bin/python bench/block_io_cost.py [--duration 10] [--iodepth 1] [--probe NAME] [--compare REV]
 
---compare REV also measures bpf/block_io.bpf.c as it was at git revision REV (its
+--compare REV also measures bpf/block_io/block_io.bpf.c as it was at git revision REV (its
 programs only; it is compiled as that revision compiled it). Needs root and fio.
 """
 from __future__ import annotations
@@ -75,15 +75,15 @@ def main() -> int:
     ap.add_argument("--iodepth", type=int, default=1)
     ap.add_argument("--probe", action="append", help="probes to measure, each alone (default: block_io, "
                                                      "process_io)")
-    ap.add_argument("--compare", help="git revision whose bpf/block_io.bpf.c to measure too")
+    ap.add_argument("--compare", help="git revision whose bpf/block_io/block_io.bpf.c to measure too")
     args = ap.parse_args()
 
     from bcc import BPF
 
     import importlib
 
-    from ingest import config
-    from ingest.probe import LoadedProbe
+    from sonde.ingest import config
+    from sonde.ingest.runtime.probe import LoadedProbe
 
     cfg = config.parse("state_dir: /tmp/sonde-bench-block-cost\n")
     previous = STATS.read_text().strip()
@@ -99,7 +99,7 @@ def main() -> int:
             try:
                 fio(dev, 2, args.iodepth)  # warm the page cache
                 for name in args.probe or ["block_io", "process_io"]:
-                    probe = LoadedProbe.load(importlib.import_module(f"bpf.{name}").PROBE, cfg)
+                    probe = LoadedProbe.load(importlib.import_module(f"sonde.bpf.{name}.probe").PROBE, cfg)
                     try:
                         results[name] = measure(probe.bpf.funcs, dev, args.duration, args.iodepth)
                     finally:
@@ -110,7 +110,7 @@ def main() -> int:
                 finally:
                     empty.cleanup()
                 if args.compare:
-                    src = subprocess.run(["git", "-C", str(REPO), "show", f"{args.compare}:bpf/block_io.bpf.c"],
+                    src = subprocess.run(["git", "-C", str(REPO), "show", f"{args.compare}:bpf/block_io/block_io.bpf.c"],
                                          capture_output=True, text=True, check=True).stdout
                     old = BPF(text=src, cflags=[f"-I{REPO / 'bpf'}", "-DMAX_ENTRIES=10240"])
                     try:

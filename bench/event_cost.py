@@ -84,7 +84,7 @@ int main(int argc, char **argv) {
 
 
 def bpf_snapshot() -> dict[int, tuple[str, int, int]]:
-    from ingest import bpfinfo
+    from sonde.ingest.runtime import bpfinfo
     return bpfinfo.all_run_stats()
 
 
@@ -143,8 +143,10 @@ def main() -> int:
 
     from bcc import BPF
 
-    from ingest import bpfinfo, config
-    from ingest.probe import LoadedProbe, discover
+    from sonde.ingest.runtime import bpfinfo
+
+    from sonde.ingest import config
+    from sonde.ingest.runtime.probe import LoadedProbe, discover
 
     probes = args.probe or ["tcp"]
     known = discover()

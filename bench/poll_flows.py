@@ -118,8 +118,8 @@ def main() -> int:
         return 1
     out = args.out or REPO / f"bench/results/{args.name}.json"
 
-    from ingest import config
-    from ingest.probe import LoadedProbe, discover
+    from sonde.ingest import config
+    from sonde.ingest.runtime.probe import LoadedProbe, discover
 
     flows = 2 * args.ports
     cfg = config.parse(f"state_dir: /tmp/sonde-bench-poll\ncardinality:\n  max_series: 10000000\n"

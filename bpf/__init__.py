@@ -1,0 +1,1 @@
+"""Sonde's probes: one folder each (bpf/<probe>/), found by discovery; sonde.h is their shared header."""

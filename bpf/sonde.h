@@ -20,9 +20,11 @@
 
 #define SONDE_COMM_LEN 16
 
-/* Every probe declares `BPF_PERCPU_ARRAY(sonde_drops, u64, 1)` and its own
- * count_drop() in its .bpf.c: bcc rewrites map method calls (`.lookup`) only in the
- * main file, so the helper cannot live in this header. */
+/* Every probe declares `BPF_PERCPU_ARRAY(sonde_drops, u64, 1)` and a one-line
+ * count_drop() (`sonde_drops.increment(zero)`) in its .bpf.c: bcc rewrites map
+ * references (`.lookup`, `&map` in bpf_map_* calls) only in the main file, so neither
+ * the map nor the helper can live in this header (tried: the program then fails to
+ * load). The runtime reads the map as `sonde_probe.map_full_drops`. */
 
 #endif
 

@@ -1,6 +1,6 @@
 """Agent: is Sonde itself healthy? Poll durations, drops, spool, write errors."""
-from dashboards.house import HOST_VAR, Grid, dashboard, timeseries
-from ingest.queries import Query
+from sonde.dashboards.house import HOST_VAR, Grid, dashboard, timeseries
+from sonde.ingest.analysis.queries import Query
 
 H = (("host", "$host"),)
 grid = Grid()

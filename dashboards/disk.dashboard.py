@@ -1,6 +1,6 @@
 """Disk: the latency split as heatmaps, throughput, utilisation, by I/O class."""
-from dashboards.house import HOST_VAR, Grid, dashboard, heatmap, timeseries, variable
-from ingest.queries import Query
+from sonde.dashboards.house import HOST_VAR, Grid, dashboard, heatmap, timeseries, variable
+from sonde.ingest.analysis.queries import Query
 
 DISK = variable("disk", "Disk", 'SHOW TAG VALUES FROM "block_io" WITH KEY = "disk" WHERE "host" =~ /^$host$/')
 D = (("host", "$host"), ("disk", "$disk"))

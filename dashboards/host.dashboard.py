@@ -1,6 +1,6 @@
 """Host overview: CPU by process, disks, network totals, OOM kills, agent health."""
-from dashboards.house import (HOST_VAR, PROCESS_VAR, Grid, dashboard, stat, timeseries)
-from ingest.queries import Query
+from sonde.dashboards.house import (HOST_VAR, PROCESS_VAR, Grid, dashboard, stat, timeseries)
+from sonde.ingest.analysis.queries import Query
 
 H = (("host", "$host"),)
 grid = Grid()

@@ -1,6 +1,6 @@
 """House style for Sonde's dashboards, so each `*.dashboard.py` stays a short list of panels.
 
-Panels take `ingest.queries.Query` objects (catalog-checked) and lay themselves out
+Panels take `sonde.ingest.analysis.queries.Query` objects (catalog-checked) and lay themselves out
 on a 24-column grid. `render()` turns a grafanalib Dashboard into the JSON Sonde
 ships: grafanalib's output normalised to the current Grafana model (its legacy
 keys dropped or renamed), which validates against the Grafana 11.6 schemas.
@@ -16,8 +16,8 @@ from grafanalib import core as g
 from grafanalib._gen import DashboardEncoder
 from grafanalib.influxdb import InfluxDBTarget
 
-from ingest.docs import replace_section
-from ingest.queries import Query
+from sonde.ingest.docs import replace_section
+from sonde.ingest.analysis.queries import Query
 
 DATASOURCE = {"type": "influxdb", "uid": "sonde-influxdb"}
 DASH_DIR = Path(__file__).resolve().parent

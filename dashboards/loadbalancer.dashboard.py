@@ -3,8 +3,8 @@
 Frontend flows are the service's accepted connections (role=server: clients ->
 listening port); backend flows are those it opened (role=client: worker ->
 upstream). Per-backend shares show whether balancing is fair."""
-from dashboards.house import HOST_VAR, Grid, dashboard, table, timeseries, variable
-from ingest.queries import Query
+from sonde.dashboards.house import HOST_VAR, Grid, dashboard, table, timeseries, variable
+from sonde.ingest.analysis.queries import Query
 
 SERVICE = variable("service", "Service", 'SHOW TAG VALUES FROM "tcp_flow" WITH KEY = "comm" WHERE "host" =~ /^$host$/',
                    include_all=False)

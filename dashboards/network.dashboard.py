@@ -1,6 +1,6 @@
 """Network (L4): who talks to whom, how much, how slowly, with what failures."""
-from dashboards.house import HOST_VAR, PEER_VAR, PROCESS_VAR, Grid, dashboard, heatmap, table, timeseries
-from ingest.queries import Query
+from sonde.dashboards.house import HOST_VAR, PEER_VAR, PROCESS_VAR, Grid, dashboard, heatmap, table, timeseries
+from sonde.ingest.analysis.queries import Query
 
 F = (("host", "$host"), ("comm", "$process"), ("peer", "$peer"))
 grid = Grid()

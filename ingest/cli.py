@@ -11,9 +11,9 @@ import sys
 import threading
 from pathlib import Path
 
-from . import catalog
-from . import config as config_mod
-from .errors import SondeError
+from sonde.ingest.runtime import catalog
+from sonde.ingest import config as config_mod
+from sonde.ingest.errors import SondeError
 
 EXIT_USAGE = 2
 EXIT_PROBLEM = 1
@@ -79,7 +79,7 @@ def _setup_logging(level: str, debug: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from .agent import Agent
+    from sonde.ingest.runtime.agent import Agent
 
     cfg = config_mod.load(args.config)
     _setup_logging(cfg.log_level, args.debug)
@@ -96,10 +96,10 @@ def cmd_run(args) -> int:
 
 def check_problems(cfg) -> list[str]:
     """Every problem `sonde check` finds, one line each."""
-    from .agent import effective_sink_config
-    from .probe import discover, kernel_problems
-    from .probe import enabled as probe_enabled
-    from .sinks import make_sink
+    from sonde.ingest.runtime.agent import effective_sink_config
+    from sonde.ingest.runtime.probe import discover, kernel_problems
+    from sonde.ingest.runtime.probe import enabled as probe_enabled
+    from sonde.ingest.output.sinks import make_sink
 
     problems = []
     if os.geteuid() != 0:
@@ -160,7 +160,9 @@ def _readme_only(args, command: str, update) -> bool:
 
 
 def cmd_dashboards(args) -> int:
-    from dashboards import house, provisioning
+    from sonde.ingest import plugins
+
+    house, provisioning = plugins.load("dashboards"), plugins.load("provisioning")
 
     if not _readme_only(args, "dashboards", house.update_readme):
         return 0
@@ -179,7 +181,9 @@ def cmd_dashboards(args) -> int:
 def cmd_alerts(args) -> int:
     import yaml
 
-    from alerts import rules
+    from sonde.ingest import plugins
+
+    rules = plugins.load("alert_rules")
 
     if not _readme_only(args, "alerts", rules.update_readme):
         return 0
@@ -221,7 +225,7 @@ def _duration_ms(value: str) -> int:
 def _window(args):
     import time
 
-    from .backtrack import Window
+    from sonde.ingest.analysis.backtrack import Window
 
     if args.start:
         start = _time_ms(args.start, "--from")
@@ -237,9 +241,9 @@ def _window(args):
 def cmd_backtrack(args) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from . import backtrack
-    from .agent import effective_sink_config
-    from .sinks import make_sink
+    from sonde.ingest.analysis import backtrack
+    from sonde.ingest.runtime.agent import effective_sink_config
+    from sonde.ingest.output.sinks import make_sink
 
     cfg = config_mod.load(args.config)
     w = _window(args)

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from .errors import ConfigError
+from sonde.ingest.errors import ConfigError
 
 PASSWORD_ENV = "SONDE_INFLUXDB_PASSWORD"
 TOKEN_ENV = "SONDE_INFLUXDB_TOKEN"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest import config as config_mod
-from ingest.embedded import InfluxServer
+from sonde.ingest import config as config_mod
+from sonde.ingest.output.embedded import InfluxServer
 
 REPO = Path(__file__).resolve().parent.parent
 TRAFFIC = Path(__file__).resolve().parent / "traffic.py"
@@ -259,7 +259,7 @@ def net():
 def agents(bpf_ready, influx, influx_db, tmp_path):
     """make(*probes, extra=YAML): an agent with those probes writing to the test's database,
     polled once so the test's window starts clean; all are stopped at the end."""
-    from ingest.agent import Agent
+    from sonde.ingest.runtime.agent import Agent
 
     started = []
 

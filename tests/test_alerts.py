@@ -12,13 +12,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from ingest.docs import section
+from sonde.ingest.docs import section
 import yaml
 
-from alerts import rules as rules_mod
+from sonde.alerts import rules as rules_mod
 from conftest import REPO, Child, drain, free_port, make_config, need, select, wait_for_file, wait_until
-from ingest.agent import Agent
-from ingest.queries import expand
+from sonde.ingest.runtime.agent import Agent
+from sonde.ingest.analysis.queries import expand
 
 pytestmark = [pytest.mark.dashboards]
 SCHEMA = REPO.parent / "shared/schemas/grafana-v11.6/alerting.jsonschema.json"
@@ -91,7 +91,7 @@ def test_backend_resets_fire_and_grafana_rule_computes_the_same_value(staged, in
                  and json.loads(p.fields["labels"])["comm"] == "sonde-lb")
     assert value == 5
     # The Grafana rule's own query, over its own relative range, gives the same number.
-    grule = next(r for r in rules_mod.grafana_provisioning(agent.evaluator().rules)["groups"][0]["rules"]
+    grule = next(r for r in rules_mod.grafana_provisioning(agent.analysis().evaluator.rules)["groups"][0]["rules"]
                  if r["title"] == "backend_resets")
     model = grule["data"][0]
     q = expand(model["model"]["query"], start_ms=now_ms - model["relativeTimeRange"]["from"] * 1000,

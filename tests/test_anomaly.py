@@ -6,10 +6,10 @@ import time
 import pytest
 
 from conftest import Child, make_config, wait_for_file, wait_until
-from dashboards import house
-from ingest.agent import Agent
-from ingest.anomaly import robust_score
-from ingest.queries import expand
+from sonde.dashboards import house
+from sonde.ingest.runtime.agent import Agent
+from sonde.ingest.analysis.anomaly import robust_score
+from sonde.ingest.analysis.queries import expand
 
 pytestmark = [pytest.mark.dashboards]
 
@@ -26,7 +26,7 @@ def test_robust_score_on_literals():
 
 def test_volume_jump_is_marked_and_shown(bpf_ready, influx, influx_db, tmp_path):
     thresholds = tmp_path / "t.yaml"
-    from alerts import rules
+    from sonde.alerts import rules
     text = rules.THRESHOLDS.read_text().replace("  window: 60\n  baseline_windows: 10\n",
                                                 "  window: 2\n  baseline_windows: 5\n")
     thresholds.write_text(text)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, need, start_influx, wait_until
-from ingest.embedded import InfluxServer
+from sonde.ingest.output.embedded import InfluxServer
 from systemd_host import SystemdHost, ensure_root, missing_tools
 
 pytestmark = pytest.mark.ansible
@@ -179,18 +179,19 @@ def test_every_public_variable_is_declared_and_prefixed():
 
 
 def test_readme_role_variables_are_generated():
-    from ingest.docs import role_variables, section
+    from sonde.ingest.docs import role_variables, section
 
     generated = role_variables(ANSIBLE / "roles/sonde/meta/argument_specs.yml")
     assert section((REPO / "README.md").read_text(), "role-vars") == generated, \
-        "README role variables are stale: run python -m ingest.docs README.md"
+        "README role variables are stale: run python -m sonde.ingest.docs README.md"
 
 
 def test_wheel_carries_what_the_agent_loads(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for probe in (REPO / "bpf").glob("*.bpf.c"):
-        assert f"bpf/{probe.name}" in names
-    assert {"bpf/sonde.h", "alerts/thresholds.yaml", "dashboards/host.dashboard.py"} <= names
+    for probe in (REPO / "bpf").glob("*/*.bpf.c"):
+        assert f"sonde/bpf/{probe.parent.name}/{probe.name}" in names
+    assert {"sonde/bpf/sonde.h", "sonde/alerts/thresholds.yaml", "sonde/dashboards/host.dashboard.py"} <= names
+    assert not any(n.startswith(("ingest/", "bpf/")) for n in names), "the wheel installs only the sonde namespace"
 
 
 # -- a fresh host ------------------------------------------------------------

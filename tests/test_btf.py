@@ -1,4 +1,4 @@
-"""ingest.btf: struct layouts from BTF, on a hand-built blob and on the running kernel."""
+"""sonde.ingest.runtime.btf: struct layouts from BTF, on a hand-built blob and on the running kernel."""
 import re
 import shutil
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from ingest import btf
-from ingest.errors import SondeError
+from sonde.ingest.runtime import btf
+from sonde.ingest.errors import SondeError
 
 pytestmark = [pytest.mark.hot_path]
 

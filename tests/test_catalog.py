@@ -2,9 +2,9 @@
 import pytest
 
 from conftest import REPO
-from ingest import catalog
-from ingest.errors import CatalogError
-from ingest.probe import discover
+from sonde.ingest.runtime import catalog
+from sonde.ingest.errors import CatalogError
+from sonde.ingest.runtime.probe import discover
 
 pytestmark = [pytest.mark.skeleton]
 
@@ -48,7 +48,7 @@ def test_field_names_carry_units():
 def test_readme_config_reference_parses():
     import re
 
-    from ingest import config
+    from sonde.ingest import config
 
     text = (REPO / "README.md").read_text()
     block = re.search(r"## Config reference.*?```yaml\n(.*?)```", text, re.S).group(1)

@@ -11,13 +11,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from ingest.docs import section
+from sonde.ingest.docs import section
 
 from conftest import REPO, make_config, need, wait_until
-from dashboards import house
-from ingest import catalog
-from ingest.agent import Agent
-from ingest.queries import expand
+from sonde.dashboards import house
+from sonde.ingest.runtime import catalog
+from sonde.ingest.runtime.agent import Agent
+from sonde.ingest.analysis.queries import expand
 
 pytestmark = [pytest.mark.dashboards]
 SCHEMAS = REPO.parent / "shared/schemas/grafana-v11.6"

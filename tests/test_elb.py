@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, Child, make_config, need, select, sh, wait_for_file, wait_until
-from ingest.agent import Agent
+from sonde.ingest.runtime.agent import Agent
 
 pytestmark = [pytest.mark.elb]
 NGINX = """

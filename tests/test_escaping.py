@@ -5,10 +5,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import bpf_prereqs, make_config, select, transfer, wait_until
-from ingest.agent import Agent
-from ingest.config import InfluxDB
-from ingest.lineproto import Point, encode, printable_name
-from ingest.sinks import V1Sink
+from sonde.ingest.runtime.agent import Agent
+from sonde.ingest.config import InfluxDB
+from sonde.ingest.output.lineproto import Point, encode, printable_name
+from sonde.ingest.output.sinks import V1Sink
 
 pytestmark = [pytest.mark.skeleton]
 

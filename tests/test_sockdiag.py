@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from ingest import sockdiag
+from sonde.ingest.runtime import sockdiag
 
 pytestmark = [pytest.mark.hot_path]
 

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from conftest import REPO, free_port, make_config, need, select, start_influx, transfer, wait_until
-from ingest.agent import Agent
-from ingest.embedded import InfluxServer
-from ingest.spool import Spool
+from sonde.ingest.runtime.agent import Agent
+from sonde.ingest.output.embedded import InfluxServer
+from sonde.ingest.output.spool import Spool
 
 pytestmark = [pytest.mark.skeleton]
 

@@ -483,7 +483,9 @@ def boot(image: Image, job: str, timeout: float = 300, memory_mb: int = 2048, cp
     jobdir = Path(tempfile.mkdtemp(prefix=f"sonde-kernel-{image.kernel.name}-", dir="/var/tmp"))
     try:
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
-        (jobdir / "job.sh").write_text("set -u\ncd /src\n" + exports + job + "\n")
+        # The checkout imports as the `sonde` package (as the wheel installs it): /pkgs/sonde -> /src.
+        (jobdir / "job.sh").write_text("set -u\nmkdir -p /pkgs && ln -sfn /src /pkgs/sonde\ncd /src\n"
+                                       + exports + job + "\n")
         console = jobdir / "console.log"
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", str(memory_mb),
                "-nodefaults", "-display", "none", "-no-reboot",
@@ -531,10 +533,10 @@ def boot(image: Image, job: str, timeout: float = 300, memory_mb: int = 2048, cp
 # ---------------------------------------------------------------------------- jobs
 
 def guest_env() -> dict[str, str]:
-    """The environment a guest job runs with: the checkout on PYTHONPATH, nothing written
+    """The environment a guest job runs with: the checkout importable as `sonde`, nothing written
     into it, and the CI rule passed through."""
     env = {"PATH": f"{GUEST_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "VIRTUAL_ENV": GUEST_VENV, "PYTHONPATH": "/src", "PYTHONDONTWRITEBYTECODE": "1",
+           "VIRTUAL_ENV": GUEST_VENV, "PYTHONPATH": "/pkgs", "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONUNBUFFERED": "1", "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis", "HOME": "/root"}
     if "CI" in os.environ:
         env["CI"] = os.environ["CI"]

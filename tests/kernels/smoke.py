@@ -27,34 +27,33 @@ def one_line(e: BaseException) -> str:
 
 def probes() -> dict:
     """discover(), or, when it refuses the whole set (a probe half-written in the
-    checkout), each bpf/<name>.py's PROBE on its own, so one broken probe costs one line."""
+    checkout), each bpf/<name>/probe.py's PROBE on its own, so one broken probe costs one line."""
     import importlib
 
-    import bpf
-    from ingest.probe import Probe, discover
+    import sonde.bpf as bpf
+    from sonde.ingest.runtime.probe import Probe, discover
     try:
         return discover()
     except Exception as e:  # noqa: BLE001
         print(f"{PREFIX} discover() failed: {type(e).__name__}: {one_line(e)}; listing probes one by one")
     found = {}
-    for py in sorted(Path(bpf.__file__).parent.glob("*.py")):
-        if py.stem.startswith("_"):
-            continue
+    for py in sorted(Path(bpf.__file__).parent.glob("*/probe.py")):
+        name = py.parent.name
         try:
-            spec = getattr(importlib.import_module(f"bpf.{py.stem}"), "PROBE", None)
+            spec = getattr(importlib.import_module(f"sonde.bpf.{name}.probe"), "PROBE", None)
         except Exception as e:  # noqa: BLE001
-            print(f"{PREFIX} {py.stem}: FAILED import {type(e).__name__}: {one_line(e)}")
+            print(f"{PREFIX} {name}: FAILED import {type(e).__name__}: {one_line(e)}")
             continue
         if isinstance(spec, Probe):
-            found[py.stem] = spec
+            found[name] = spec
     return found
 
 
 def main(everything: bool = False) -> int:
     t0 = time.monotonic()
     try:
-        from ingest import config as config_mod
-        from ingest.probe import LoadedProbe
+        from sonde.ingest import config as config_mod
+        from sonde.ingest.runtime.probe import LoadedProbe
         config = config_mod.parse("")
         specs = probes()
     except Exception as e:  # noqa: BLE001 - the one line is the point

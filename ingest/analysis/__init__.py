@@ -1,0 +1,1 @@
+"""Analysis over stored points: the query vocabulary, alert evaluation, anomaly marks, backtrack."""

@@ -1,0 +1,1 @@
+"""The runtime: probe discovery and loading, map reading, deltas, histograms, cardinality, the agent."""
