@@ -2,7 +2,7 @@
 """A/B block I/O overhead: fio random 4k direct reads on a loop device, alternated
 without (baseline) and with `sonde run --probe block_io` (agent), compared by medians.
 
-    .venv/bin/python bench/fio_ab.py [--runs 5] [--duration 10] [--probe NAME ...] [--out FILE]
+    .venv/bin/python bench/fio_ab.py [--runs 7] [--duration 10] [--probe NAME ...] [--seed N] [--out FILE]
 
 The loop device sits on a 256 MiB file written out first, so its reads come from the
 page cache and the device is as fast as this machine allows: the harshest case for
@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -26,27 +27,39 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ab  # noqa: E402  (the nginx harness: AgentRun, process helpers)
+import ab  # noqa: E402  (the nginx harness: AgentRun, process helpers, pair orders)
+import stats as bstats  # noqa: E402  (bench/stats.py: the bootstrap interval)
+from sonde.ingest.runtime import bpfinfo  # noqa: E402
 
 
-def fio(dev: str, seconds: int) -> float:
+def fio_counted(dev: str, seconds: int) -> tuple[float, int]:
+    """(IOPS, I/Os completed) of one fio run."""
     out = subprocess.run(["fio", "--name=randread", f"--filename={dev}", "--rw=randread", "--bs=4k", "--direct=1",
                           "--ioengine=psync", "--numjobs=1", "--time_based", f"--runtime={seconds}",
                           "--output-format=json"], capture_output=True, text=True, check=True).stdout
-    return json.loads(out)["jobs"][0]["read"]["iops"]
+    read = json.loads(out)["jobs"][0]["read"]
+    return read["iops"], int(read["total_ios"])
+
+
+def fio(dev: str, seconds: int) -> float:
+    return fio_counted(dev, seconds)[0]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=7, help="pairs of runs (baseline and agent, order shuffled)")
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--probe", action="append", default=None)
+    ap.add_argument("--seed", type=int, default=None, help="seed of the pair orders (default: drawn)")
     ap.add_argument("--out", type=Path, default=ab.RESULTS_DIR / "block_io_fio.json",
                     help="where to write the result (a smoke run should not overwrite the recorded one)")
     args = ap.parse_args()
     probes = args.probe or ["block_io"]
     sonde = [str(ab.REPO / ".venv/bin/sonde")]
-    base, agent, cpu = [], [], []
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    orders = ab.pair_orders(args.runs, "random", seed)
+    stats_fd = bpfinfo.enable_stats()
+    base, agent, cpu, bpf_ns, bpf_runs = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="sonde-fio-") as tmp:
         img = Path(tmp) / "disk.img"
         subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=256"], check=True, capture_output=True)
@@ -54,35 +67,54 @@ def main() -> int:
                              check=True).stdout.strip()
         try:
             fio(dev, 3)  # warm-up, not recorded
-            for i in range(args.runs):
-                base.append(fio(dev, args.duration))
-                ab.log(f"run {i + 1}/{args.runs} baseline: {base[-1]:.0f} IOPS")
-                run = ab.AgentRun(Path(tmp) / f"agent-{i}", sonde, probes, 10.0)
-                try:
-                    run.start()
-                    t0 = ab.cpu_ticks(run.proc.pid) or 0
-                    agent.append(fio(dev, args.duration))
-                    cpu.append(((ab.cpu_ticks(run.proc.pid) or 0) - t0) / ab.CLK_TCK / args.duration * 100)
-                finally:
-                    run.stop()
-                ab.log(f"run {i + 1}/{args.runs} agent:    {agent[-1]:.0f} IOPS; agent CPU {cpu[-1]:.1f} %")
+            for i, order in enumerate(orders):
+                for arm in order:
+                    if arm == "B":
+                        base.append(fio(dev, args.duration))
+                        ab.log(f"pair {i + 1}/{args.runs} baseline: {base[-1]:.0f} IOPS")
+                        continue
+                    run = ab.AgentRun(Path(tmp) / f"agent-{i}", sonde, probes, 10.0)
+                    try:
+                        run.start()
+                        t0 = ab.cpu_ticks(run.proc.pid) or 0
+                        before = ab.bpf_snapshot()
+                        iops, ios = fio_counted(dev, args.duration)
+                        after = ab.bpf_snapshot()
+                        agent.append(iops)
+                        cpu.append(((ab.cpu_ticks(run.proc.pid) or 0) - t0) / ab.CLK_TCK / args.duration * 100)
+                    finally:
+                        run.stop()
+                    runs_, ns_ = (sum(v[i] for v in ab.bpf_delta(before, after).values()) for i in (0, 1))
+                    bpf_runs.append(runs_ / ios if ios else None)
+                    bpf_ns.append(ns_ / ios if ios else None)
+                    ab.log(f"pair {i + 1}/{args.runs} agent:    {agent[-1]:.0f} IOPS; agent CPU {cpu[-1]:.1f} %; "
+                           f"BPF {bpf_runs[-1] or 0:.2f} runs {bpf_ns[-1] or 0:.0f} ns per I/O")
         finally:
             subprocess.run(["losetup", "-d", dev], check=False)
-    bm, am = statistics.median(base), statistics.median(agent)
+            if stats_fd >= 0:
+                os.close(stats_fd)
+    lossd = bstats.loss(base, agent)
+    per_io = [x for x in bpf_ns if x is not None]
     result = {
         "name": "block_io_fio",
         "what": f"fio randread 4k direct, psync, 1 job, on a page-cached loop device, without/with `sonde run` "
-                f"({', '.join(probes)})",
+                f"({', '.join(probes)}); {args.runs} pairs, each pair's order shuffled (balanced)",
         "command": " ".join([".venv/bin/python", "bench/fio_ab.py"] + sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "runs": args.runs,
         "unit": "IOPS",
-        "baseline_median": round(bm, 1),
-        "agent_median": round(am, 1),
-        "loss_pct": round((bm - am) / bm * 100, 2),
+        "baseline_median": round(statistics.median(base), 1),
+        "agent_median": round(statistics.median(agent), 1),
+        "loss_pct": round(lossd["loss_pct"], 2),
+        "loss_pct_ci95": [round(x, 2) for x in lossd["loss_pct_ci95"]],
+        "pair_ratios": [round(x, 4) for x in lossd["pair_ratios"]],
+        "order": "".join(orders),
+        "order_seed": seed,
         "baseline_runs": [round(x, 1) for x in base],
         "agent_runs": [round(x, 1) for x in agent],
         "agent_cpu_pct_median": round(statistics.median(cpu), 2),
+        "bpf_runs_per_io_median": round(statistics.median([x for x in bpf_runs if x is not None]), 3) if per_io else None,
+        "bpf_ns_per_io_median": round(statistics.median(per_io), 1) if per_io else None,
         "probes": probes,
         "kernel": os.uname().release,
     }

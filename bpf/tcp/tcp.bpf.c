@@ -355,15 +355,17 @@ int sonde_sockops(struct bpf_sock_ops *s)
         u64 cookie = bpf_get_socket_cookie(s);
         struct conn_t n = {};
         struct conn_t *c = conns.lookup(&cookie);   /* from cgroup/connect: the owner */
-        if (c)
-            n = *c;
-        n.role = ROLE_CLIENT;
-        n.flagged = 1;
-        n.family = s->family;
-        n.port = bpf_ntohl(s->remote_port);
-        addr_of(s, n.addr, 0);
-        n.t0 = bpf_ktime_get_ns();
-        if (conns.update(&cookie, &n))
+        if (!c)
+            c = &n;      /* connected before the agent attached connect4/6: no owner yet */
+        /* Filled in place: replacing an entry of a map that is not preallocated
+         * allocates a new element and frees the old one, per connection. */
+        c->role = ROLE_CLIENT;
+        c->flagged = 1;
+        c->family = s->family;
+        c->port = bpf_ntohl(s->remote_port);
+        addr_of(s, c->addr, 0);
+        c->t0 = bpf_ktime_get_ns();
+        if (c == &n && conns.update(&cookie, &n))
             count_drop();
         return 1;
     }

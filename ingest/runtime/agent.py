@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from sonde.ingest.runtime import catalog
 from sonde.ingest.runtime.cardinality import SeriesBudget
+from sonde.ingest.runtime.memory import release_compiler_pages
 from sonde.ingest import plugins
 from sonde.ingest.config import Config
 from sonde.ingest.output.delivery import Deliverer
@@ -105,6 +106,9 @@ class Agent:
             started = time.monotonic()
             self.probes[spec.name] = LoadedProbe.load(spec, self.config, self.budget)
             log.info("probe %s loaded in %.2f s", spec.name, time.monotonic() - started)
+        if chosen:
+            released = release_compiler_pages()
+            log.debug("asked the kernel to page out %.0f MB of compiler code after loading", released / 2**20)
 
     def stop(self) -> None:
         if self.deliverer:
