@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--readme", metavar="FILE", help="regenerate the rule list in this README")
     cat = sub.add_parser("catalog", help="print the metric catalog")
     cat.add_argument("--markdown", action="store_true", help="as docs/metrics.md")
+    prof = sub.add_parser("profile", help="sample a process's stacks and write flame graphs (SVG, speedscope, folded)")
+    who = prof.add_mutually_exclusive_group(required=True)
+    who.add_argument("--pid", type=int, help="the process to profile")
+    who.add_argument("--process", metavar="NAME", help="every process with this name (comm, executable or argv[0])")
+    prof.add_argument("--seconds", type=float, required=True, help="how long to sample")
+    prof.add_argument("--hz", type=int, default=99, help="samples per second per CPU (default %(default)s)")
+    prof.add_argument("--off-cpu", action="store_true", help="also time spent off the CPU (blocked), by stack")
+    prof.add_argument("--out", metavar="DIR", required=True, help="directory for the flame graphs and notes")
     return parser
 
 
@@ -277,6 +285,19 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def cmd_profile(args) -> int:
+    from sonde.ingest.analysis import profiling
+
+    res = profiling.profile(pid=args.pid, process=args.process, seconds=args.seconds, hz=args.hz,
+                            off_cpu=args.off_cpu, out=Path(args.out),
+                            status=lambda line: print(line, file=sys.stderr, flush=True))
+    for line in res.notes:
+        print(f"note: {line}", file=sys.stderr)
+    for path in res.files:
+        print(path)
+    return 0
+
+
 def cmd_catalog(args) -> int:
     if args.markdown:
         sys.stdout.write(catalog.render_markdown())
@@ -291,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "check": cmd_check, "catalog": cmd_catalog,
                 "dashboards": cmd_dashboards, "alerts": cmd_alerts, "backtrack": cmd_backtrack,
-                "topology": cmd_backtrack}[args.command](args)
+                "topology": cmd_backtrack, "profile": cmd_profile}[args.command](args)
     except SondeError as e:
         for line in e.args:
             print(f"sonde: error: {line}", file=sys.stderr)

@@ -25,7 +25,7 @@ packages=(
   influxdb victoria-metrics
   nginx-light libnginx-mod-http-js wrk fio curl iproute2 nftables procps util-linux gcc
   debootstrap systemd-container openssh-client
-  qemu-system-x86 e2fsprogs bpftool
+  qemu-system-x86 e2fsprogs bpftool linux-perf openjdk-17-jdk-headless
 )
 missing=()
 for p in "${packages[@]}"; do

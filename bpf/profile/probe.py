@@ -1,0 +1,320 @@
+"""profile: CPU samples by stack, per process. Off by default (continuous profiling is
+opt-in: `probes.profile.enabled: true`); `sonde profile` uses the same program for one
+process at a time, with off-CPU time as well.
+
+What fires, and when:
+- per sample: a CPU-clock perf event on every CPU (49 Hz in the agent; `sonde profile
+  --hz`, 99 by default) takes the user and kernel stack ids of the running task
+  (BPF_STACK_TRACE) and counts one sample per (process, user stack, kernel stack),
+  in the kernel; the idle task is skipped, and with a filter (sonde profile) so is
+  every process not chosen, before anything else is done;
+- per context switch, only with `sonde profile --off-cpu`: `sched:sched_switch` takes
+  the stack of a chosen process's thread as it leaves the CPU and adds the time it
+  was away when it comes back;
+- per poll: the counts and their stacks are swapped to a second set, read and
+  cleared: exact, nothing counted twice or lost between a read and a delete (see
+  profile.bpf.c); then the top stacks of the busiest processes are symbolised.
+
+What it reports: `profile_samples` per process and interval (samples, distinct stacks,
+samples whose stack was truncated or lost), and its top stacks, `profile_stack`, one
+point per rank (1 to 5) with the stack as folded text and the function it was in.
+The stack is a field, never a tag: a tag per stack would add series without bound;
+ranks and the top-N process fold bound them to processes x 5.
+
+Readable stacks: C and C++ code with frame pointers resolve from the ELF's symbols
+(.symtab, debuginfo under /usr/lib/debug/.build-id, else .dynsym); kernel frames from
+/proc/kallsyms (`_[k]`); Java JIT frames from the JVM's perf map (`_[j]`, `sonde
+profile` runs `jcmd PID Compiler.perfmap`; the JVM must run with
+`-XX:+PreserveFramePointer`). A user stack that is not walked to its thread's start
+is cut after the first frame without frame pointers and ends in a
+`[truncated: ...]` frame: a binary built without frame pointers (Debian's python3.11)
+never shows a made-up caller.
+
+Limits: Python and other interpreters show the interpreter's C frames, not the
+program's functions; a JIT frame is named only once `jcmd Compiler.perfmap` has
+written it, so the agent's continuous mode shows `[unknown JIT code]` for them. Each
+stack map holds 16384 stacks per interval; a sample whose stack found its hash
+bucket taken is counted as lost (`lost_samples`), never given another stack.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sonde.bpf.profile import symbols
+from sonde.ingest.output.lineproto import Point
+from sonde.ingest.runtime.bpfmap import read_all
+from sonde.ingest.runtime.cardinality import OTHER, fold
+from sonde.ingest.runtime.probe import Probe
+
+AGENT_HZ = 49
+TOP_STACKS = 5            # profile_stack ranks per process and interval
+FRAMES_CHARS = 2000       # a stored stack keeps its leaf end within this many characters
+
+_MEMBARRIER = {"x86_64": 324, "aarch64": 283}
+_MEMBARRIER_CMD_GLOBAL = 1
+
+
+def grace_period() -> None:
+    """Return once every BPF program that was running has returned.
+    membarrier(MEMBARRIER_CMD_GLOBAL) is synchronize_rcu(), and perf-event and tracepoint
+    programs run inside RCU read-side sections. Where it is refused (nohz_full CPUs),
+    wait 50 ms: these programs run for microseconds."""
+    nr = _MEMBARRIER.get(platform.machine())
+    if nr is not None:
+        libc = ct.CDLL(None, use_errno=True)
+        if libc.syscall(nr, _MEMBARRIER_CMD_GLOBAL, 0, 0) == 0:
+            return
+    time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class StackRow:
+    tgid: int
+    comm: bytes
+    user: tuple[int, ...] | int    # addresses, leaf first; or a negative errno (no stack)
+    kernel: tuple[int, ...] | int
+    count: int
+    time_ns: int = 0
+    python: tuple[tuple[int, int], ...] = ()  # (code object, instruction index), leaf first
+    python_truncated: bool = False
+
+
+@dataclass
+class Taken:
+    on_cpu: list[StackRow]
+    off_cpu: list[StackRow]
+
+
+class StackSampler:
+    """Swaps, reads and clears the program's sets (profile.bpf.c)."""
+
+    def __init__(self, bpf, off_cpu: bool = False, python: bool = False):
+        self.bpf = bpf
+        self.off_cpu = off_cpu
+        self.python = python
+        self.active = 0
+        self._set = bpf.get_table(b"active_set")
+        self._set[self._set.Key(0)] = self._set.Leaf(0)
+        self._off_stacks: dict[int, tuple[int, ...] | int] = {}
+
+    def set_filter(self, tgids) -> None:
+        table = self.bpf.get_table(b"tgid_filter")
+        for tgid in tgids:
+            table[table.Key(tgid)] = table.Leaf(1)
+
+    def take(self) -> Taken:
+        old = self.active
+        self.active ^= 1
+        self._set[self._set.Key(0)] = self._set.Leaf(self.active)
+        grace_period()  # nothing writes set `old` from here on
+        stacks = self.bpf.get_table(f"stacks_{old}".encode())
+        walked: dict[int, tuple[int, ...] | int] = {}
+        on = self._rows(self.bpf.get_table(f"samples_{old}".encode()), stacks, walked, clear=True)
+        if self.python:
+            on += self._python_rows(self.bpf.get_table(f"py_samples_{old}".encode()), stacks, walked)
+        for key in list(stacks.keys()):  # all of them, also stacks whose sample found the map full
+            try:
+                del stacks[key]
+            except KeyError:
+                pass
+        off = []
+        if self.off_cpu:
+            off = self._rows(self.bpf.get_table(f"offcpu_{old}".encode()),
+                             self.bpf.get_table(b"offcpu_stacks"), self._off_stacks, clear=True)
+        return Taken(on, off)
+
+    @staticmethod
+    def _walk(stacks, sid: int, cache: dict) -> tuple[int, ...] | int:
+        if sid < 0:
+            return sid
+        if sid not in cache:
+            try:
+                leaf = stacks[stacks.Key(sid)]
+            except KeyError:
+                cache[sid] = -errno.ENOENT
+            else:
+                ips = []
+                for ip in leaf.ip:
+                    if not ip:
+                        break
+                    ips.append(ip)
+                cache[sid] = tuple(ips)
+        return cache[sid]
+
+    def set_python(self, tgid: int, tstate_current: int) -> None:
+        table = self.bpf.get_table(b"py_procs")
+        table[table.Key(tgid)] = table.Leaf(tstate_current)
+
+    def _python_rows(self, table, stacks, cache: dict) -> list[StackRow]:
+        rows, keys = [], []
+        for k, v in read_all(table):
+            keys.append(table.Key.from_buffer_copy(k))
+            frames = tuple((k.frames[i].code, k.frames[i].index) for i in range(min(k.depth, len(k.frames))))
+            rows.append(StackRow(k.tgid, bytes(v.comm).split(b"\0", 1)[0], -errno.EFAULT,
+                                 self._walk(stacks, k.kernel_stack, cache), v.count, v.time_ns, frames,
+                                 bool(k.truncated)))
+        for key in keys:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        return rows
+
+    def _rows(self, table, stacks, cache: dict, clear: bool) -> list[StackRow]:
+        raw = [(k.tgid, k.user_stack, k.kernel_stack, v.count, v.time_ns, bytes(v.comm).split(b"\0", 1)[0])
+               for k, v in read_all(table)]
+        keys = [table.Key(t, u, kk, 0) for t, u, kk, _, _, _ in raw]
+        rows = [StackRow(t, comm, self._walk(stacks, u, cache), self._walk(stacks, kk, cache), n, ns)
+                for t, u, kk, n, ns, comm in raw]
+        if clear:
+            for key in keys:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+        return rows
+
+
+# --- from rows to frames ------------------------------------------------------------
+
+LOST = {errno.EEXIST: "[stack lost: hash bucket taken]", errno.ENOMEM: "[stack lost: no memory]",
+        errno.ENOENT: "[stack lost]"}
+
+
+class Symbolizer:
+    """Rows to frame lists (root first), for the agent and for `sonde profile`."""
+
+    def __init__(self, proc_root: Path = Path("/proc")):
+        self.proc_root = Path(proc_root)
+        self.elves = symbols.ElfCache()
+        self.kernel = symbols.KernelSymbols.load(self.proc_root)
+        self.processes: dict[int, symbols.ProcessSymbols] = {}
+        self.python: dict[int, object] = {}  # tgid -> python.CodeReader
+
+    def process(self, tgid: int) -> symbols.ProcessSymbols:
+        if tgid not in self.processes:
+            ps = symbols.ProcessSymbols(self.proc_root, tgid, self.elves)
+            ps.refresh()
+            self.processes[tgid] = ps
+        return self.processes[tgid]
+
+    def forget(self, keep: set[int]) -> None:
+        for tgid in [t for t in self.processes if t not in keep]:
+            del self.processes[tgid]
+        for tgid in [t for t in self.python if t not in keep]:
+            self.python.pop(tgid).close()
+
+    def frames(self, row: StackRow) -> tuple[tuple[str, ...], str, bool]:
+        """(frames root first, why it was truncated or "", whether its stack was lost)."""
+        out: list[str] = []
+        why, lost = "", False
+        if row.python:
+            reader = self.python.get(row.tgid)
+            if row.python_truncated:
+                why = "Python stack deeper than the walk"
+                out.append(f"[truncated: {why}]")
+            out += [reader.frame(code, index) if reader else f"[python code 0x{code:x}]"
+                    for code, index in reversed(row.python)]
+        elif isinstance(row.user, tuple) and row.user:
+            resolved = self.process(row.tgid).resolve(list(row.user))
+            if resolved.truncated:
+                why = resolved.truncated
+                out.append(f"[{why}]" if not resolved.frames else f"[truncated: {why}]")
+            out += reversed(resolved.frames)
+        elif isinstance(row.user, int) and -row.user in LOST:
+            out.append(LOST[-row.user])
+            lost = True
+        if isinstance(row.kernel, tuple):
+            out += [self.kernel.name(a) for a in reversed(row.kernel)]
+        elif isinstance(row.kernel, int) and -row.kernel in LOST:
+            out.append(LOST[-row.kernel])
+            lost = True
+        return tuple(out), why, lost
+
+
+def leaf_function(frames: tuple[str, ...]) -> str:
+    """The innermost frame of the program's own code: user frames win over the kernel's."""
+    user = [f for f in frames if not f.endswith(symbols.KERNEL_SUFFIX) and not f.startswith("[")]
+    if user:
+        return user[-1]
+    return frames[-1] if frames else ""
+
+
+def folded_text(frames: tuple[str, ...], limit: int = FRAMES_CHARS) -> str:
+    text = ";".join(frames)
+    if len(text) <= limit:
+        return text
+    return "...;" + text[-(limit - 4):].split(";", 1)[-1]
+
+
+# --- the agent's continuous mode ----------------------------------------------------
+
+
+class ProfileDecoder:
+    def __init__(self, probe):
+        self.probe = probe
+        self.host = probe.config.host
+        self.sampler = StackSampler(probe.bpf)
+        self.symbolizer = Symbolizer(probe.config.paths.proc)
+
+    def poll(self, ts: int) -> tuple[list[Point], int]:
+        taken = self.sampler.take()
+        by_tgid: dict[int, list[StackRow]] = defaultdict(list)
+        for row in taken.on_cpu:
+            by_tgid[row.tgid].append(row)
+        procs = []
+        for tgid, rows in by_tgid.items():
+            alive = self.probe.procfs.alive(tgid)
+            name = self.probe.process_name(tgid, rows[0].comm, exited=not alive)
+            procs.append((tgid, name, rows))
+        ranks = [str(r) for r in range(1, TOP_STACKS + 1)]
+
+        def admit(p) -> bool:
+            tgid, name, _ = p
+            return self.probe.budget.admit({("profile_samples", str(tgid), name)} |
+                                           {("profile_stack", str(tgid), name, r) for r in ranks})
+
+        keep, rest = fold(procs, self.probe.settings.max_processes, lambda p: sum(r.count for r in p[2]), admit)
+        points = []
+        for tgid, name, rows in keep:
+            tags = {"host": self.host, "pid": str(tgid), "comm": name}
+            merged: dict[tuple[str, ...], list] = {}
+            truncated = lost = 0
+            ps = self.symbolizer.process(tgid)
+            ps.refresh()
+            for row in rows:
+                frames, why, was_lost = self.symbolizer.frames(row)
+                truncated += row.count if why else 0
+                lost += row.count if was_lost else 0
+                entry = merged.setdefault(frames, [0, bool(why)])
+                entry[0] += row.count
+            total = sum(r.count for r in rows)
+            points.append(Point("profile_samples", tags, {
+                "samples": total, "stacks": len(merged), "truncated_samples": truncated, "lost_samples": lost}, ts))
+            top = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP_STACKS]
+            for rank, (frames, (n, trunc)) in enumerate(top, 1):
+                points.append(Point("profile_stack", dict(tags, rank=str(rank)), {
+                    "samples": n, "share_pct": round(100.0 * n / total, 2), "function": leaf_function(frames),
+                    "frames": folded_text(frames), "truncated": int(trunc)}, ts))
+        if rest:
+            points.append(Point("profile_samples", {"host": self.host, "pid": OTHER, "comm": OTHER}, {
+                "samples": sum(r.count for p in rest for r in p[2]),
+                "stacks": sum(len(p[2]) for p in rest)}, ts))
+        self.symbolizer.forget({p[0] for p in keep if self.probe.procfs.alive(p[0])})
+        return points, len(taken.on_cpu)
+
+
+PROBE = Probe(
+    name="profile",
+    doc=__doc__,
+    hooks=(),
+    default_enabled=False,
+    cpu_clock={"on_cpu_sample": AGENT_HZ},
+    decoder=ProfileDecoder,
+)

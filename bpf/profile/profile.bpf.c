@@ -1,0 +1,262 @@
+/* profile: on-CPU samples by stack (opt-in), and off-CPU time by stack for chosen
+ * processes (`sonde profile --off-cpu`).
+ *
+ * On-CPU: a CPU-clock perf event on every CPU runs on_cpu_sample() at the configured
+ * frequency; it counts one sample per (process, user stack id, kernel stack id), in
+ * the kernel. Off-CPU (-DSONDE_OFFCPU): sched:sched_switch takes the stack of a
+ * filtered thread as it leaves the CPU and adds the time it was away when it is
+ * switched back in.
+ *
+ * Read and cleared exactly: counts and their stacks live in two sets, and
+ * `active_set` says which one the programs write. The reader flips it, waits for an
+ * RCU grace period (membarrier MEMBARRIER_CMD_GLOBAL is synchronize_rcu(): every
+ * program that could have read the old index has returned, since perf-event and
+ * tracepoint programs run in RCU read-side sections), then reads and clears the
+ * other set, which nothing writes any more. No sample falls in a gap between a read
+ * and a delete, and none is counted twice.
+ *
+ * Off-CPU stacks are kept in one map that is not cleared during a session: a
+ * thread's stack is taken at switch-out, maybe before a flip, and its time is added
+ * after it.
+ *
+ * Stack ids are negative errors where no stack was taken: -EFAULT (a kernel stack of
+ * a sample in user mode, a user stack of a kernel thread), -EEXIST (another stack
+ * holds that hash bucket), -ENOMEM. The reader reports them, never guesses.
+ */
+#include <uapi/linux/bpf_perf_event.h>
+#include "sonde.h"
+
+#ifndef STACK_ENTRIES
+#define STACK_ENTRIES 16384
+#endif
+
+struct sample_key_t {
+    u32 tgid;
+    s32 user_stack;
+    s32 kernel_stack;
+    u32 pad;
+};
+
+struct sample_t {
+    u64 count;    /* on-CPU: samples; off-CPU: switches out */
+    u64 time_ns;  /* off-CPU: time away from the CPU */
+    char comm[SONDE_COMM_LEN];
+};
+
+BPF_ARRAY(active_set, u32, 1);
+BPF_HASH(samples_0, struct sample_key_t, struct sample_t, MAX_ENTRIES);
+BPF_HASH(samples_1, struct sample_key_t, struct sample_t, MAX_ENTRIES);
+BPF_STACK_TRACE(stacks_0, STACK_ENTRIES);
+BPF_STACK_TRACE(stacks_1, STACK_ENTRIES);
+BPF_PERCPU_ARRAY(sonde_drops, u64, 1);
+static __always_inline void count_drop(void) { int zero = 0; sonde_drops.increment(zero); }  /* see sonde.h */
+
+#ifdef SONDE_FILTER
+/* The processes to profile (tgid -> 1), filled by the reader; checked first. */
+BPF_HASH(tgid_filter, u32, u8, 4096);
+#endif
+
+static __always_inline u32 current_set(void)
+{
+    int zero = 0;
+    u32 *set = active_set.lookup(&zero);
+    return set ? (*set & 1) : 0;
+}
+
+/* bcc rewrites a map's methods only where the map is named, so each map has its
+ * lookup_or_try_init() at the call site and the counting is shared. */
+static __always_inline void bump(struct sample_t *v, u64 count, u64 time_ns)
+{
+    if (!v) {
+        count_drop();  /* the map is full */
+        return;
+    }
+    __sync_fetch_and_add(&v->count, count);
+    if (time_ns)
+        __sync_fetch_and_add(&v->time_ns, time_ns);
+}
+
+#ifdef SONDE_PYTHON
+/* Python 3.11 frames (see python.py): offsets come as -DPY_* flags derived from the
+ * interpreter's own headers. A sampled thread gets Python frames when it holds the GIL
+ * (_PyRuntime.gilstate.tstate_current is its thread state); others keep their native
+ * stack. */
+#ifndef PY_MAX_FRAMES
+#define PY_MAX_FRAMES 48
+#endif
+#define PY_WALK_LIMIT (PY_MAX_FRAMES + 16)  /* room for the C-stack shim frames skipped */
+#define PY_SPAN (PY_FRAME_OWNER - PY_FRAME_CODE + 1)
+_Static_assert(PY_FRAME_CODE < PY_FRAME_PREVIOUS && PY_FRAME_PREVIOUS < PY_FRAME_OWNER &&
+               PY_FRAME_PREV_INSTR < PY_FRAME_OWNER && PY_FRAME_CODE < PY_FRAME_PREV_INSTR && PY_SPAN <= 64,
+               "_PyInterpreterFrame fields are read in one span from f_code to owner");
+
+struct py_frame_t {
+    u64 code;   /* PyCodeObject * */
+    u32 index;  /* code unit of prev_instr in co_code_adaptive */
+    u32 pad;
+};
+
+struct py_key_t {
+    u32 tgid;
+    s32 kernel_stack;
+    u32 depth;
+    u32 truncated;  /* deeper than PY_MAX_FRAMES, or a read failed mid-walk */
+    struct py_frame_t frames[PY_MAX_FRAMES];
+};
+
+BPF_HASH(py_procs, u32, u64, 4096);  /* tgid -> address of _PyRuntime.gilstate.tstate_current */
+BPF_PERCPU_ARRAY(py_scratch, struct py_key_t, 1);  /* the key is too big for the BPF stack */
+BPF_HASH(py_samples_0, struct py_key_t, struct sample_t, MAX_ENTRIES);
+BPF_HASH(py_samples_1, struct py_key_t, struct sample_t, MAX_ENTRIES);
+
+static __always_inline u64 user_ptr(u64 addr)
+{
+    u64 v = 0;
+    if (bpf_probe_read_user(&v, sizeof(v), (void *)addr))
+        return 0;
+    return v;
+}
+
+/* 1 when the sample was counted with Python frames. */
+static __always_inline int python_sample(struct bpf_perf_event_data *ctx, u32 tgid, u32 tid, u32 set,
+                                         const char *comm)
+{
+    u64 *current = py_procs.lookup(&tgid);
+    if (!current)
+        return 0;
+    u64 tstate = user_ptr(*current);
+    if (!tstate || (u32)user_ptr(tstate + PY_TSTATE_NATIVE_THREAD_ID) != tid)
+        return 0;  /* this thread does not hold the GIL: it runs C code, its native stack says where */
+    u64 cframe = user_ptr(tstate + PY_TSTATE_CFRAME);
+    if (!cframe)
+        return 0;
+    u64 frame = user_ptr(cframe + PY_CFRAME_CURRENT_FRAME);
+    int zero = 0;
+    struct py_key_t *k = py_scratch.lookup(&zero);
+    if (!k)
+        return 0;
+    __builtin_memset(k, 0, sizeof(*k));
+    k->tgid = tgid;
+    u32 n = 0;
+    u64 span[8];
+    for (int i = 0; i < PY_WALK_LIMIT; i++) {
+        if (!frame)
+            break;
+        if (bpf_probe_read_user(span, PY_SPAN, (void *)(frame + PY_FRAME_CODE))) {
+            k->truncated = 1;
+            break;
+        }
+        u64 code, previous, instr;
+        __builtin_memcpy(&code, span, 8);
+        __builtin_memcpy(&previous, (u8 *)span + (PY_FRAME_PREVIOUS - PY_FRAME_CODE), 8);
+        __builtin_memcpy(&instr, (u8 *)span + (PY_FRAME_PREV_INSTR - PY_FRAME_CODE), 8);
+        u8 owner = ((u8 *)span)[PY_FRAME_OWNER - PY_FRAME_CODE];
+        if (owner != PY_OWNED_BY_CSTACK) {
+            if (n >= PY_MAX_FRAMES) {
+                k->truncated = 1;
+                break;
+            }
+            k->frames[n].code = code;
+            k->frames[n].index = (u32)((instr - code - PY_CODE_ADAPTIVE) / 2);
+            n++;
+        }
+        frame = previous;
+    }
+    if (frame)
+        k->truncated = 1;
+    if (!n)
+        return 0;
+    k->depth = n;
+    struct sample_t init = {};
+    __builtin_memcpy(init.comm, comm, SONDE_COMM_LEN);
+    if (set == 0) {
+        k->kernel_stack = stacks_0.get_stackid(ctx, 0);
+        bump(py_samples_0.lookup_or_try_init(k, &init), 1, 0);
+    } else {
+        k->kernel_stack = stacks_1.get_stackid(ctx, 0);
+        bump(py_samples_1.lookup_or_try_init(k, &init), 1, 0);
+    }
+    return 1;
+}
+#endif
+
+int on_cpu_sample(struct bpf_perf_event_data *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if ((u32)id == 0)
+        return 0;  /* the idle task */
+#ifdef SONDE_FILTER
+    if (!tgid_filter.lookup(&tgid))
+        return 0;
+#endif
+    struct sample_key_t k = {.tgid = tgid};
+    struct sample_t init = {};
+    bpf_get_current_comm(&init.comm, sizeof(init.comm));
+    u32 set = current_set();
+#ifdef SONDE_PYTHON
+    if (python_sample(ctx, tgid, (u32)id, set, init.comm))
+        return 0;
+#endif
+    if (set == 0) {
+        k.user_stack = stacks_0.get_stackid(ctx, BPF_F_USER_STACK);
+        k.kernel_stack = stacks_0.get_stackid(ctx, 0);
+        bump(samples_0.lookup_or_try_init(&k, &init), 1, 0);
+    } else {
+        k.user_stack = stacks_1.get_stackid(ctx, BPF_F_USER_STACK);
+        k.kernel_stack = stacks_1.get_stackid(ctx, 0);
+        bump(samples_1.lookup_or_try_init(&k, &init), 1, 0);
+    }
+    return 0;
+}
+
+#if defined(SONDE_OFFCPU) && !defined(SONDE_FILTER)
+#error "off-CPU time is for chosen processes only: -DSONDE_OFFCPU needs -DSONDE_FILTER"
+#endif
+
+#ifdef SONDE_OFFCPU
+struct switched_out_t {
+    u64 ts;
+    u32 tgid;
+    s32 user_stack;
+    s32 kernel_stack;
+    u32 pad;
+    char comm[SONDE_COMM_LEN];
+};
+
+BPF_HASH(offcpu_0, struct sample_key_t, struct sample_t, MAX_ENTRIES);
+BPF_HASH(offcpu_1, struct sample_key_t, struct sample_t, MAX_ENTRIES);
+BPF_STACK_TRACE(offcpu_stacks, STACK_ENTRIES);
+BPF_HASH(switched_out, u32, struct switched_out_t, MAX_ENTRIES);
+
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    u64 now = bpf_ktime_get_ns();
+    /* Switch-out: the current task is still prev, so its tgid needs no struct read. */
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = id;
+    if (tid != 0 && tgid_filter.lookup(&tgid)) {
+        struct switched_out_t s = {.ts = now, .tgid = tgid};
+        s.user_stack = offcpu_stacks.get_stackid(args, BPF_F_USER_STACK);
+        s.kernel_stack = offcpu_stacks.get_stackid(args, 0);
+        bpf_get_current_comm(&s.comm, sizeof(s.comm));
+        if (switched_out.update(&tid, &s))
+            count_drop();
+    }
+    /* Switch-in: time away is credited to the stack it left with. */
+    u32 next = args->next_pid;
+    struct switched_out_t *s = switched_out.lookup(&next);
+    if (s) {
+        struct sample_key_t k = {.tgid = s->tgid, .user_stack = s->user_stack, .kernel_stack = s->kernel_stack};
+        struct sample_t init = {};
+        __builtin_memcpy(init.comm, s->comm, SONDE_COMM_LEN);
+        u64 away = now - s->ts;
+        if (current_set() == 0)
+            bump(offcpu_0.lookup_or_try_init(&k, &init), 1, away);
+        else
+            bump(offcpu_1.lookup_or_try_init(&k, &init), 1, away);
+        switched_out.delete(&next);
+    }
+    return 0;
+}
+#endif

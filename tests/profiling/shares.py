@@ -1,0 +1,34 @@
+"""Two hot Python functions, 70/30: seventy() runs 7 units of work() for every 3 that
+thirty() runs. Waits for a line on stdin, prints "go", and runs for argv[1] seconds."""
+import sys
+import time
+
+UNIT = 10_000
+
+
+def work(n):
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) & 0xFFFFFFFF
+    return x
+
+
+def seventy():
+    return work(7 * UNIT)
+
+
+def thirty():
+    return work(3 * UNIT)
+
+
+def main():
+    seconds = float(sys.argv[1])
+    sys.stdin.readline()
+    print("go", flush=True)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        seventy()
+        thirty()
+
+
+main()
