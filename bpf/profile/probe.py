@@ -30,11 +30,15 @@ is cut after the first frame without frame pointers and ends in a
 `[truncated: ...]` frame: a binary built without frame pointers (Debian's python3.11)
 never shows a made-up caller.
 
-Limits: Python and other interpreters show the interpreter's C frames, not the
-program's functions; a JIT frame is named only once `jcmd Compiler.perfmap` has
-written it, so the agent's continuous mode shows `[unknown JIT code]` for them. Each
-stack map holds 16384 stacks per interval; a sample whose stack found its hash
-bucket taken is counted as lost (`lost_samples`), never given another stack.
+Python 3.11 (`sonde profile` only): the program walks the interpreter's own frames
+from the sampled thread's PyThreadState, with offsets derived from that build's
+headers (python.py), and names them `module.function:line`.
+
+Limits: in the agent's continuous mode Python shows the interpreter's C frames, and
+a JIT frame is named only once `jcmd Compiler.perfmap` has written it, so Java shows
+`[unknown JIT code]` there. Each stack map holds 16384 stacks per interval; a sample
+whose stack found its hash bucket taken is counted as lost (`lost_samples`), never
+given another stack.
 """
 from __future__ import annotations
 

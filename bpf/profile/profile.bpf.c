@@ -84,11 +84,9 @@ static __always_inline void bump(struct sample_t *v, u64 count, u64 time_ns)
 #ifndef PY_MAX_FRAMES
 #define PY_MAX_FRAMES 48
 #endif
-#define PY_WALK_LIMIT (PY_MAX_FRAMES + 16)  /* room for the C-stack shim frames skipped */
-#define PY_SPAN (PY_FRAME_OWNER - PY_FRAME_CODE + 1)
-_Static_assert(PY_FRAME_CODE < PY_FRAME_PREVIOUS && PY_FRAME_PREVIOUS < PY_FRAME_OWNER &&
-               PY_FRAME_PREV_INSTR < PY_FRAME_OWNER && PY_FRAME_CODE < PY_FRAME_PREV_INSTR && PY_SPAN <= 64,
-               "_PyInterpreterFrame fields are read in one span from f_code to owner");
+#define PY_SPAN (PY_FRAME_PREV_INSTR + 8 - PY_FRAME_CODE)
+_Static_assert(PY_FRAME_CODE < PY_FRAME_PREVIOUS && PY_FRAME_PREVIOUS < PY_FRAME_PREV_INSTR && PY_SPAN <= 64,
+               "_PyInterpreterFrame fields are read in one span from f_code to prev_instr");
 
 struct py_frame_t {
     u64 code;   /* PyCodeObject * */
@@ -121,10 +119,10 @@ static __always_inline u64 user_ptr(u64 addr)
 static __always_inline int python_sample(struct bpf_perf_event_data *ctx, u32 tgid, u32 tid, u32 set,
                                          const char *comm)
 {
-    u64 *current = py_procs.lookup(&tgid);
-    if (!current)
+    u64 *tstate_slot = py_procs.lookup(&tgid);
+    if (!tstate_slot)
         return 0;
-    u64 tstate = user_ptr(*current);
+    u64 tstate = user_ptr(*tstate_slot);
     if (!tstate || (u32)user_ptr(tstate + PY_TSTATE_NATIVE_THREAD_ID) != tid)
         return 0;  /* this thread does not hold the GIL: it runs C code, its native stack says where */
     u64 cframe = user_ptr(tstate + PY_TSTATE_CFRAME);
@@ -139,7 +137,7 @@ static __always_inline int python_sample(struct bpf_perf_event_data *ctx, u32 tg
     k->tgid = tgid;
     u32 n = 0;
     u64 span[8];
-    for (int i = 0; i < PY_WALK_LIMIT; i++) {
+    for (int i = 0; i < PY_MAX_FRAMES; i++) {
         if (!frame)
             break;
         if (bpf_probe_read_user(span, PY_SPAN, (void *)(frame + PY_FRAME_CODE))) {
@@ -150,16 +148,9 @@ static __always_inline int python_sample(struct bpf_perf_event_data *ctx, u32 tg
         __builtin_memcpy(&code, span, 8);
         __builtin_memcpy(&previous, (u8 *)span + (PY_FRAME_PREVIOUS - PY_FRAME_CODE), 8);
         __builtin_memcpy(&instr, (u8 *)span + (PY_FRAME_PREV_INSTR - PY_FRAME_CODE), 8);
-        u8 owner = ((u8 *)span)[PY_FRAME_OWNER - PY_FRAME_CODE];
-        if (owner != PY_OWNED_BY_CSTACK) {
-            if (n >= PY_MAX_FRAMES) {
-                k->truncated = 1;
-                break;
-            }
-            k->frames[n].code = code;
-            k->frames[n].index = (u32)((instr - code - PY_CODE_ADAPTIVE) / 2);
-            n++;
-        }
+        k->frames[i].code = code;
+        k->frames[i].index = (u32)((instr - code - PY_CODE_ADAPTIVE) / 2);
+        n = i + 1;
         frame = previous;
     }
     if (frame)

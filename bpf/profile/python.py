@@ -5,8 +5,8 @@ The BPF side (profile.bpf.c, -DSONDE_PYTHON) starts from `_PyRuntime.gilstate
 .tstate_current` (the thread state holding the GIL), checks that its
 `native_thread_id` is the sampled thread (else that thread is in C code without the
 GIL, and it gets its native stack), then follows `cframe->current_frame` and each
-`_PyInterpreterFrame.previous`, keeping (code object, instruction index) per frame and
-skipping the C-stack shim frames.
+`_PyInterpreterFrame.previous` (in 3.11 one chain per thread, across C calls), keeping
+(code object, instruction index) per frame.
 
 Offsets are derived per build, never written down: a small C program compiled at load
 time against the headers of that Python version (`python3.X-dev`, with
@@ -44,8 +44,6 @@ int main(void) {
     P("frame_code", offsetof(_PyInterpreterFrame, f_code));
     P("frame_previous", offsetof(_PyInterpreterFrame, previous));
     P("frame_prev_instr", offsetof(_PyInterpreterFrame, prev_instr));
-    P("frame_owner", offsetof(_PyInterpreterFrame, owner));
-    P("owned_by_cstack", FRAME_OWNED_BY_CSTACK);
     P("code_filename", offsetof(PyCodeObject, co_filename));
     P("code_qualname", offsetof(PyCodeObject, co_qualname));
     P("code_linetable", offsetof(PyCodeObject, co_linetable));
@@ -105,7 +103,7 @@ def derive_offsets(version: str, include_root: Path = Path("/usr/include")) -> d
 def cflags(offsets: dict[str, int]) -> list[str]:
     """-D flags for the BPF program's walk."""
     names = ("runtime_tstate_current", "tstate_cframe", "tstate_native_thread_id", "cframe_current_frame",
-             "frame_code", "frame_previous", "frame_prev_instr", "frame_owner", "owned_by_cstack", "code_adaptive")
+             "frame_code", "frame_previous", "frame_prev_instr", "code_adaptive")
     return ["-DSONDE_PYTHON"] + [f"-DPY_{n.upper()}={offsets[n]}" for n in names]
 
 

@@ -352,13 +352,16 @@ class ProcessSymbols:
                           f"({info.error}); its frames are shown as {m.name}+0xOFFSET")
             else:
                 self.note(f"pid {self.pid}: {m.path} was deleted; symbols read through /proc/{self.pid}/map_files")
-        elif info.error:
+        self._elf[key] = info
+        return info
+
+    def _note_use(self, m: Mapping, info: ElfInfo) -> None:
+        """Notes about an object once one of its frames is shown, not for every library mapped."""
+        if info.error and not m.deleted:
             self.note(f"pid {self.pid}: cannot read {m.path} ({info.error}); its frames are shown as {m.name}+0xOFFSET")
         elif info.stripped:
             self.note(f"{m.name} is stripped (no .symtab, no debuginfo): functions it does not export are "
                       f"shown as {m.name}+0xOFFSET")
-        self._elf[key] = info
-        return info
 
     def frame(self, addr: int) -> Frame:
         m = self.mapping(addr)
@@ -372,6 +375,7 @@ class ProcessSymbols:
             label = "[unknown JIT code]" if m.path == "" else m.path
             return Frame(label, m.name, self.jit_frame_pointers if m.path == "" else False)
         info = self._elf_of(m)
+        self._note_use(m, info)
         offset = addr - m.start + m.offset
         vaddr = info.vaddr(offset)
         hit = info.symbols.lookup(vaddr) if vaddr is not None else None
