@@ -82,6 +82,55 @@ class ProbeConfig(_Strict):
     max_peers: int = Field(20, ge=1, le=100_000)
 
 
+class L7ProbeConfig(ProbeConfig):
+    """probes.l7: which processes the L7 capture opts in. A process matching any
+    entry is captured, and so is a process it forks; nothing else pays more than
+    the hooks' first check, and with nothing matching the hooks are detached."""
+    processes: list[str] = []    # process names (/proc/PID/comm, at most 15 bytes)
+    executables: list[str] = []  # absolute paths of executables (/proc/PID/exe)
+    ports: list[int] = []        # processes listening on these TCP ports
+    cgroups: list[str] = []      # cgroup paths (/proc/PID/cgroup, any hierarchy); a path covers those under it
+    tls: bool = True             # libssl uprobes on opted-in processes for HTTPS & co.
+
+    @field_validator("processes")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or "/" in name or len(name.encode()) > 15:
+                raise ValueError(f"{name!r} is not a process name: 1 to 15 bytes, no '/' (as /proc/PID/comm "
+                                 f"shows it); use executables for a path")
+        return v
+
+    @field_validator("executables")
+    @classmethod
+    def _exes(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} is not an absolute path; e.g. /usr/sbin/nginx")
+        return v
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for port in v:
+            if not 0 < port < 65536:
+                raise ValueError(f"{port} is not a TCP port (1 to 65535)")
+        return v
+
+    @field_validator("cgroups")
+    @classmethod
+    def _cgroups(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if not path.startswith("/"):
+                raise ValueError(f"{path!r} is not a cgroup path: it starts with / as in /proc/PID/cgroup, "
+                                 f"e.g. /docker/<id>")
+        return v
+
+
+# probes.<name> whose section has keys of its own beyond ProbeConfig's
+_PROBE_CONFIGS = {"l7": L7ProbeConfig}
+
+
 class Cardinality(_Strict):
     # Hard cap on series one host creates per window, across all probes. InfluxDB 1.x
     # refuses writes past max-series-per-database (1M by default), shared by the fleet.
@@ -118,6 +167,25 @@ class Config(_Strict):
 
     def interval_for(self, name: str) -> float:
         return self.probe(name).interval_seconds or self.interval_seconds
+
+    @field_validator("probes", mode="wrap")
+    @classmethod
+    def _probe_sections(cls, v, handler):
+        """Sections with keys of their own (probes.l7) are validated by their own model;
+        their errors keep their place (probes.l7.ports.0)."""
+        if not isinstance(v, dict):
+            return handler(v)
+        own = {k: x for k, x in v.items() if k in _PROBE_CONFIGS}
+        out = handler({k: x for k, x in v.items() if k not in own})
+        for name, section in own.items():
+            try:
+                out[name] = _PROBE_CONFIGS[name].model_validate(section)
+            except ValidationError as e:
+                raise ValidationError.from_exception_data(e.title, [
+                    {"type": err["type"], "loc": (name, *err["loc"]), "input": err["input"],
+                     "ctx": err.get("ctx", {})} for err in e.errors()])
+        return out
+
 
 
 def _secret(path: Path | None, env: str, key: str) -> SecretStr | None:
