@@ -1,0 +1,812 @@
+"""l7: requests, errors and durations (RED) for HTTP/1.x, Redis, PostgreSQL and MySQL,
+per process x peer x protocol x operation. Off by default, and opt-in per process
+(`probes.l7`: process names, executables, listening ports, cgroups).
+
+What fires, and when:
+- while no process is opted in: nothing per syscall. The syscall hooks are
+  detached; only rare events run a program (`sched_process_exec`, `_fork`, `_exit`:
+  a fork or exit of a process that is not opted in stops at one bitmap test, an
+  exec sends a small record so the agent can match the new program);
+- while a process is opted in: one raw tracepoint program at every syscall entry
+  and exit on the host (`raw_syscalls:sys_enter`, `sys_exit`). Other processes
+  stop at the cheapest test: at entry a compare of the syscall number (in the
+  program's context) with the nine below, then a bit test in an array map keyed by
+  tgid (inlined by the verifier, no helper call); at exit the bit test. Opted-in
+  processes' read, readv, recvfrom, recvmsg, write, writev, sendto, sendmsg and
+  sendfile keep their arguments per thread until the exit, which copies the first
+  4 KiB of the bytes really moved (iovecs followed in order) and the true length
+  into a 16 MiB ring buffer; a full ring buffer drops the event and counts it, per
+  connection and direction, and the agent hands the parser a gap there. close()
+  ends a connection;
+- per new (process, fd): one look at the fd through the running kernel's own
+  offsets (BTF): only TCP sockets are captured, anything else is remembered as
+  skipped in the kernel; the peer address and ports are read then, so a
+  connection that is gone before the agent looks still has its peer;
+- TLS: uprobes on libssl's SSL_read, SSL_write, SSL_read_ex and SSL_write_ex in
+  each opted-in process (found in /proc/PID/maps, or in the executable when it
+  exports them), attached with the process's pid; the fd is the socket the same
+  thread reads or writes inside the call, so no SSL struct is read;
+- per poll: the opt-in set is matched again against the config (new processes,
+  listening ports, exec), aggregates are written, connections of exited processes
+  end.
+
+Why raw sys_enter/sys_exit and not the nine syscalls' own tracepoints: the
+`syscalls:sys_enter_<name>` events are themselves run from the sys_enter raw
+tracepoint (the kernel's perf_syscall_enter looks the syscall number up and fills a
+perf record), so every syscall on the host already pays the raw tracepoint either
+way, and the regular ones add the record on top: 75-130 ns per hit against 20-40 ns
+for a raw tracepoint program (design notes; bench/event_cost.py measured 257 ns for
+an empty regular tracepoint on a loaded machine). Nine enter and nine exit
+programs would also be eighteen attachments against two. With nginx and wrk on one
+host a keep-alive request makes ~8 syscalls, so the two raw programs cost each
+process that is not opted in about 16 program runs of a few instructions per
+request; bench/l7_ab.py measures it.
+
+Parsing is in the agent (bpf/l7/protocols/: pure functions of bytes): each
+connection's events go to a `Connection`, which pairs requests with responses in a
+FIFO (each pipelined request counted) and counts what it cannot pair. Only the
+protocol, the operation class (method, command, SQL verb), the status class and the
+timings leave the parser; no payload byte is kept or written.
+
+Role and port: a connection whose requests the process receives is `role=server`,
+tagged with its local port; one whose requests it sends is `role=client`, tagged
+with the remote port. The peer is the remote address.
+
+Opt-in: a process matches when its name (/proc/PID/comm), its executable
+(/proc/PID/exe), a TCP port it listens on, or one of its cgroups (any hierarchy,
+/proc/PID/cgroup; a path covers the cgroups under it) is in the config. A process an
+opted-in one forks is opted in at once by the kernel, and kept if it matches by
+itself at the next poll (nginx's workers do). An exec is matched again at once.
+Connections open before the opt-in are picked up at their next read or write, the
+protocol detected from the bytes.
+
+Limits:
+- what the agent cannot parse in time is lost, never guessed: under a load the
+  agent cannot keep up with, the ring buffer fills, the events dropped are counted
+  (`l7_probe.lost_events`, per connection in `l7_capture.lost_events`), and the
+  requests they carried are `unanswered` or not seen;
+- a request's duration runs from the syscall holding its first byte to the one
+  holding its response's last, as the process sees it (not the wire);
+- not captured: io_uring, sendmmsg/recvmmsg, splice, kTLS, UNIX sockets, UDP;
+  HTTP/2 and HTTP/3; an fd replaced by dup2() or closed by close_range() keeps its
+  old connection until the process exits;
+- x86-64 only (syscall numbers and pt_regs layout).
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+import socket
+import struct
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+from sonde.bpf.l7.protocols.pairing import Connection
+from sonde.ingest.errors import ProbeError, SondeError
+from sonde.ingest.output.lineproto import Point, printable_name
+from sonde.ingest.runtime import btf, hist, sockdiag
+from sonde.ingest.runtime.cardinality import OTHER, top_n
+from sonde.ingest.runtime.probe import Probe
+
+log = logging.getLogger("sonde.l7")
+
+EVENT = struct.Struct("=QIiQIIBBBBHH16s16s")
+EV_DATA, EV_CLOSE, EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3, 4, 5
+F_TLS = 1
+PID_BITS = 6  # the optin bitmap: word tgid >> 6, bit tgid & 63
+RAW_HOOKS = (("sys_enter", "l7_sys_enter"), ("sys_exit", "l7_sys_exit"))
+RARE_HOOKS = (("sched_process_exec", "l7_exec"), ("sched_process_fork", "l7_fork"),
+              ("sched_process_exit", "l7_exit"))
+SSL_PROBES = (("SSL_read", "ssl_read_enter"), ("SSL_write", "ssl_write_enter"),
+              ("SSL_read_ex", "ssl_read_ex_enter"), ("SSL_write_ex", "ssl_write_ex_enter"))
+CAPTURE_FIELDS = ("unanswered", "orphan_responses", "lost_events", "desyncs", "truncated", "aborted", "undetected")
+STATUS_FIELDS = {c: f"status_{c}" for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
+UNKNOWN = "unknown"
+
+
+# --- what the kernel must have --------------------------------------------------------------
+
+_MEMBERS = {  # -D name: (struct, member path, size)
+    "OFF_TASK_FILES": ("task_struct", "files", 8), "OFF_TASK_PID": ("task_struct", "pid", 4),
+    "OFF_TASK_TGID": ("task_struct", "tgid", 4), "OFF_FILES_FDT": ("files_struct", "fdt", 8),
+    "OFF_FDT_MAX_FDS": ("fdtable", "max_fds", 4), "OFF_FDT_FD": ("fdtable", "fd", 8),
+    "OFF_FILE_INODE": ("file", "f_inode", 8), "OFF_FILE_PRIVATE": ("file", "private_data", 8),
+    "OFF_INODE_MODE": ("inode", "i_mode", 2), "OFF_SOCKET_TYPE": ("socket", "type", 2),
+    "OFF_SOCKET_SK": ("socket", "sk", 8), "OFF_SK_PROTOCOL": ("sock", "sk_protocol", 2),
+    "OFF_SKC_FAMILY": ("sock", "__sk_common.skc_family", 2), "OFF_SKC_DADDR": ("sock", "__sk_common.skc_daddr", 4),
+    "OFF_SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr", 16), "OFF_SKC_DPORT": ("sock", "__sk_common.skc_dport", 2),
+    "OFF_SKC_NUM": ("sock", "__sk_common.skc_num", 2),
+}
+
+
+def layout(b: btf.BTF) -> dict[str, int]:
+    """The -D values of l7.bpf.c from this kernel's BTF; BTFError names what is missing."""
+    out = {}
+    for name, (struct_name, path, size) in _MEMBERS.items():
+        m = b.member(struct_name, path)
+        if m.size != size:
+            raise btf.BTFError(f"{b.source}: {struct_name}.{path} is {m.size} bytes, not {size}")
+        out[name] = m.offset
+    for tp, _ in RAW_HOOKS + RARE_HOOKS:
+        b.raw_tracepoint_args(tp)  # raises when the kernel has no such raw tracepoint
+    if len(b.raw_tracepoint_args("sched_process_exit")) >= 2:  # (task, group_dead): 6.16+
+        out["EXIT_GROUP_DEAD"] = 1
+    return out
+
+
+def kernel_features(sys_root) -> list[str]:
+    if os.uname().machine != "x86_64":
+        return [f"the L7 capture reads x86-64 syscall registers; this machine is {os.uname().machine}"]
+    try:
+        layout(btf.load(sys_root))
+    except SondeError as e:
+        return [str(e)]
+    return []
+
+
+def kernel_cflags(sys_root) -> list[str]:
+    return [f"-D{k}={v}" for k, v in layout(btf.load(sys_root)).items()]
+
+
+# --- which processes are opted in -----------------------------------------------------------
+
+def _read(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def cgroup_paths(text: str) -> list[str]:
+    """The cgroup paths of /proc/PID/cgroup ("hierarchy:controllers:path" lines)."""
+    return [line.split(":", 2)[2] for line in text.splitlines() if line.count(":") >= 2]
+
+
+class Matcher:
+    """The config's opt-in rules over /proc (an injectable root)."""
+
+    def __init__(self, settings, proc: Path):
+        self.proc = str(proc)
+        self.names = {n.encode()[:15] for n in getattr(settings, "processes", ())}
+        self.exes = set()
+        for p in getattr(settings, "executables", ()):
+            self.exes |= {p, os.path.realpath(p)}
+        self.ports = set(getattr(settings, "ports", ()))
+        self.cgroups = tuple(c.rstrip("/") or "/" for c in getattr(settings, "cgroups", ()))
+        self._diag: dict[int, sockdiag.DiagSocket] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.exes or self.ports or self.cgroups)
+
+    def comm(self, pid: int) -> bytes | None:
+        raw = _read(f"{self.proc}/{pid}/comm")
+        return raw.rstrip(b"\n") if raw is not None else None
+
+    def matches(self, pid: int, listeners: set[int] = frozenset()) -> bool:
+        if pid in listeners:
+            return True
+        if self.names and self.comm(pid) in self.names:
+            return True
+        if self.exes:
+            try:
+                exe = os.readlink(f"{self.proc}/{pid}/exe")
+            except OSError:
+                exe = None
+            if exe is not None and exe.removesuffix(" (deleted)") in self.exes:
+                return True
+        if self.cgroups:
+            raw = _read(f"{self.proc}/{pid}/cgroup")
+            if raw is not None:
+                for path in cgroup_paths(raw.decode(errors="replace")):
+                    if any(path == c or path.startswith(c + "/") or c == "/" for c in self.cgroups):
+                        return True
+        return False
+
+    def scan(self) -> set[int]:
+        """Every live process that matches now."""
+        if not self:
+            return set()
+        listeners = self.listeners() if self.ports else set()
+        out = set()
+        for d in os.scandir(self.proc):
+            if d.name.isdigit() and self.matches(int(d.name), listeners):
+                out.add(int(d.name))
+        return out
+
+    def listeners(self) -> set[int]:
+        """Processes holding a TCP socket listening on one of the configured ports, in
+        any network namespace."""
+        inodes = set()
+        namespaces = {}
+        for d in os.scandir(self.proc):
+            if d.name.isdigit():
+                try:
+                    namespaces.setdefault(os.readlink(f"{d.path}/ns/net"), f"{d.path}/ns/net")
+                except OSError:
+                    continue
+        own = os.readlink("/proc/self/ns/net")
+        for ns, path in namespaces.items():
+            key = int(ns[5:-1])
+            diag = self._diag.get(key)
+            try:
+                if diag is None:
+                    diag = self._diag[key] = sockdiag.DiagSocket(None if ns == own else path)
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    diag.sock.send(sockdiag.request(family, states=1 << sockdiag.TCP_LISTEN))
+                    while True:
+                        socks, done = sockdiag.parse_dump(diag.sock.recv(1 << 18))
+                        inodes |= {s.inode for s in socks if s.sport in self.ports}
+                        if done:
+                            break
+            except (OSError, sockdiag.DumpError) as e:
+                log.warning("l7: listening sockets of netns %s not read: %s", ns, e)
+                self._diag.pop(key, None)
+        for key in set(self._diag) - {int(ns[5:-1]) for ns in namespaces}:
+            self._diag.pop(key).close()
+        if not inodes:
+            return set()
+        owners = set()
+        for d in os.scandir(self.proc):
+            if not d.name.isdigit():
+                continue
+            try:
+                for fd in os.scandir(f"{d.path}/fd"):
+                    try:
+                        link = os.readlink(fd.path)
+                    except OSError:
+                        continue
+                    if link.startswith("socket:[") and int(link[8:-1]) in inodes:
+                        owners.add(int(d.name))
+                        break
+            except OSError:
+                continue
+        return owners
+
+    def close(self) -> None:
+        for d in self._diag.values():
+            d.close()
+        self._diag.clear()
+
+
+def ssl_objects(maps_text: str, exe: str | None) -> list[str]:
+    """The files of a process that may hold SSL_read: its libssl mappings, and its
+    executable (a statically linked OpenSSL exports the symbols there)."""
+    out = []
+    for line in maps_text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and "/libssl.so" in parts[5] and parts[5] not in out:
+            out.append(parts[5].removesuffix(" (deleted)"))
+    if exe and exe not in out:
+        out.append(exe)
+    return out
+
+
+def exports_ssl(path: str) -> bool:
+    """Whether an ELF file's dynamic symbols define SSL_read."""
+    try:
+        from elftools.elf.elffile import ELFFile
+        with open(path, "rb") as f:
+            dynsym = ELFFile(f).get_section_by_name(".dynsym")
+            if dynsym is None:
+                return False
+            return any(s.name == "SSL_read" and s["st_shndx"] != "SHN_UNDEF" for s in dynsym.iter_symbols())
+    except Exception:  # not an ELF, unreadable, gone: no symbols there
+        return False
+
+
+# --- what the agent keeps per connection and per series -------------------------------------
+
+def peer_name(family: int, raw: bytes) -> str:
+    import ipaddress
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == socket.AF_INET6:
+        ip = ipaddress.IPv6Address(raw[:16])
+        return str(ip.ipv4_mapped or ip)
+    return UNKNOWN
+
+
+class Tracked:
+    """One connection the agent parses: its parser and what it has reported."""
+    __slots__ = ("conn", "ident", "peer", "lport", "rport", "tls", "reported", "protocol_counted")
+
+    def __init__(self, ident: tuple, family: int, raddr: bytes, lport: int, rport: int, tls: bool):
+        self.conn = Connection()
+        self.ident = ident
+        self.peer = peer_name(family, raddr)
+        self.lport = lport
+        self.rport = rport
+        self.tls = tls
+        self.reported = (0,) * len(CAPTURE_FIELDS)
+        self.protocol_counted = False
+
+    def role(self) -> str:
+        # The direction the parser found requests in (bpf/l7/protocols/pairing.py); "in"
+        # means this process answers them.
+        return "server" if getattr(self.conn, "_requests", None) == "in" else "client"
+
+
+class Agg:
+    __slots__ = ("requests", "errors", "status", "buckets", "sum_us", "max_us")
+
+    def __init__(self):
+        self.requests = 0
+        self.errors = 0
+        self.status: dict[str, int] = {}
+        self.buckets: dict[int, int] = {}
+        self.sum_us = 0
+        self.max_us = 0
+
+    def add(self, ex) -> None:
+        self.requests += 1
+        self.errors += ex.error
+        if ex.protocol == "http":
+            self.status[ex.status_class] = self.status.get(ex.status_class, 0) + 1
+        us = ex.duration_ns // 1000
+        s = hist.slot_of(us)
+        self.buckets[s] = self.buckets.get(s, 0) + 1
+        self.sum_us += us
+        self.max_us = max(self.max_us, us)
+
+    def merge(self, o: "Agg") -> None:
+        self.requests += o.requests
+        self.errors += o.errors
+        for k, v in o.status.items():
+            self.status[k] = self.status.get(k, 0) + v
+        hist.merge(self.buckets, o.buckets)
+        self.sum_us += o.sum_us
+        self.max_us = max(self.max_us, o.max_us)
+
+
+class L7Decoder:
+    """The consumer of the ring buffer (a thread of its own), the opt-in state and the
+    hooks' attachment; poll() writes what the parsers counted since the last poll."""
+
+    def __init__(self, probe):
+        from bcc import BPF
+
+        self.probe = probe
+        self.bpf = probe.bpf
+        self.host = probe.config.host
+        self.settings = probe.settings
+        self.proc = Path(probe.config.paths.proc)
+        self.matcher = Matcher(self.settings, self.proc)
+        self.tls_wanted = getattr(self.settings, "tls", True)
+        self.lock = threading.RLock()
+        self.optin = self.bpf.get_table(b"optin")
+        self.kconns = self.bpf.get_table(b"conns")
+        self.inflight = self.bpf.get_table(b"inflight")
+        self.stats = self.bpf.get_table(b"l7_stats")
+        self._prev_stats = (0, 0, 0)
+        self.opted: dict[int, bytes] = {}       # tgid -> comm when opted in
+        self.names: dict[int, bytes] = {}       # tgid -> comm, kept after exit for the last points
+        self.tls: dict[int, list[tuple[str, str]]] = {}  # tgid -> uprobes attached (path, symbol)
+        self.tracked: dict[tuple[int, int], Tracked] = {}
+        self.by_tgid: dict[int, set[int]] = defaultdict(set)
+        self.acc: dict[tuple, Agg] = {}
+        self.capture: dict[tuple[int, str], list[int]] = {}  # (tgid, protocol) -> [connections, *CAPTURE_FIELDS]
+        self.exited: set[int] = set()
+        self.attached = False
+        self.events = 0
+        # Every program is loaded now, so bcc's table of functions never changes while
+        # the runtime iterates it for statistics.
+        for _, fn in RAW_HOOKS + RARE_HOOKS:
+            self.bpf.load_func(fn.encode(), BPF.RAW_TRACEPOINT)
+        for _, fn in SSL_PROBES:
+            self.bpf.load_func(fn.encode(), BPF.KPROBE)
+        self.bpf.load_func(b"ssl_return_probe", BPF.KPROBE)
+        for tp, fn in RARE_HOOKS:
+            self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._consume, name="sonde-l7", daemon=True)
+        self._thread.start()
+        with self.lock:
+            self._reconcile()
+
+    # --- the consumer thread -------------------------------------------------------------
+
+    def _consume(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.bpf.ring_buffer_poll(100)
+            except Exception:
+                log.exception("l7: ring buffer poll failed")
+                self._stop.wait(1)
+
+    def _on_event(self, _ctx, data, size) -> int:
+        try:
+            raw = ct.string_at(data, size)
+            ts, tgid, fd, true_len, cap_len, lost, kind, direction, flags, family, lport, rport, raddr, comm = \
+                EVENT.unpack_from(raw)
+            with self.lock:
+                if kind == EV_DATA:
+                    self.events += 1
+                    self._data(ts, tgid, fd, "out" if direction else "in", flags, family, lport, rport, raddr,
+                               raw[EVENT.size:EVENT.size + cap_len], true_len, lost)
+                elif kind == EV_CLOSE:
+                    t = self.tracked.get((tgid, fd))
+                    if t is not None:
+                        self._end((tgid, fd), t, ts)
+                elif kind == EV_EXEC:
+                    self._exec(tgid, comm.split(b"\0", 1)[0])
+                elif kind == EV_FORK:
+                    self._forked(tgid, comm.split(b"\0", 1)[0])
+                elif kind == EV_EXIT:
+                    self._gone(tgid, ts)
+        except Exception:
+            log.exception("l7: event not handled")
+        return 0
+
+    def _data(self, ts, tgid, fd, direction, flags, family, lport, rport, raddr, prefix, true_len, lost) -> None:
+        key = (tgid, fd)
+        tls = bool(flags & F_TLS)
+        ident = (family, raddr, lport, rport)
+        t = self.tracked.get(key)
+        if t is None or t.ident != ident or (tls and not t.tls):
+            if t is not None:
+                # the fd is another connection now (a close the agent did not see), or its
+                # TLS plaintext begins: the ciphertext seen so far was never a protocol
+                self._end(key, t, ts, count=not (tls and not t.tls))
+            t = self.tracked[key] = Tracked(ident, family, raddr, lport, rport, tls)
+            self.by_tgid[tgid].add(fd)
+        elif t.tls and not tls:
+            return
+        done = t.conn.gap(ts, direction, lost) if lost else []
+        done += t.conn.feed(ts, direction, prefix, max(true_len, len(prefix)))
+        for ex in done:
+            self._count(tgid, t, ex)
+
+    def _count(self, tgid: int, t: Tracked, ex) -> None:
+        role = t.role()
+        key = (tgid, role, t.peer, t.lport if role == "server" else t.rport, ex.protocol, ex.op)
+        a = self.acc.get(key)
+        if a is None:
+            a = self.acc[key] = Agg()
+        a.add(ex)
+
+    def _report(self, tgid: int, t: Tracked) -> None:
+        """Move what the connection's counters gained since last reported into the
+        process's capture counters."""
+        c = t.conn.counters
+        now = tuple(getattr(c, f) for f in CAPTURE_FIELDS)
+        proto = t.conn.protocol
+        if proto is None and now == (0,) * len(now):
+            return
+        cap = self.capture.setdefault((tgid, proto or UNKNOWN), [0] * (1 + len(CAPTURE_FIELDS)))
+        if not t.protocol_counted and proto is not None:
+            cap[0] += 1
+            t.protocol_counted = True
+        for i, (a, b) in enumerate(zip(now, t.reported)):
+            cap[1 + i] += a - b
+        t.reported = now
+
+    def _end(self, key: tuple[int, int], t: Tracked, ts: int, count: bool = True) -> None:
+        tgid = key[0]
+        if count:
+            for ex in t.conn.close(ts):
+                self._count(tgid, t, ex)
+            self._report(tgid, t)
+        del self.tracked[key]
+        fds = self.by_tgid.get(tgid)
+        if fds is not None:
+            fds.discard(key[1])
+            if not fds:
+                del self.by_tgid[tgid]
+
+    # --- opt-in --------------------------------------------------------------------------
+
+    def _set_bit(self, tgid: int, on: bool) -> None:
+        word = tgid >> PID_BITS
+        if word >= 65536:
+            log.warning("l7: pid %d is past the bitmap (pid_max above 4194304?); not captured", tgid)
+            return
+        k = self.optin.Key(word)
+        old = self.optin[k].value
+        new = old | (1 << (tgid & 63)) if on else old & ~(1 << (tgid & 63))
+        if new != old:
+            self.optin[k] = self.optin.Leaf(new)
+
+    def _opt_in(self, tgid: int, comm: bytes | None = None) -> None:
+        if tgid in self.opted:
+            return
+        comm = comm if comm is not None else self.matcher.comm(tgid)
+        if comm is None:
+            return  # gone already
+        self.opted[tgid] = comm
+        self.names[tgid] = comm
+        self._set_bit(tgid, True)
+        log.info("l7: opted in pid %d (%s)", tgid, comm.decode(errors="replace"))
+        self._hooks()
+        if self.tls_wanted:
+            self._attach_tls(tgid)
+
+    def _opt_out(self, tgid: int, ts: int) -> None:
+        if tgid not in self.opted:
+            return
+        del self.opted[tgid]
+        self._set_bit(tgid, False)
+        self._detach_tls(tgid)
+        for fd in list(self.by_tgid.get(tgid, ())):
+            self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
+        self._forget_kernel_conns({tgid})
+        self._hooks()
+
+    def _exec(self, tgid: int, comm: bytes) -> None:
+        if self.matcher.matches(tgid):
+            if tgid in self.opted:
+                self.opted[tgid] = self.names[tgid] = comm
+                self._detach_tls(tgid)  # a new program: new libraries
+                if self.tls_wanted:
+                    self._attach_tls(tgid)
+            else:
+                self._opt_in(tgid, comm)
+        elif tgid in self.opted:
+            self._opt_out(tgid, _now_ns())
+
+    def _forked(self, tgid: int, comm: bytes) -> None:
+        # the kernel has set the child's bit already
+        if tgid not in self.opted:
+            self.opted[tgid] = self.names[tgid] = comm
+            if self.tls_wanted:
+                self._attach_tls(tgid)
+
+    def _gone(self, tgid: int, ts: int) -> None:
+        # the kernel has cleared the bit
+        self.opted.pop(tgid, None)
+        self._detach_tls(tgid, gone=True)
+        for fd in list(self.by_tgid.get(tgid, ())):
+            self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
+        self.exited.add(tgid)
+        self._hooks()
+
+    def _reconcile(self) -> None:
+        """Make the opted-in set exactly the matching processes; exited ones end."""
+        want = self.matcher.scan()
+        ts = _now_ns()
+        for tgid in list(self.opted):
+            if tgid not in want:
+                if os.path.exists(f"{self.proc}/{tgid}"):
+                    self._opt_out(tgid, ts)
+                else:
+                    self._gone(tgid, ts)
+        for tgid in sorted(want):
+            self._opt_in(tgid)
+        for tgid in list(self.by_tgid):  # connections of processes that left unseen
+            if tgid not in self.opted:
+                for fd in list(self.by_tgid.get(tgid, ())):
+                    self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
+        if self.tls_wanted:
+            for tgid in self.opted:
+                if tgid not in self.tls:
+                    self._attach_tls(tgid)
+        self._hooks()
+
+    def _hooks(self) -> None:
+        """The syscall hooks are attached exactly while some process is opted in."""
+        want = bool(self.opted)
+        if want == self.attached:
+            return
+        if want:
+            self.inflight.clear()  # enter records left from an earlier attachment
+            for tp, fn in RAW_HOOKS:
+                self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+            log.info("l7: syscall hooks attached")
+        else:
+            for tp, _ in RAW_HOOKS:
+                self.bpf.detach_raw_tracepoint(tp=tp.encode())
+            log.info("l7: syscall hooks detached (no process is opted in)")
+        self.attached = want
+
+    def _forget_kernel_conns(self, tgids: set[int]) -> None:
+        for k in [k for k in self.kconns.keys() if (k.value >> 32) in tgids]:
+            try:
+                del self.kconns[k]
+            except KeyError:
+                pass
+
+    # --- TLS -----------------------------------------------------------------------------
+
+    def _attach_tls(self, tgid: int) -> None:
+        maps = _read(f"{self.proc}/{tgid}/maps")
+        if maps is None:
+            return
+        try:
+            exe = os.readlink(f"{self.proc}/{tgid}/exe").removesuffix(" (deleted)")
+        except OSError:
+            exe = None
+        done = []
+        for path in ssl_objects(maps.decode(errors="replace"), exe):
+            target = f"{self.proc}/{tgid}/root{path}" if os.path.exists(f"{self.proc}/{tgid}/root{path}") else path
+            if not exports_ssl(target):
+                continue
+            for sym, fn in SSL_PROBES:
+                try:
+                    self.bpf.attach_uprobe(name=target.encode(), sym=sym.encode(), fn_name=fn.encode(), pid=tgid)
+                    done.append((target, sym, False))
+                    self.bpf.attach_uretprobe(name=target.encode(), sym=sym.encode(), fn_name=b"ssl_return_probe",
+                                              pid=tgid)
+                    done.append((target, sym, True))
+                except Exception as e:  # bcc raises bare Exception: a symbol this OpenSSL lacks (_ex before 1.1.1)
+                    log.debug("l7: no uprobe on %s:%s for pid %d: %s", target, sym, tgid, e)
+        self.tls[tgid] = done
+        if done:
+            log.info("l7: libssl uprobes on pid %d (%s)", tgid, ", ".join(sorted({p for p, _, _ in done})))
+
+    def _detach_tls(self, tgid: int, gone: bool = False) -> None:
+        for path, sym, ret in self.tls.pop(tgid, ()):
+            try:
+                if ret:
+                    self.bpf.detach_uretprobe(name=path.encode(), sym=sym.encode(), pid=tgid)
+                else:
+                    self.bpf.detach_uprobe(name=path.encode(), sym=sym.encode(), pid=tgid)
+            except Exception as e:
+                if not gone:
+                    log.debug("l7: uprobe %s:%s of pid %d not detached: %s", path, sym, tgid, e)
+
+    # --- polling -------------------------------------------------------------------------
+
+    def poll(self, ts: int) -> tuple[list[Point], int]:
+        with self.lock:
+            self._reconcile()
+            for key, t in self.tracked.items():
+                self._report(key[0], t)
+            acc, self.acc = self.acc, {}
+            capture, self.capture = self.capture, {}
+            names = {tgid: self.names.get(tgid, b"") for tgid in {k[0] for k in acc} | {k[0] for k in capture}}
+            exited, self.exited = self.exited, set()
+            for tgid in exited:
+                if tgid not in self.opted:
+                    self.names.pop(tgid, None)
+            opted, tracked, attached = len(self.opted), len(self.tracked), self.attached
+            tls = sum(1 for v in self.tls.values() if v)
+            events, self.events = self.events, 0
+        try:
+            points = self._red(ts, acc, names) + self._capture(ts, capture, names)
+        except Exception:
+            with self.lock:  # nothing is lost: the next poll writes these too
+                for k, a in acc.items():
+                    self.acc.setdefault(k, Agg()).merge(a)
+                for k, c in capture.items():
+                    mine = self.capture.setdefault(k, [0] * len(c))
+                    for i, v in enumerate(c):
+                        mine[i] += v
+                self.events += events
+            raise
+        lost, sent, nbytes = self._stats_delta()
+        points.append(Point("l7_probe", {"host": self.host}, {
+            "opted_in_processes": opted, "hooks_attached": int(attached), "tracked_connections": tracked,
+            "events": sent, "lost_events": lost, "captured_bytes": nbytes, "tls_processes": tls}, ts))
+        return points, opted + tracked
+
+    def _stats_delta(self) -> tuple[int, int, int]:
+        now = tuple(sum(int(v) for v in self.stats[self.stats.Key(i)]) for i in range(3))
+        d = tuple(max(a - b, 0) for a, b in zip(now, self._prev_stats))
+        self._prev_stats = now
+        return d
+
+    def _name(self, tgid: int, names: dict) -> str:
+        return printable_name(names.get(tgid) or b"[unknown]")
+
+    def _red(self, ts: int, acc: dict, names: dict) -> list[Point]:
+        """Top-N processes by requests, top-M (role, peer, port) each, within the series
+        budget; the rest fold into peer=other, then pid=other. Totals stay exact."""
+        settings, budget = self.probe.settings, self.probe.budget
+        by_proc: dict[int, dict[tuple, dict[tuple, Agg]]] = defaultdict(lambda: defaultdict(dict))
+        for (tgid, role, peer, port, proto, op), a in acc.items():
+            by_proc[tgid][(role, peer, str(port))][(proto, op)] = a
+        keep, rest = top_n(list(by_proc.items()), settings.max_processes,
+                           lambda p: sum(a.requests for peers in p[1].values() for a in peers.values()))
+        out: dict[tuple, Agg] = {}
+
+        def add(tags: tuple, ops: dict[tuple, Agg], force: bool = False) -> bool:
+            rows = {tags + k: a for k, a in ops.items()}
+            if not budget.admit(set().union(*(self._series(k, a) for k, a in rows.items())), force=force):
+                return False
+            for k, a in rows.items():
+                out.setdefault(k, Agg()).merge(a)
+            return True
+
+        spill: list[tuple[str, dict]] = []  # (role, ops) for pid=other
+        for tgid, peers in keep:
+            name = self._name(tgid, names)
+            top, tail = top_n(list(peers.items()), settings.max_peers,
+                              lambda p: sum(a.requests for a in p[1].values()))
+            for (role, peer, port), ops in top:
+                if not add((str(tgid), name, role, peer, port), ops):
+                    tail.append(((role, peer, port), ops))
+            folded: dict[str, dict[tuple, Agg]] = defaultdict(dict)
+            for (role, _, _), ops in tail:
+                for k, a in ops.items():
+                    folded[role].setdefault(k, Agg()).merge(a)
+            for role, ops in folded.items():
+                if not add((str(tgid), name, role, OTHER, OTHER), ops):
+                    spill.append((role, ops))
+        for _, peers in rest:
+            for (role, _, _), ops in peers.items():
+                spill.append((role, ops))
+        other: dict[str, dict[tuple, Agg]] = defaultdict(dict)
+        for role, ops in spill:
+            for k, a in ops.items():
+                other[role].setdefault(k, Agg()).merge(a)
+        for role, ops in other.items():
+            add((OTHER, OTHER, role, OTHER, OTHER), ops, force=True)
+        points = []
+        for k, a in out.items():
+            tags = self._tags(k)
+            fields = {"requests": a.requests, "errors": a.errors}
+            if k[5] == "http":
+                fields |= {STATUS_FIELDS[c]: n for c, n in a.status.items() if c in STATUS_FIELDS}
+            points.append(Point("l7_requests", tags, fields, ts))
+            points += hist.points("l7_duration", tags, a.buckets, a.sum_us, ts, a.max_us)
+        return points
+
+    def _tags(self, k: tuple) -> dict[str, str]:
+        pid, comm, role, peer, port, proto, op = k
+        return {"host": self.host, "pid": pid, "comm": comm, "role": role, "peer": peer, "port": port,
+                "protocol": proto, "op": op}
+
+    def _series(self, k: tuple, a: Agg) -> set[tuple]:
+        t = tuple(sorted(self._tags(k).items()))
+        return {("l7_requests", t), ("l7_duration", t)} | {("l7_duration_hist", t, hist.le(s)) for s in a.buckets}
+
+    def _capture(self, ts: int, capture: dict, names: dict) -> list[Point]:
+        rows = [(tgid, proto, c) for (tgid, proto), c in capture.items() if any(c)]
+        keep, rest = top_n(rows, self.probe.settings.max_processes, lambda r: sum(r[2]))
+        merged: dict[tuple, list[int]] = {}
+        for tgid, proto, c in keep:
+            name = self._name(tgid, names)
+            key = (str(tgid), name, proto)
+            if not self.probe.budget.admit({("l7_capture", key)}):
+                key = (OTHER, OTHER, proto)
+            acc = merged.setdefault(key, [0] * len(c))
+            for i, v in enumerate(c):
+                acc[i] += v
+        for _, proto, c in rest:
+            acc = merged.setdefault((OTHER, OTHER, proto), [0] * len(c))
+            for i, v in enumerate(c):
+                acc[i] += v
+        points = []
+        for (pid, comm, proto), c in merged.items():
+            if pid == OTHER:
+                self.probe.budget.admit({("l7_capture", (pid, comm, proto))}, force=True)
+            points.append(Point("l7_capture", {"host": self.host, "pid": pid, "comm": comm, "protocol": proto},
+                                dict(zip(("connections",) + CAPTURE_FIELDS, c)), ts))
+        return points
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self.lock:
+            for tgid in list(self.tls):
+                self._detach_tls(tgid)
+            if self.attached:
+                for tp, _ in RAW_HOOKS:
+                    self.bpf.detach_raw_tracepoint(tp=tp.encode())
+                self.attached = False
+        self.matcher.close()
+
+
+def _now_ns() -> int:
+    import time
+    return time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
+
+
+PROBE = Probe(
+    name="l7",
+    doc=__doc__,
+    hooks=("raw_syscalls:sys_enter", "raw_syscalls:sys_exit", "sched:sched_process_exec",
+           "sched:sched_process_fork", "sched:sched_process_exit"),
+    default_enabled=False,
+    requires=kernel_features,
+    cflags=kernel_cflags,
+    decoder=L7Decoder,
+)
