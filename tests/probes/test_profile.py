@@ -510,6 +510,6 @@ def test_continuous_profiling_stores_top_stacks_that_name_the_function(agents, s
         assert r["rank"] in {"1", "2", "3", "4", "5"}
     assert abs(100.0 * by_function.get("c", 0) / total - 60) <= 10, by_function
     assert any(r["frames"].endswith("main;a;b;c") for r in rows), rows[:3]
-    # Its last second was sampled after the poll above, and it was gone by the next one:
-    # those stacks say so instead of naming anything.
-    assert "[process exited before its stacks were read]" in by_function, by_function
+    # Its last seconds were sampled after the poll above, and it was gone by the next one:
+    # the maps that poll read still name them.
+    assert not any(f.startswith("[process exited") for f in by_function), by_function
