@@ -3,9 +3,12 @@
 Each rule is a few catalog-checked InfluxQL queries (refs A, B, ... over relative
 time windows), a formula over their per-series values (Grafana math syntax:
 `$A / $B`, comparisons give 0 or 1), and a comparison against a threshold from
-alerts/thresholds.yaml. `grafana_provisioning()` renders Grafana alerting
-provisioning (validated against the Grafana 11.6 schema); ingest/analysis/alerting.py
-evaluates the same queries and formula inside the agent.
+alerts/thresholds.yaml. Every window, baseline and `for` is in seconds of wall time,
+never a count of polls. `grafana_provisioning()` renders Grafana alerting
+provisioning (validated against the Grafana 11.6 schema): each query reduced to its
+last value, the formula as a math expression, the threshold as a threshold
+expression; ingest/analysis/alerting.py evaluates the same queries and formula inside
+the agent, joining series the way Grafana's math does.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import yaml
 
 from sonde.ingest.docs import replace_section
 from sonde.ingest.analysis.queries import Query
+from sonde.ingest.runtime import catalog
+from sonde.ingest.runtime.identity import AGENT_COMM
 
 THRESHOLDS = Path(__file__).resolve().parent / "thresholds.yaml"
 DATASOURCE_UID = "sonde-influxdb"
@@ -40,7 +45,8 @@ class Rule:
     formula: str       # over $A, $B, ...
     op: str            # gt | lt | ge
     threshold: float
-    for_evals: int
+    window_s: int      # the time the rule looks at, ending now
+    for_s: int         # how long a breach must last before the alert fires (Grafana's `for`)
     why: str
 
     @property
@@ -48,9 +54,11 @@ class Rule:
         return self.refs["A"].query.group_by
 
 
-def _why(name: str) -> str:
+def _why(name: str, path: Path = THRESHOLDS) -> str:
     """The comment above a rule in thresholds.yaml: why its threshold is what it is."""
-    lines = THRESHOLDS.read_text().splitlines()
+    lines = path.read_text().splitlines()
+    if f"{name}:" not in lines:  # a thresholds file without the shipped comments
+        path, lines = THRESHOLDS, THRESHOLDS.read_text().splitlines()
     start = lines.index(f"{name}:")
     out = []
     for line in lines[start + 1:]:
@@ -61,78 +69,97 @@ def _why(name: str) -> str:
     return " ".join(out)
 
 
+def cpu_field() -> str:
+    """The per-thread CPU share where the cpu probe writes it, else the process's."""
+    return "max_thread_pct" if "max_thread_pct" in catalog.MEASUREMENTS["process_cpu"].field_names else "cpu_pct"
+
+
 def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
     t = yaml.safe_load(path.read_text())
 
-    def q(measurement, select, where=(), group_by=()):
-        return Query(measurement, (select,), tuple(where), tuple(group_by), time_bucket=False)
+    def q(measurement, select, where=(), group_by=(), exclude=()):
+        return Query(measurement, (select,), tuple(where), tuple(group_by), time_bucket=False,
+                     exclude=tuple(exclude))
+
+    def why(name):
+        return _why(name, path)
 
     client = (("role", "client"),)
+    not_agent = (("comm", AGENT_COMM),)  # the agent's own sockets: see ingest/runtime/identity.py
     flow_labels = ("host", "comm", "peer", "port")
     rules = []
 
     r = t["backend_resets"]
     rules.append(Rule("backend_resets", "{{comm}} received resets from {{peer}}:{{port}}", "critical",
-                      {"A": Ref(q("tcp_flow", "sum(resets_received) as value", client, flow_labels), r["window"])},
-                      "$A", "gt", r["threshold"], r["for"], _why("backend_resets")))
+                      {"A": Ref(q("tcp_flow", "sum(resets_received) as value", client, flow_labels, not_agent),
+                                r["window"])},
+                      "$A", "gt", r["threshold"], r["window"], r["for"], why("backend_resets")))
     r = t["failed_connects"]
     rules.append(Rule("failed_connects", "{{comm}} cannot connect to {{peer}}:{{port}}", "critical",
                       {"A": Ref(q("tcp_flow", "sum(connect_refused) + sum(connect_timeouts) as value", client,
-                                  flow_labels), r["window"])},
-                      "$A", "gt", r["threshold"], r["for"], _why("failed_connects")))
+                                  flow_labels, not_agent), r["window"])},
+                      "$A", "gt", r["threshold"], r["window"], r["for"], why("failed_connects")))
     r = t["retransmit_ratio"]
     lab = ("host", "comm", "peer")
     rules.append(Rule("retransmit_ratio", "{{comm}} <-> {{peer}}: retransmit ratio high", "warning",
                       {"A": Ref(q("tcp_flow", "sum(retransmits) as value", (), lab), r["window"]),
-                       "B": Ref(q("tcp_flow", "sum(rx_segments) as value", (), lab), r["window"])},
-                      f"($A / $B) * ($B >= {r['min_segments']})", "gt", r["threshold"], r["for"],
-                      _why("retransmit_ratio")))
+                       "B": Ref(q("tcp_flow", "sum(tx_segments) as value", (), lab), r["window"])},
+                      f"($A / $B) * ($B >= {r['min_segments']})", "gt", r["threshold"], r["window"], r["for"],
+                      why("retransmit_ratio")))
     r = t["srtt_p99_jump"]
     rules.append(Rule("srtt_p99_jump", "{{comm}} <-> {{peer}}: srtt p99 jumped against the last hour", "warning",
                       {"A": Ref(q("tcp_srtt", "max(p99_us) as value", (), lab), r["window"]),
                        "B": Ref(q("tcp_srtt", "mean(p99_us) as value", (), lab), r["window"] + r["baseline"],
                                 r["window"])},
-                      f"($A / $B) * ($A >= {r['min_us']})", "gt", r["threshold"], r["for"], _why("srtt_p99_jump")))
+                      f"($A / $B) * ($A >= {r['min_us']})", "gt", r["threshold"], r["window"], r["for"],
+                      why("srtt_p99_jump")))
     r = t["cpu_pinned"]
     plab = ("host", "pid", "comm")
+    # every poll in the window at >= threshold (the minimum), and the polls cover the window:
+    # interval_us summed over them (a process that did not run in a poll writes no point)
+    cover_us = int(r["coverage"] * r["window"] * 1_000_000)
     rules.append(Rule("cpu_pinned", "{{comm}} (pid {{pid}}) pinned at a full core", "critical",
-                      {"A": Ref(q("process_cpu", "min(cpu_pct) as value", (), plab), r["window"]),
-                       "B": Ref(q("process_cpu", "count(cpu_pct) as value", (), plab), r["window"])},
-                      f"$A * ($B >= {r['intervals']})", "ge", r["threshold"], r["for"], _why("cpu_pinned")))
+                      {"A": Ref(q("process_cpu", f"min({cpu_field()}) as value", (), plab), r["window"]),
+                       "B": Ref(q("process_cpu", "sum(interval_us) as value", (), plab), r["window"])},
+                      f"$A * ($B >= {cover_us})", "ge", r["threshold"], r["window"], r["for"], why("cpu_pinned")))
     r = t["disk_latency_p99"]
     rules.append(Rule("disk_latency_p99", "{{disk}}: p99 block latency high for most of the window", "warning",
                       {"A": Ref(q("block_total_latency", "percentile(p99_us, 50) as value",
                                   (("op", "(read|write|sync_write)"),),
                                   ("host", "disk")), r["window"])},
-                      "$A", "gt", r["threshold_us"], r["for"], _why("disk_latency_p99")))
+                      "$A", "gt", r["threshold_us"], r["window"], r["for"], why("disk_latency_p99")))
     r = t["disk_utilisation"]
+    # busy time over the window's time: exact whatever the poll interval, and whichever polls wrote
     rules.append(Rule("disk_utilisation", "{{disk}}: busy most of the time", "warning",
-                      {"A": Ref(q("disk_busy", "mean(util_pct) as value", (), ("host", "disk")), r["window"])},
-                      "$A", "gt", r["threshold"], r["for"], _why("disk_utilisation")))
+                      {"A": Ref(q("disk_busy", "sum(busy_us) as value", (), ("host", "disk")), r["window"])},
+                      f"$A / {r['window'] * 10_000}", "gt", r["threshold"], r["window"], r["for"],
+                      why("disk_utilisation")))
     r = t["oom_kill"]
     rules.append(Rule("oom_kill", "{{host}}: the kernel killed a process for memory", "critical",
                       {"A": Ref(q("oom_kills", "sum(kills) as value", (), ("host",)), r["window"])},
-                      "$A", "gt", r["threshold"], r["for"], _why("oom_kill")))
+                      "$A", "gt", r["threshold"], r["window"], r["for"], why("oom_kill")))
     r = t["throughput_drop"]
     windows = r["baseline"] / r["window"]
+    # A spans the baseline and the window, B the baseline alone, so $A - $B is the window's bytes and
+    # every flow of the baseline has a series in A: a flow that stopped is 0, not missing.
     rules.append(Rule("throughput_drop", "{{comm}} -> {{peer}}:{{port}}: throughput fell against the last hour",
                       "warning",
-                      {"A": Ref(q("tcp_flow", "sum(tx_bytes) + sum(rx_bytes) as value", client, flow_labels),
-                                r["window"]),
-                       "B": Ref(q("tcp_flow", "sum(tx_bytes) + sum(rx_bytes) as value", client, flow_labels),
-                                r["window"] + r["baseline"], r["window"])},
-                      f"($A / ($B / {windows:g})) + 1000 * (($B / {windows:g}) < {r['min_baseline_bytes']})",
-                      "lt", r["threshold"], r["for"], _why("throughput_drop")))
+                      {"A": Ref(q("tcp_flow", "sum(tx_bytes) + sum(rx_bytes) as value", client, flow_labels,
+                                  not_agent), r["window"] + r["baseline"]),
+                       "B": Ref(q("tcp_flow", "sum(tx_bytes) + sum(rx_bytes) as value", client, flow_labels,
+                                  not_agent), r["window"] + r["baseline"], r["window"])},
+                      f"(($A - $B) / ($B / {windows:g})) + 1000 * (($B / {windows:g}) < {r['min_baseline_bytes']})",
+                      "lt", r["threshold"], r["window"], r["for"], why("throughput_drop")))
     r = t["agent_drops"]
     rules.append(Rule("agent_drops", "{{host}}: Sonde lost events or points", "warning",
                       {"A": Ref(q("sonde_probe", "sum(map_full_drops) as value", (), ("host",)), r["window"]),
                        "B": Ref(q("sonde_spool", "sum(dropped_points) as value", (), ("host",)), r["window"])},
-                      "$A + $B", "gt", r["threshold"], r["for"], _why("agent_drops")))
+                      "$A + $B", "gt", r["threshold"], r["window"], r["for"], why("agent_drops")))
     r = t["agent_poll_failures"]
     rules.append(Rule("agent_poll_failures", "{{host}}: probe {{probe}} failed to poll", "warning",
                       {"A": Ref(q("sonde_probe", "count(poll_success) - sum(poll_success) as value", (),
                                   ("host", "probe")), r["window"])},
-                      "$A", "gt", r["threshold"], r["for"], _why("agent_poll_failures")))
+                      "$A", "gt", r["threshold"], r["window"], r["for"], why("agent_poll_failures")))
     for rule in rules:  # (the `anomaly` section configures ingest/analysis/anomaly.py, not a rule)
         for ref in rule.refs.values():
             ref.query.check()
@@ -179,7 +206,7 @@ def grafana_rule(rule: Rule) -> dict:
     return {
         "uid": f"sonde-{rule.name.replace('_', '-')}"[:40], "title": rule.name, "orgID": 1,
         "folderUID": FOLDER_UID, "ruleGroup": GROUP, "condition": "ALERT", "data": data,
-        "for": f"{rule.for_evals * EVAL_INTERVAL_S}s", "noDataState": "OK", "execErrState": "Error",
+        "for": f"{rule.for_s}s", "noDataState": "OK", "execErrState": "Error",
         "labels": {"severity": rule.severity, "source": "sonde"},
         "annotations": {"summary": summary, "description": rule.why},
     }
@@ -200,8 +227,8 @@ def markdown_list(rules: dict[str, Rule] | None = None) -> str:
     rules = rules or load()
     lines = ["| rule | severity | fires when | window | why |", "|---|---|---|---|---|"]
     for r in rules.values():
-        window = r.refs["A"].from_s
-        lines.append(f"| `{r.name}` | {r.severity} | `{r.formula}` {_OPS[r.op]} {r.threshold:g} | {window} s | {r.why} |")
+        lines.append(f"| `{r.name}` | {r.severity} | `{r.formula}` {_OPS[r.op]} {r.threshold:g} | {r.window_s} s | "
+                     f"{r.why} |")
     return "\n".join(lines) + "\n"
 
 

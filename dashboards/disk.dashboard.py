@@ -1,5 +1,5 @@
 """Disk: the latency split as heatmaps, throughput, utilisation, by I/O class."""
-from sonde.dashboards.house import HOST_VAR, Grid, dashboard, heatmap, timeseries, variable
+from sonde.dashboards.house import BUSY_PCT, HOST_VAR, Grid, dashboard, heatmap, timeseries, variable
 from sonde.ingest.analysis.queries import Query
 
 DISK = variable("disk", "Disk", 'SHOW TAG VALUES FROM "block_io" WITH KEY = "disk" WHERE "host" =~ /^$host$/')
@@ -19,7 +19,8 @@ dashboard = dashboard("sonde-disk", "Sonde / Disk", [
         (Query("block_io", ("sum(requests)",), D, ("disk", "op"), per_second=True, alias="iops", extra="fill(0)"),
          "$tag_disk $tag_op")], unit="iops"),
     timeseries(grid, "Utilisation", [
-        (Query("disk_busy", ("mean(util_pct)",), D, ("disk",), extra="fill(none)"), "$tag_disk")], unit="percent"),
+        (Query("disk_busy", (BUSY_PCT,), D, ("disk",), alias="util", extra="fill(0)"), "$tag_disk")],
+        unit="percent"),
     timeseries(grid, "Errors", [
         (Query("block_io", ("sum(errors)",), D, ("disk", "op"), alias="errors", extra="fill(0)"),
          "$tag_disk $tag_op")]),

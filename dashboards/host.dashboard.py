@@ -1,16 +1,18 @@
 """Host overview: CPU by process, disks, network totals, OOM kills, agent health."""
-from sonde.dashboards.house import (HOST_VAR, PROCESS_VAR, Grid, dashboard, stat, timeseries)
+from sonde.dashboards.house import (BUSY_PCT, CPU_PCT, HOST_VAR, PROCESS_VAR, Grid, dashboard, stat, timeseries)
 from sonde.ingest.analysis.queries import Query
 
 H = (("host", "$host"),)
 grid = Grid()
 dashboard = dashboard("sonde-host", "Sonde / Host overview", [
     timeseries(grid, "CPU by process (% of one core)", [
-        (Query("process_cpu", ("mean(cpu_pct)",), H + (("comm", "$process"),), ("comm",), extra="fill(none)"),
+        (Query("process_cpu", (CPU_PCT,), H + (("comm", "$process"),), ("comm",), alias="cpu", extra="fill(0)"),
          "$tag_comm")], unit="percent",
-        description="On-CPU time per process over each interval; 100 = one core pinned."),
+        description="On-CPU time of every process of that name (all pids together) over each interval; "
+                    "100 = one core."),
     timeseries(grid, "Disk utilisation", [
-        (Query("disk_busy", ("mean(util_pct)",), H, ("disk",), extra="fill(none)"), "$tag_disk")], unit="percent"),
+        (Query("disk_busy", (BUSY_PCT,), H, ("disk",), alias="util", extra="fill(0)"), "$tag_disk")],
+        unit="percent", description="Time the disk had requests in flight, over each interval."),
     timeseries(grid, "TCP bytes per second (host)", [
         (Query("tcp_flow", ("sum(tx_bytes)",), H, (), per_second=True, alias="sent", extra="fill(0)"), "sent"),
         (Query("tcp_flow", ("sum(rx_bytes)",), H, (), per_second=True, alias="received", extra="fill(0)"),

@@ -4,6 +4,13 @@ Panels take `sonde.ingest.analysis.queries.Query` objects (catalog-checked) and 
 on a 24-column grid. `render()` turns a grafanalib Dashboard into the JSON Sonde
 ships: grafanalib's output normalised to the current Grafana model (its legacy
 keys dropped or renamed), which validates against the Grafana 11.6 schemas.
+
+Rates and per-poll averages are exact only when a `$__interval` bucket holds whole
+polls: the agent writes one delta per poll, so a bucket shorter than the poll
+interval is either empty (0) or holds a whole poll's delta (a spike), the sawtooth
+of a default 1 h view. `render()` therefore gives every time-bucketed panel a
+minimum interval (`min_interval()`): the smallest multiple of the poll interval
+above which every interval Grafana picks is itself a multiple of the poll interval.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from grafanalib import core as g
 from grafanalib._gen import DashboardEncoder
 from grafanalib.influxdb import InfluxDBTarget
 
+from sonde.ingest.config import Config
 from sonde.ingest.docs import replace_section
 from sonde.ingest.analysis.queries import Query
 
@@ -110,6 +118,11 @@ PROCESS_VAR = variable("process", "Process", 'SHOW TAG VALUES FROM "process_cpu"
 PEER_VAR = variable("peer", "Peer", 'SHOW TAG VALUES FROM "tcp_flow" WITH KEY = "peer" WHERE "host" =~ /^$host$/')
 
 
+# Percent of one core (CPU) or of the time (disk busy) over each bucket: time summed over every
+# series the panel merges and every poll in the bucket, over the bucket's length.
+CPU_PCT = "sum(oncpu_us) / ($__interval_ms * 10)"
+BUSY_PCT = "sum(busy_us) / ($__interval_ms * 10)"
+
 ANOMALY_QUERY = Query("sonde_anomaly", ("text", "score", "metric"), (("host", "$host"),), (),
                       time_bucket=False)
 ALERT_QUERY = Query("sonde_alert", ("summary", "value", "rule"), (("host", "$host"), ("state", "firing")), (),
@@ -148,6 +161,30 @@ _VAR_KEYS = {"type", "name", "label", "hide", "skipUrlSync", "description", "que
              "auto_min", "auto_count"}
 
 
+DEFAULT_POLL_S = Config.model_fields["interval_seconds"].default
+
+# Every interval Grafana's auto interval can take (rangeutil.ts roundInterval), in ms.
+GRAFANA_INTERVALS_MS = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 15000, 20000, 30000, 60000, 120000,
+                        300000, 600000, 900000, 1200000, 1800000, 3600000, 7200000, 10800000, 21600000, 43200000,
+                        86400000, 604800000, 2592000000, 31536000000)
+
+
+def min_interval_ms(poll_s: float) -> int:
+    """The smallest multiple of the poll interval such that every larger interval Grafana
+    may pick is a multiple of the poll interval too (10 s polls: 20 s, since Grafana's
+    15 s would hold one poll and two by turns). A poll interval that divides none of
+    Grafana's (7 s) gets itself: such buckets hold a varying number of polls."""
+    poll = round(poll_s * 1000)
+    for k in range(1, 3_600_000 // poll + 1):
+        if not any(v % poll for v in GRAFANA_INTERVALS_MS if v > k * poll):
+            return k * poll
+    return poll
+
+
+def duration(ms: int) -> str:
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
 def _prune(obj):
     """Drop None values (grafanalib's "unset") everywhere; the schema wants them absent."""
     if isinstance(obj, dict):
@@ -157,7 +194,7 @@ def _prune(obj):
     return obj
 
 
-def _panel(p: dict, pid: int) -> dict:
+def _panel(p: dict, pid: int, poll_s: float) -> dict:
     p = _prune(p)
     out = {k: v for k, v in p.items() if k in _PANEL_KEYS and v != ""}
     out["id"] = pid
@@ -166,6 +203,10 @@ def _panel(p: dict, pid: int) -> dict:
     for t in out.get("targets", []):
         for k in [k for k, v in t.items() if v in ("", None)]:
             del t[k]
+        if "query" in t:
+            t["query"] = t["query"].replace("$__poll_ms", str(round(poll_s * 1000)))
+    if any("$__interval" in t.get("query", "") for t in out.get("targets", [])):
+        out["interval"] = duration(min_interval_ms(poll_s))
     out.setdefault("fieldConfig", {"defaults": {}, "overrides": []})
     # Options the current model requires that grafanalib predates, at Grafana's defaults.
     opts = out.setdefault("options", {})
@@ -198,14 +239,15 @@ def _variable(v: dict) -> dict:
     return out
 
 
-def render(dash: g.Dashboard) -> dict:
-    """grafanalib's JSON, normalised to the current Grafana model."""
+def render(dash: g.Dashboard, poll_s: float = DEFAULT_POLL_S) -> dict:
+    """grafanalib's JSON, normalised to the current Grafana model, for an agent polling
+    every `poll_s` seconds."""
     raw = json.loads(json.dumps(dash.to_json_data(), cls=DashboardEncoder))
     out = {k: v for k, v in raw.items() if k in _DASH_KEYS and v is not None}
     picker = raw.get("timepicker") or raw.get("timePicker")
     if picker is not None:  # grafanalib's time_options and nowDelay are gone from the model
         out["timepicker"] = {k: v for k, v in _prune(picker).items() if k in ("refresh_intervals", "hidden")}
-    out["panels"] = [_panel(p, i + 1) for i, p in enumerate(raw.get("panels", []))]
+    out["panels"] = [_panel(p, i + 1, poll_s) for i, p in enumerate(raw.get("panels", []))]
     out["templating"] = {"list": [_variable(v) for v in raw.get("templating", {}).get("list", [])]}
     out["annotations"] = {"list": [_prune(a) for a in raw.get("annotations", {}).get("list", [])]}
     return out
@@ -222,12 +264,12 @@ def load_all() -> dict[str, g.Dashboard]:
     return found
 
 
-def write_all(out_dir: Path) -> list[Path]:
+def write_all(out_dir: Path, poll_s: float = DEFAULT_POLL_S) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, dash in load_all().items():
         path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(render(dash), indent=2, sort_keys=True) + "\n")
+        path.write_text(json.dumps(render(dash, poll_s), indent=2, sort_keys=True) + "\n")
         written.append(path)
     return written
 

@@ -3,7 +3,7 @@
 Frontend flows are the service's accepted connections (role=server: clients ->
 listening port); backend flows are those it opened (role=client: worker ->
 upstream). Per-backend shares show whether balancing is fair."""
-from sonde.dashboards.house import HOST_VAR, Grid, dashboard, table, timeseries, variable
+from sonde.dashboards.house import CPU_PCT, HOST_VAR, Grid, dashboard, table, timeseries, variable
 from sonde.ingest.analysis.queries import Query
 
 SERVICE = variable("service", "Service", 'SHOW TAG VALUES FROM "tcp_flow" WITH KEY = "comm" WHERE "host" =~ /^$host$/',
@@ -42,6 +42,6 @@ dashboard = dashboard("sonde-lb", "Sonde / Load balancer", [
                             "sum(connect_refused)", "sum(connect_timeouts)"), BACK, ("peer", "port"),
                time_bucket=False), "")]),
     timeseries(grid, "Service CPU by worker (% of one core)", [
-        (Query("process_cpu", ("mean(cpu_pct)",), (("host", "$host"), ("comm", "$service")), ("pid",),
-               extra="fill(none)"), "pid $tag_pid")], unit="percent"),
+        (Query("process_cpu", (CPU_PCT,), (("host", "$host"), ("comm", "$service")), ("pid",), alias="cpu",
+               extra="fill(0)"), "pid $tag_pid")], unit="percent"),
 ], [HOST_VAR, SERVICE], "Frontends (clients -> service) against backends (service -> upstreams).")

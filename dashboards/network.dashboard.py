@@ -36,8 +36,10 @@ dashboard = dashboard("sonde-network", "Sonde / Network (L4)", [
         (Query("tcp_srtt", ("max(p99_us)",), F, ("comm", "peer"), extra="fill(none)"), "$tag_comm ↔ $tag_peer")],
         unit="µs"),
     timeseries(grid, "Sockets by state", [
-        (Query("tcp_states", ("mean(sockets)",), (("host", "$host"), ("comm", "$process")), ("state",),
-               extra="fill(none)"), "$tag_state")]),
+        (Query("tcp_states", ("sum(sockets)",), (("host", "$host"), ("comm", "$process")), ("state",),
+               per_poll=True, alias="sockets", extra="fill(none)"), "$tag_state")],
+        description="Sockets in each state, all processes of the chosen name together, averaged over the polls "
+                    "of each interval."),
     table(grid, "Flows in range", [
         (Query("tcp_flow", ("sum(tx_bytes)", "sum(rx_bytes)", "sum(active_opens)", "sum(passive_opens)",
                             "sum(resets_received)", "sum(retransmits)"), F, ("comm", "role", "peer", "port"),

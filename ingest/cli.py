@@ -88,7 +88,9 @@ def _setup_logging(level: str, debug: bool) -> None:
 
 def cmd_run(args) -> int:
     from sonde.ingest.runtime.agent import Agent
+    from sonde.ingest.runtime.identity import name_this_process
 
+    name_this_process()  # before any thread starts: the alert rules leave the agent's own sockets out
     cfg = config_mod.load(args.config)
     _setup_logging(cfg.log_level, args.debug)
     stop = threading.Event()

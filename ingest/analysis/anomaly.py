@@ -31,7 +31,10 @@ SERIES = (
     Series("bytes_to_peer", Query("tcp_flow", ("sum(tx_bytes) + sum(rx_bytes) as value",), (("role", "client"),),
                                   ("host", "comm", "peer")), missing_is_zero=True),
     Series("srtt_p99", Query("tcp_srtt", ("max(p99_us) as value",), (), ("host", "comm", "peer"))),
-    Series("process_cpu", Query("process_cpu", ("mean(cpu_pct) as value",), (), ("host", "comm"))),
+    # CPU of every process of that name over the window, in % of one core: summed over pids and
+    # polls (a mean over them would halve two busy workers and skip the polls a process idled)
+    Series("process_cpu", Query("process_cpu", ("sum(oncpu_us) / ($__interval_ms * 10) as value",), (),
+                                ("host", "comm"))),
     Series("disk_latency_p99", Query("block_total_latency", ("max(p99_us) as value",), (), ("host", "disk"))),
 )
 

@@ -6,6 +6,9 @@ alert evaluates and what backtrack reports are the same numbers. Queries carry
 Grafana's macros (`$timeFilter`, `$__interval`, `$__interval_ms`, template
 variables); `expand()` substitutes them the way Grafana does, for the built-in
 evaluator and for tests that run every query against a real InfluxDB.
+
+`$__poll_ms` is Sonde's own: the agent's poll interval in ms, which
+dashboards/house.py writes into the JSON at render time (Grafana never sees it).
 """
 from __future__ import annotations
 
@@ -23,10 +26,14 @@ class Query:
     where: tuple[tuple[str, str], ...] = ()    # (tag, regex or $var): tag =~ /^...$/
     group_by: tuple[str, ...] = ()             # tags
     per_second: bool = False                   # divide sums by the GROUP BY interval
+    # divide sums by the polls in the GROUP BY interval: a gauge summed over the series
+    # GROUP BY merges (e.g. sockets of every pid), then averaged over the polls
+    per_poll: bool = False
     time_bucket: bool = True                   # GROUP BY time($__interval)
     extra: str = ""                            # e.g. "fill(0)"
     alias: str = ""
     raw_conditions: tuple[str, ...] = field(default=())  # field conditions, catalog-checked names only
+    exclude: tuple[tuple[str, str], ...] = ()  # (tag, regex): tag !~ /^...$/
 
     def check(self) -> None:
         m = catalog.MEASUREMENTS.get(self.measurement)
@@ -37,7 +44,7 @@ class Query:
             for name in re.findall(r"\(([a-z_0-9]+)(?:,\s*[0-9.]+)?\)", expr) or [expr]:
                 if name not in m.field_names | m.tag_names and name != "*":
                     raise CatalogError(f"query on {self.measurement} names field {name!r}, not in the catalog")
-        for tag, _ in self.where:
+        for tag, _ in self.where + self.exclude:
             if tag not in m.tag_names:
                 raise CatalogError(f"query on {self.measurement} filters on tag {tag!r}, not in the catalog")
         for tag in self.group_by:
@@ -60,9 +67,12 @@ class Query:
                 name = self.alias if (self.alias and len(self.select) == 1) else (fields[0] if fields else expr)
             if self.per_second:
                 col = f"({col}) / ($__interval_ms / 1000)"
+            elif self.per_poll:
+                col = f"({col}) / ($__interval_ms / $__poll_ms)"
             sel.append(f'{col} AS "{name}"')
         conds = ["$timeFilter"]
         conds += [f'"{tag}" =~ /^{value}$/' for tag, value in self.where]
+        conds += [f'"{tag}" !~ /^{value}$/' for tag, value in self.exclude]
         conds += list(self.raw_conditions)
         q = f'SELECT {", ".join(sel)} FROM "{self.measurement}" WHERE {" AND ".join(conds)}'
         groups = (["time($__interval)"] if self.time_bucket else []) + [f'"{t}"' for t in self.group_by]
@@ -78,11 +88,13 @@ def _regex_value(v: str) -> str:
 
 
 def expand(query: str, *, start_ms: int, end_ms: int, interval_s: float,
-           variables: dict[str, str | None] | None = None) -> str:
+           variables: dict[str, str | None] | None = None, poll_s: float | None = None) -> str:
     """Grafana's macro and template substitution, for running a panel's query directly.
 
     A variable set to None means Grafana's "All": it matches anything (`.*`)."""
     out = query.replace("$timeFilter", f"time >= {start_ms}ms and time <= {end_ms}ms")
+    if poll_s is not None:
+        out = out.replace("$__poll_ms", str(int(poll_s * 1000)))
     out = out.replace("$__interval_ms", str(int(interval_s * 1000)))
     out = out.replace("$__interval", f"{int(interval_s * 1000)}ms")
     for name, value in sorted((variables or {}).items(), key=lambda kv: -len(kv[0])):

@@ -24,7 +24,8 @@ class AgentAnalysis:
         rules = plugins.load("alert_rules")
         cfg = agent.config
         self.evaluator = Evaluator(rules.load(cfg.alerts.thresholds) if cfg.alerts.thresholds else rules.load(),
-                                   agent.sink.query, cfg.host, cfg.alerts.webhook_url)
+                                   agent.sink.query, cfg.host, cfg.alerts.webhook_url,
+                                   state_path=cfg.state_dir / "alerts.json", interval_s=cfg.alerts.interval_seconds)
         a = yaml.safe_load((cfg.alerts.thresholds or rules.THRESHOLDS).read_text()).get("anomaly", {})
         self.marker = Marker(agent.sink.query, cfg.host, a.get("threshold", 4.0), a.get("window", 60),
                              a.get("baseline_windows", 10))
