@@ -151,6 +151,10 @@ class StackSampler:
                 cache[sid] = tuple(ips)
         return cache[sid]
 
+    def counted(self) -> int:
+        """Every count the program has added since it was loaded (never cleared)."""
+        return sum(int(v) for leaf in self.bpf.get_table(b"counted").values() for v in leaf)
+
     def set_python(self, tgid: int, tstate_current: int) -> None:
         table = self.bpf.get_table(b"py_procs")
         table[table.Key(tgid)] = table.Leaf(tstate_current)

@@ -65,12 +65,18 @@ static __always_inline u32 current_set(void)
 
 /* bcc rewrites a map's methods only where the map is named, so each map has its
  * lookup_or_try_init() at the call site and the counting is shared. */
+/* Every count added to a set, never cleared: the reader's sum over its reads must
+ * equal it (tests/probes/test_profile.py checks that no swap loses or repeats one). */
+BPF_PERCPU_ARRAY(counted, u64, 1);
+
 static __always_inline void bump(struct sample_t *v, u64 count, u64 time_ns)
 {
     if (!v) {
         count_drop();  /* the map is full */
         return;
     }
+    int zero = 0;
+    counted.increment(zero, count);
     __sync_fetch_and_add(&v->count, count);
     if (time_ns)
         __sync_fetch_and_add(&v->time_ns, time_ns);

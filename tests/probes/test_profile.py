@@ -340,6 +340,40 @@ def test_c_shares_and_frame_names_match_the_design_and_perf(bpf, started, tmp_pa
     assert str(out / "oncpu.svg") in stdout.split()
 
 
+def test_swapping_sets_loses_and_repeats_no_sample(bpf_ready, started, tmp_path):
+    """Read and clear a thousand times while a busy process is sampled at 1000 Hz per
+    CPU: the counts read add up exactly to what the program counted."""
+    import dataclasses
+
+    from sonde.bpf.profile.probe import PROBE, StackSampler
+    from sonde.ingest.config import Config
+    from sonde.ingest.runtime.probe import LoadedProbe
+
+    binary = build_c(tmp_path, "shares.c", "shares")
+    prog = started([binary, "30"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    spec = dataclasses.replace(PROBE, cpu_clock={"on_cpu_sample": 1000}, decoder=None,
+                               cflags=lambda _sys: ["-DSONDE_FILTER"])
+    loaded = LoadedProbe.load(spec, Config(state_dir=tmp_path))
+    try:
+        sampler = StackSampler(loaded.bpf)
+        sampler.set_filter([prog.pid])
+        prog.stdin.write("go\n")
+        prog.stdin.flush()
+        read, takes = 0, 0
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            read += sum(r.count for r in sampler.take().on_cpu)
+            takes += 1
+        prog.kill()
+        prog.wait()
+        read += sum(r.count for r in sampler.take().on_cpu)
+        counted = sampler.counted()
+    finally:
+        loaded.close()
+    assert takes > 200 and read > 1000, (takes, read)
+    assert read == counted, (read, counted, takes)
+
+
 def test_java_hot_methods_70_30(bpf_ready, started, tmp_path):
     for tool in ("java", "javac", "jcmd"):
         need(shutil.which(tool) is not None, f"{tool} (OpenJDK 17) not installed")
