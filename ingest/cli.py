@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         bt.add_argument("--from", dest="start", metavar="TIME", help="window start (instead of --at/--window)")
         bt.add_argument("--to", dest="end", metavar="TIME", help="window end (with --from)")
         bt.add_argument("--host", help="only this host")
-        bt.add_argument("--process", help="only this process name (comm)")
+        bt.add_argument("--process", help="only this process: its name (comm) or its pid")
         bt.add_argument("--peer", help="only this peer address")
         bt.add_argument("--json", action="store_true", help="JSON for tools")
         bt.add_argument("--svg", metavar="FILE", help="write the topology as SVG")
@@ -248,17 +248,52 @@ def _window(args):
     return Window(start, end, args.host, args.process, args.peer)
 
 
+def _embedded_for_query(cfg):
+    """The embedded InfluxDB for a backtrack: the agent's, if it answers; else one
+    started on the agent's data directory, on free loopback ports, for this query only
+    (the caller stops it). None when the config names an external server."""
+    import socket
+    import urllib.request
+
+    from sonde.ingest.runtime.agent import start_embedded
+
+    if cfg.influxdb.api != "embedded":
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{cfg.embedded.http_port}/ping", timeout=2) as r:
+            if r.status == 204:
+                return None
+    except OSError:
+        pass
+    root = cfg.state_dir / "influxdb"
+    if not (root / "meta").is_dir():
+        raise SondeError(f"no stored metrics under {root}: the agent has not run with this config "
+                         f"(start it with sonde run and the same config)")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    print(f"sonde: the agent is not running; reading {root} with the embedded InfluxDB, started for this query",
+          file=sys.stderr)
+    return start_embedded(cfg.model_copy(update={"embedded": cfg.embedded.model_copy(
+        update={"http_port": ports[0], "rpc_port": ports[1]})}))
+
+
 def cmd_backtrack(args) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from sonde.ingest.analysis import backtrack
+    from sonde.ingest.analysis import backtrack, render
     from sonde.ingest.runtime.agent import effective_sink_config
     from sonde.ingest.output.sinks import make_sink
 
     cfg = config_mod.load(args.config)
     w = _window(args)
-    sink = make_sink(effective_sink_config(cfg))
+    server = _embedded_for_query(cfg)
+    sink = None
     try:
+        sink_cfg = effective_sink_config(cfg)
+        sink = make_sink(sink_cfg.model_copy(update={"url": server.url}) if server else sink_cfg)
         with Progress(SpinnerColumn(), TextColumn("querying {task.description}"), transient=True,
                       console=_stderr_console()) as progress:
             task = progress.add_task("InfluxDB")
@@ -266,15 +301,21 @@ def cmd_backtrack(args) -> int:
             report = bt.report(w)
             if args.png:
                 progress.update(task, description="plots")
-                for path in backtrack.plot(bt, w, args.png, report):
+                for path in render.plot(bt, w, args.png, report):
                     print(f"wrote {path}", file=sys.stderr)
     except RuntimeError as e:
         raise SondeError(f"backtrack: InfluxDB refused a query: {str(e).splitlines()[0]}")
     finally:
-        sink.close()
+        if sink:
+            sink.close()
+        if server:
+            server.stop()
     topo = backtrack.topology(report)
     if args.svg:
-        Path(args.svg).write_text(backtrack.topology_svg(topo))
+        try:
+            Path(args.svg).write_text(render.topology_svg(topo))
+        except OSError as e:
+            raise SondeError(f"--svg: cannot write {args.svg}: {e.strerror}")
     if args.command == "topology":
         sys.stdout.write(json.dumps(topo, indent=2) + "\n" if args.json or not args.svg else "")
     else:

@@ -23,7 +23,7 @@ command -v apt-get >/dev/null || die "this installer supports Debian 12 (apt-get
 packages=(
   python3-bpfcc python3-venv python3-pip linux-headers-amd64
   influxdb victoria-metrics
-  nginx-light libnginx-mod-http-js wrk fio curl iproute2 nftables procps util-linux gcc
+  nginx-light libnginx-mod-http-js wrk fio curl iproute2 nftables procps util-linux gcc graphviz
   debootstrap systemd-container openssh-client
   qemu-system-x86 e2fsprogs bpftool linux-perf openjdk-17-jdk-headless
 )

@@ -54,9 +54,11 @@ with the remote port. The peer is the remote address.
 
 Opt-in: a process matches when its name (/proc/PID/comm), its executable
 (/proc/PID/exe), a TCP port it listens on, or one of its cgroups (any hierarchy,
-/proc/PID/cgroup; a path covers the cgroups under it) is in the config. A process an
-opted-in one forks is opted in at once by the kernel, and kept if it matches by
-itself at the next poll (nginx's workers do). An exec is matched again at once.
+/proc/PID/cgroup; a path covers the cgroups under it) is in the config, and so is
+every process below a matching one (nginx's workers, PostgreSQL's backends, which
+do not hold the listening socket): a fork of an opted-in process is opted in at
+once by the kernel, also across a later exec. Exec is matched again at once, so a
+process that becomes a configured program is opted in without waiting for a poll.
 Connections open before the opt-in are picked up at their next read or write, the
 protocol detected from the bytes.
 
@@ -153,16 +155,20 @@ def kernel_cflags(sys_root) -> list[str]:
 # --- which processes are opted in -----------------------------------------------------------
 
 def _read(path: str) -> bytes | None:
+    """A whole /proc file (seq_file files hand out a page or so per read)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    chunks = []
     try:
-        return os.read(fd, 65536)
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
     except OSError:
         return None
     finally:
         os.close(fd)
+    return b"".join(chunks)
 
 
 def cgroup_paths(text: str) -> list[str]:
@@ -210,16 +216,27 @@ class Matcher:
                         return True
         return False
 
+    def parent(self, pid: int) -> int:
+        raw = _read(f"{self.proc}/{pid}/stat")
+        try:
+            return int(raw[raw.rindex(b")") + 2:].split(None, 2)[1])
+        except (AttributeError, ValueError, IndexError):  # gone (None), or not a stat line
+            return 0
+
     def scan(self) -> set[int]:
-        """Every live process that matches now."""
+        """Every live process that matches now, and every process one of them forked
+        (PostgreSQL's backends, which do not hold the listening socket)."""
         if not self:
             return set()
         listeners = self.listeners() if self.ports else set()
-        out = set()
+        parents, found = {}, set()
         for d in os.scandir(self.proc):
-            if d.name.isdigit() and self.matches(int(d.name), listeners):
-                out.add(int(d.name))
-        return out
+            if d.name.isdigit():
+                pid = int(d.name)
+                parents[pid] = self.parent(pid)
+                if self.matches(pid, listeners):
+                    found.add(pid)
+        return descendants(found, parents)
 
     def listeners(self) -> set[int]:
         """Processes holding a TCP socket listening on one of the configured ports, in
@@ -274,6 +291,23 @@ class Matcher:
         for d in self._diag.values():
             d.close()
         self._diag.clear()
+
+
+def descendants(roots: set[int], parents: dict[int, int]) -> set[int]:
+    """roots and every process below one of them in the parent map."""
+    memo = {pid: True for pid in roots}
+
+    def under(pid: int) -> bool:
+        chain = []
+        while pid not in memo and pid > 1 and len(chain) < 4096:
+            chain.append(pid)
+            pid = parents.get(pid, 0)
+        verdict = memo.get(pid, False)
+        for p in chain:
+            memo[p] = verdict
+        return verdict
+
+    return {pid for pid in parents if under(pid)} | set(roots)
 
 
 def ssl_objects(maps_text: str, exe: str | None) -> list[str]:
@@ -533,6 +567,7 @@ class L7Decoder:
         if tgid not in self.opted:
             return
         del self.opted[tgid]
+        log.info("l7: opted out pid %d (it no longer matches the config)", tgid)
         self._set_bit(tgid, False)
         self._detach_tls(tgid)
         for fd in list(self.by_tgid.get(tgid, ())):
@@ -541,7 +576,7 @@ class L7Decoder:
         self._hooks()
 
     def _exec(self, tgid: int, comm: bytes) -> None:
-        if self.matcher.matches(tgid):
+        if self.matcher.matches(tgid) or self.matcher.parent(tgid) in self.opted:
             if tgid in self.opted:
                 self.opted[tgid] = self.names[tgid] = comm
                 self._detach_tls(tgid)  # a new program: new libraries
@@ -561,7 +596,8 @@ class L7Decoder:
 
     def _gone(self, tgid: int, ts: int) -> None:
         # the kernel has cleared the bit
-        self.opted.pop(tgid, None)
+        if self.opted.pop(tgid, None) is not None:
+            log.debug("l7: pid %d exited", tgid)
         self._detach_tls(tgid, gone=True)
         for fd in list(self.by_tgid.get(tgid, ())):
             self._end((tgid, fd), self.tracked[(tgid, fd)], ts)

@@ -1,10 +1,26 @@
 """`sonde backtrack`: what happened on a host in a past window, from stored metrics only.
 
 Every number comes from InfluxQL over the catalog's measurements. Percentiles are
-computed from `_hist` buckets summed across the window (and hosts), so they are
-exact to the bucket. Findings compare the window with the one just before it, and
-backends of one load balancer with each other; the top-ranked finding becomes the
-likely cause, in words an operator can act on.
+computed from `_hist` buckets summed across the window, so they are exact to the
+bucket. The model the findings rest on:
+
+- A process is a pid on a host. Names repeat (every Python program is `python3`),
+  so flows are grouped by pid, never by name.
+- A load balancer is a process that accepts connections *and* connects to upstreams.
+  Workers of one balancer (same name, same host, a listening port and an upstream in
+  common, in the window or the one before) are reported as one balancer.
+- Backends are compared with each other only within a pool: the upstreams of one
+  balancer on one port. A process's connections to two different services are not
+  siblings, so one answering faster or with less data is not a finding.
+- Findings are faults (resets, refused or timed-out connects, a process pinned on its
+  core, an OOM kill) or symptoms (a backend path slower than its pool, less data per
+  connection than its pool, clients whose open connections stopped moving data). A
+  fault explains a symptom when the faulty process owns the symptom's connections or
+  serves the port they go to on the same host (a pinned server explains its clients'
+  stall), or when resets or failed connects on a balancer-to-backend edge explain less
+  data per connection on it. An explained
+  symptom ranks under the fault that explains it and is never the likely cause; a
+  fault that explains symptoms ranks before one that explains none.
 """
 from __future__ import annotations
 
@@ -12,12 +28,23 @@ import json
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sonde.ingest.runtime import hist
 
 FLOW_FIELDS = ("tx_bytes", "rx_bytes", "active_opens", "passive_opens", "connect_refused", "connect_timeouts",
                "resets_received", "resets_sent", "retransmits")
+FLOW_KEY = ("host", "pid", "comm", "role", "peer", "port")
+# pids that are not one process: folded past the top-N limit, or sockets no process held
+NOT_A_PROCESS = ("other", "0")
+NOT_A_PEER = ("other", "unknown")
+
+PINNED_PCT = 95          # a process on a CPU or waiting for one >= 95% of an interval wants a whole core
+PINNED_INTERVALS = 3     # ... for three polls: not a burst
+STALL_FRACTION = 0.25    # open connections moving under a quarter of the bytes of the window before
+STALL_OPEN_POLLS = 3     # ... found open at three polls or more of the window
+SLOW_PATH_RATIO = 4      # srtt p99 against the pool's median
+SLOW_PATH_MIN_US = 2000  # ... and at least 2 ms: below that, loopback and LAN jitter
 
 
 def _slot(le: str) -> int:
@@ -26,6 +53,10 @@ def _slot(le: str) -> int:
 
 def _regex(value: str) -> str:
     return "/^" + re.sub(r"([\\/.^$|?*+()\[\]{}-])", r"\\\1", value) + "$/"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
 
 
 @dataclass
@@ -41,7 +72,8 @@ class Window:
         if self.host:
             c.append(f'"host" =~ {_regex(self.host)}')
         if self.process and process_tag:
-            c.append(f'"{process_tag}" =~ {_regex(self.process)}')
+            tag = "pid" if self.process.isdigit() else process_tag
+            c.append(f'"{tag}" =~ {_regex(self.process)}')
         if self.peer and peer:
             c.append(f'"peer" =~ {_regex(self.peer)}')
         return " AND ".join(c)
@@ -51,17 +83,62 @@ class Window:
         return Window(self.start_ms - span, self.start_ms, self.host, self.process, self.peer)
 
 
-@dataclass
+@dataclass(eq=False)
 class Finding:
     score: float
     kind: str
     subject: str
     evidence: str
     cause: str
+    symptom: bool = False
+    procs: set = field(default_factory=set)    # (host, pid) whose connections show it
+    served: set = field(default_factory=set)   # (host, port): it is about connections to this local port
+    edges: set = field(default_factory=set)    # (balancer id, backend endpoint)
+    serves: dict = field(default_factory=dict)  # (host, pid) -> ports it listens on: whom a pinned process serves
+    explained_by: "Finding | None" = None
+
+    def explains(self, s: "Finding") -> bool:
+        if self.symptom or not s.symptom:
+            return False
+        # resets and refused connects on an edge cut its connections short: less data
+        # on each (they do not lengthen its round trips)
+        if s.kind == "low_throughput_backend" and self.edges & s.edges:
+            return True
+        if self.kind in ("cpu_pinned", "oom_kill"):
+            return bool(self.procs & s.procs) or any(
+                (h, port) in s.served for h, pid in self.procs for port in self.serves.get((h, pid), ()))
+        return False
 
     def as_dict(self) -> dict:
         return {"score": round(self.score, 2), "kind": self.kind, "subject": self.subject,
-                "evidence": self.evidence, "cause": self.cause}
+                "evidence": self.evidence, "cause": self.cause,
+                "explained_by": {"kind": self.explained_by.kind, "subject": self.explained_by.subject}
+                if self.explained_by else None}
+
+
+def rank(findings: list[Finding]) -> list[Finding]:
+    """Causes first, each followed by the symptoms it explains. A cause whose effects
+    show in the window (it explains a symptom) ranks before one whose effects do not: on
+    a busy host a batch job may also want a whole core, but only the stuck worker has
+    clients that stopped moving. The score orders the rest."""
+    by_score = sorted(findings, key=lambda f: -f.score)
+    for s in by_score:
+        s.explained_by = next((f for f in by_score if f is not s and f.explains(s)), None)
+    effects = {id(f): [s for s in by_score if s.explained_by is f] for f in by_score}
+    causes = sorted((f for f in by_score if f.explained_by is None), key=lambda f: (not effects[id(f)], -f.score))
+    return [x for f in causes for x in (f, *effects[id(f)])]
+
+
+def _proc(r: dict) -> tuple[str, str]:
+    return r["host"], r["pid"]
+
+
+def _is_process(r: dict) -> bool:
+    return r["pid"] not in NOT_A_PROCESS and r["comm"] not in ("other", "[unattributed]")
+
+
+def _bytes(r: dict) -> int:
+    return r["tx_bytes"] + r["rx_bytes"]
 
 
 class Backtrack:
@@ -84,80 +161,171 @@ class Backtrack:
     # --- sections ----------------------------------------------------------------------
 
     def flows(self, w: Window) -> list[dict]:
+        """One row per process (pid) x role x peer endpoint, with percentiles and how
+        many polls found its connections open."""
+        group = ", ".join(f'"{t}"' for t in FLOW_KEY)
         sel = ", ".join(f'sum("{f}") AS "{f}"' for f in FLOW_FIELDS)
-        rows = self.rows(f'SELECT {sel} FROM "tcp_flow" WHERE {w.where()} '
-                         f'GROUP BY "host", "comm", "role", "peer", "port"')
-        for r in rows:
+        rows = {tuple(r[t] for t in FLOW_KEY): r
+                for r in self.rows(f'SELECT {sel} FROM "tcp_flow" WHERE {w.where()} GROUP BY {group}')}
+        for r in self.rows(f'SELECT count("samples") AS "open_polls" FROM "tcp_window" WHERE {w.where()} '
+                           f'GROUP BY {group}'):
+            k = tuple(r[t] for t in FLOW_KEY)
+            rows.setdefault(k, dict(zip(FLOW_KEY, k)))["open_polls"] = int(r["open_polls"])
+        for r in rows.values():
             for f in FLOW_FIELDS:
                 r[f] = int(r.get(f) or 0)
-        key = ("host", "comm", "role", "peer", "port")
+            r.setdefault("open_polls", 0)
+            r.pop("time", None)
         for name in ("tcp_srtt", "tcp_connect_latency"):
             buckets: dict[tuple, dict[int, int]] = {}
             for b in self.rows(f'SELECT sum("count") AS "n" FROM "{name}_hist" WHERE {w.where()} '
-                               f'GROUP BY "host", "comm", "role", "peer", "port", "le"'):
-                k = tuple(b[t] for t in key)
-                buckets.setdefault(k, {})[_slot(b["le"])] = buckets.get(k, {}).get(_slot(b["le"]), 0) + int(b["n"])
+                               f'GROUP BY {group}, "le"'):
+                per = buckets.setdefault(tuple(b[t] for t in FLOW_KEY), {})
+                per[_slot(b["le"])] = per.get(_slot(b["le"]), 0) + int(b["n"])
             short = name.removeprefix("tcp_")
-            for r in rows:
-                b = buckets.get(tuple(r[t] for t in key))
+            for k, r in rows.items():
+                b = buckets.get(k)
                 r[f"{short}_p50_us"] = hist.percentile(b, 0.5) if b else None
                 r[f"{short}_p99_us"] = hist.percentile(b, 0.99) if b else None
-        return sorted(rows, key=lambda r: -(r["tx_bytes"] + r["rx_bytes"]))
+        return sorted(rows.values(), key=lambda r: -_bytes(r))
 
-    def load_balancers(self, flows: list[dict], process: str | None) -> list[dict]:
-        """Processes with both accepted (frontend) and opened (backend) flows: proxies."""
-        by = {}
-        for r in flows:
-            by.setdefault((r["host"], r["comm"]), []).append(r)
+    def load_balancers(self, flows: list[dict], before: list[dict], process: str | None = None) -> list[dict]:
+        """Processes that accept connections and connect to upstreams, workers of one
+        balancer together; membership is judged over the window and the one before, so
+        a worker that moved nothing in the window (a stuck one) is still counted."""
+        fronts: dict[tuple, set] = {}
+        backs: dict[tuple, set] = {}
+        comm: dict[tuple, str] = {}
+        for r in [*flows, *before]:
+            if not _is_process(r):
+                continue
+            p = _proc(r)
+            comm[p] = r["comm"]
+            if r["role"] == "server":
+                fronts.setdefault(p, set()).add(r["port"])
+            elif r["role"] == "client" and r["peer"] not in NOT_A_PEER:
+                backs.setdefault(p, set()).add(f'{r["peer"]}:{r["port"]}')
+        members = sorted(p for p in fronts if p in backs)
+        # workers: same name on one host, sharing a listening port and an upstream
+        parent = {p: p for p in members}
+
+        def root(p):
+            while parent[p] != p:
+                parent[p] = parent[parent[p]]
+                p = parent[p]
+            return p
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                if a[0] == b[0] and comm[a] == comm[b] and fronts[a] & fronts[b] and backs[a] & backs[b]:
+                    parent[root(b)] = root(a)
+        groups: dict[tuple, list] = {}
+        for p in members:
+            groups.setdefault(root(p), []).append(p)
         out = []
-        for (host, comm), rs in by.items():
-            if process and comm != process:
+        for pids in groups.values():
+            host, name = pids[0][0], comm[pids[0]]
+            if process and process not in (name, *(pid for _, pid in pids)):
                 continue
-            front = [r for r in rs if r["role"] == "server"]
-            back = [r for r in rs if r["role"] == "client" and r["peer"] not in ("other", "unknown")]
-            if not front or not back:
-                continue
-            backends = {}
-            for r in back:
-                b = backends.setdefault(f'{r["peer"]}:{r["port"]}', {f: 0 for f in FLOW_FIELDS})
+            lb = self._balancer(host, name, set(pids), flows, before)
+            if lb["backends"] or lb["backends_before"]:
+                out.append(lb)
+        return sorted(out, key=lambda lb: -sum(_bytes(b) for b in lb["backends"].values()))
+
+    @staticmethod
+    def _balancer(host: str, name: str, pids: set, flows: list[dict], before: list[dict]) -> dict:
+        def backends_of(rows):
+            out = {}
+            for r in rows:
+                if _proc(r) not in pids or r["role"] != "client" or r["peer"] in NOT_A_PEER:
+                    continue
+                b = out.setdefault(f'{r["peer"]}:{r["port"]}', {f: 0 for f in FLOW_FIELDS} | {
+                    "srtt_p99_us": None, "connect_latency_p99_us": None, "srtt_p99_by_pid": {}})
                 for f in FLOW_FIELDS:
                     b[f] += r[f]
-                b["srtt_p99_us"] = max(b.get("srtt_p99_us") or 0, r.get("srtt_p99_us") or 0) or None
-                b["connect_latency_p99_us"] = max(b.get("connect_latency_p99_us") or 0,
-                                                  r.get("connect_latency_p99_us") or 0) or None
-            conns = sum(b["active_opens"] for b in backends.values()) or 1
-            volume = sum(b["tx_bytes"] + b["rx_bytes"] for b in backends.values()) or 1
-            for b in backends.values():
+                for f in ("srtt_p99_us", "connect_latency_p99_us"):
+                    b[f] = max(b[f] or 0, r.get(f) or 0) or None
+                if r.get("srtt_p99_us"):
+                    b["srtt_p99_by_pid"][r["pid"]] = r["srtt_p99_us"]
+            conns = sum(b["active_opens"] for b in out.values()) or 1
+            volume = sum(_bytes(b) for b in out.values()) or 1
+            for b in out.values():
                 b["connection_share"] = round(b["active_opens"] / conns, 4)
-                b["byte_share"] = round((b["tx_bytes"] + b["rx_bytes"]) / volume, 4)
-                b["bytes_per_connection"] = round((b["tx_bytes"] + b["rx_bytes"]) / b["active_opens"], 1) \
-                    if b["active_opens"] else None
-            frontends = {}
-            for r in front:
-                f = frontends.setdefault(r["port"], {"passive_opens": 0, "rx_bytes": 0, "tx_bytes": 0, "clients": 0})
+                b["byte_share"] = round(_bytes(b) / volume, 4)
+                b["bytes_per_connection"] = round(_bytes(b) / b["active_opens"], 1) if b["active_opens"] else None
+            return out
+
+        def workers_of(rows):
+            out = {pid: {"client_bytes": 0, "accepted": 0, "upstream_bytes": 0} for _, pid in sorted(pids)}
+            for r in rows:
+                if _proc(r) not in pids:
+                    continue
+                wk = out[r["pid"]]
+                if r["role"] == "server":
+                    wk["client_bytes"] += _bytes(r)
+                    wk["accepted"] += r["passive_opens"]
+                elif r["role"] == "client":
+                    wk["upstream_bytes"] += _bytes(r)
+            for f in ("client_bytes", "accepted", "upstream_bytes"):
+                total = sum(wk[f] for wk in out.values())
+                for wk in out.values():
+                    wk[f.replace("bytes", "share") if "bytes" in f else "accepted_share"] = \
+                        round(wk[f] / total, 4) if total else None
+            return out
+
+        frontends = {}
+        for r in flows:
+            if _proc(r) in pids and r["role"] == "server":
+                f = frontends.setdefault(r["port"], {"passive_opens": 0, "rx_bytes": 0, "tx_bytes": 0, "clients": set()})
                 f["passive_opens"] += r["passive_opens"]
                 f["rx_bytes"] += r["rx_bytes"]
                 f["tx_bytes"] += r["tx_bytes"]
-                f["clients"] += 1
-            out.append({"host": host, "process": comm, "frontends": frontends, "backends": backends})
-        return out
+                f["clients"].add(r["peer"])
+        for f in frontends.values():
+            f["clients"] = len(f["clients"])
+        backends, backends_before = backends_of(flows), backends_of(before)
+        workers, workers_before = workers_of(flows), workers_of(before)
+        for pid, wk in workers.items():
+            wk["before"] = workers_before[pid]
+        now_bytes = sum(_bytes(b) for b in backends.values())
+        then_bytes = sum(_bytes(b) for b in backends_before.values())
+        return {"host": host, "process": name, "pids": sorted(pid for _, pid in pids), "id": f"{name}@{host}",
+                "frontends": frontends, "backends": backends, "backends_before": backends_before,
+                "workers": workers,
+                "vs_before": {"backend_bytes": now_bytes, "backend_bytes_before": then_bytes,
+                              "backend_bytes_ratio": round(now_bytes / then_bytes, 3) if then_bytes else None,
+                              "backend_connect_p99_us": max((b["connect_latency_p99_us"] or 0
+                                                             for b in backends.values()), default=0),
+                              "backend_connect_p99_us_before": max((b["connect_latency_p99_us"] or 0
+                                                                    for b in backends_before.values()), default=0)},
+                "balance": {port: balance(pool, len(pids)) for port, pool in pools(backends).items()}}
 
     def cpu(self, w: Window) -> list[dict]:
+        """CPU per process. Pinned at a poll: on a CPU >= 95% of the interval; or, on a
+        busy host where a spinning process gets only part of a core, on a CPU or waiting
+        for one >= 95% of the interval without once blocking (no voluntary switch: a
+        process that sleeps, waits for I/O or for a lock is busy, not stuck). Pinned in the
+        window: at PINNED_INTERVALS polls or more."""
+        where = w.where(peer=False)
         rows = self.rows(f'SELECT max("cpu_pct") AS "max_pct", mean("cpu_pct") AS "mean_pct", '
-                         f'count("cpu_pct") AS "intervals" FROM "process_cpu" WHERE {w.where(peer=False)} '
-                         f'GROUP BY "host", "pid", "comm"')
+                         f'count("cpu_pct") AS "intervals", sum("oncpu_us") AS "oncpu_us", '
+                         f'sum("runq_wait_us") AS "runq_wait_us", sum("interval_us") AS "interval_us" '
+                         f'FROM "process_cpu" WHERE {where} GROUP BY "host", "pid", "comm"')
         pinned = {(r["host"], r["pid"]): int(r["n"]) for r in self.rows(
-            f'SELECT count("cpu_pct") AS "n" FROM "process_cpu" WHERE {w.where(peer=False)} AND "cpu_pct" >= 95 '
+            f'SELECT count("cpu_pct") AS "n" FROM "process_cpu" WHERE {where} AND ("cpu_pct" >= {PINNED_PCT} OR '
+            f'(("oncpu_us" + "runq_wait_us") >= {PINNED_PCT / 100} * "interval_us" AND "voluntary_switches" = 0)) '
             f'GROUP BY "host", "pid", "comm"')}
         for r in rows:
+            r.pop("time", None)
+            span = r.pop("interval_us") or 0
+            r["demand_pct"] = round(100 * ((r.pop("oncpu_us") or 0) + (r.pop("runq_wait_us") or 0)) / span, 1) \
+                if span else None
             r["pinned_intervals"] = pinned.get((r["host"], r["pid"]), 0)
-            r["pinned"] = r["pinned_intervals"] >= 3
-        return sorted(rows, key=lambda r: -(r["mean_pct"] or 0))
+            r["pinned"] = r["pinned_intervals"] >= PINNED_INTERVALS
+        return sorted(rows, key=lambda r: (-r["pinned_intervals"], -(r["mean_pct"] or 0)))
 
     def disks(self, w: Window) -> list[dict]:
-        rows = self.rows(f'SELECT sum("requests") AS "requests", sum("bytes") AS "bytes", sum("errors") AS "errors" '
+        return self.rows(f'SELECT sum("requests") AS "requests", sum("bytes") AS "bytes", sum("errors") AS "errors" '
                          f'FROM "block_io" WHERE {w.where(process_tag="", peer=False)} GROUP BY "host", "disk", "op"')
-        return rows
 
     def events(self, w: Window, measurement: str) -> list[dict]:
         return self.rows(f'SELECT * FROM "{measurement}" WHERE {w.where(process_tag="", peer=False)}')
@@ -166,58 +334,139 @@ class Backtrack:
 
     def findings(self, flows, before_flows, lbs, cpu, ooms) -> list[Finding]:
         out: list[Finding] = []
-        prev = {(r["host"], r["comm"], r["role"], r["peer"], r["port"]): r for r in before_flows}
-        for r in flows:
-            k = (r["host"], r["comm"], r["role"], r["peer"], r["port"])
-            p = prev.get(k, {})
-            subject = f'{r["comm"]} -> {r["peer"]}:{r["port"]}' if r["role"] == "client" else \
-                f'{r["comm"]} <- {r["peer"]} on :{r["port"]}'
-            # resets from clients to a frontend are routine (a client aborting); from a peer
-            # this process connected to, they are the backend-reset case
-            if r["role"] == "client" and r["resets_received"] > p.get("resets_received", 0):
-                out.append(Finding(50 + r["resets_received"], "resets", subject,
-                                   f'{r["resets_received"]} resets received (window before: {p.get("resets_received", 0)})',
-                                   f'{r["peer"]}:{r["port"]} is resetting connections from {r["comm"]}: check that '
-                                   f'backend (its timeouts, its logs around the window)'))
-            failed = r["connect_refused"] + r["connect_timeouts"]
-            if failed > p.get("connect_refused", 0) + p.get("connect_timeouts", 0):
-                out.append(Finding(60 + failed, "failed_connects", subject,
-                                   f'{r["connect_refused"]} refused, {r["connect_timeouts"]} timed out',
-                                   f'{r["peer"]}:{r["port"]} is not accepting connections from {r["comm"]} '
-                                   f'(health check failing): is it listening?'))
+        serves: dict[tuple, set] = {}
+        for r in [*flows, *before_flows]:
+            if r["role"] == "server" and _is_process(r):
+                serves.setdefault(_proc(r), set()).add(r["port"])
+        in_lb = {(lb["host"], pid): lb for lb in lbs for pid in lb["pids"]}
+
+        # faults on connections: per balancer and backend (workers summed), else per process
         for lb in lbs:
-            backs = lb["backends"]
-            if len(backs) < 2:
+            for k, b in lb["backends"].items():
+                p = lb["backends_before"].get(k, {})
+                procs = {(lb["host"], pid) for pid in lb["pids"]}
+                out += self._connection_faults(f'{lb["process"]} -> {k}', lb["process"], k, b, p, procs,
+                                               {(lb["id"], k)})
+        prev = {tuple(r[t] for t in FLOW_KEY): r for r in before_flows}
+        for r in flows:
+            if r["role"] != "client" or (_proc(r) in in_lb and r["peer"] not in NOT_A_PEER):
                 continue
-            srtts = {k: b["srtt_p99_us"] for k, b in backs.items() if b.get("srtt_p99_us")}
-            bpcs = {k: b["bytes_per_connection"] for k, b in backs.items() if b.get("bytes_per_connection")}
-            for k, b in backs.items():
-                others = [v for o, v in srtts.items() if o != k]
-                if k in srtts and others and srtts[k] > 4 * statistics.median(others) and srtts[k] >= 2000:
-                    ratio = srtts[k] / statistics.median(others)
-                    out.append(Finding(30 + min(ratio, 50), "slow_backend_path", f'{lb["process"]} -> {k}',
-                                       f'srtt p99 {srtts[k]} us against {statistics.median(others):g} us for the other '
-                                       f'backends; {b["connection_share"]:.0%} of connections, '
-                                       f'{b["byte_share"]:.0%} of bytes',
-                                       f'the network path from {lb["process"]} to {k} is slow or bandwidth-limited '
-                                       f'(balancing is fair: connections are shared evenly); check that link'))
-                others_b = [v for o, v in bpcs.items() if o != k]
-                if k in bpcs and others_b and bpcs[k] < 0.5 * statistics.median(others_b) and \
-                        not any(f.subject == f'{lb["process"]} -> {k}' for f in out):
-                    out.append(Finding(25, "low_throughput_backend", f'{lb["process"]} -> {k}',
-                                       f'{bpcs[k]:g} bytes per connection against {statistics.median(others_b):g}',
-                                       f'less data moves on each connection to {k}: a limited path or a slow backend'))
+            who = f'{r["comm"]} pid {r["pid"]}'
+            k = f'{r["peer"]}:{r["port"]}'
+            out += self._connection_faults(f'{who} -> {k}', who, k, r, prev.get(tuple(r[t] for t in FLOW_KEY), {}),
+                                           {_proc(r)}, set())
+
+        # symptoms of a balancer's backend paths, against the other backends of the same pool
+        for lb in lbs:
+            for port, pool in pools(lb["backends"]).items():
+                if len(pool) < 2:
+                    continue
+                out += self._pool_symptoms(lb, port, pool)
+
+        # processes on their core
+        pinned = []
         for c in cpu:
-            if c["pinned"]:
-                out.append(Finding(40 + c["pinned_intervals"], "cpu_pinned", f'{c["comm"]} (pid {c["pid"]})',
-                                   f'at >= 95% of a core for {c["pinned_intervals"]} intervals (max {c["max_pct"]:.0f}%)',
-                                   f'{c["comm"]} pid {c["pid"]} is stuck on its core: take a stack of that process '
-                                   f'(or restart it); its share of traffic is suffering'))
+            if not c["pinned"]:
+                continue
+            p = (c["host"], c["pid"])
+            clause = self._pinned_clause(p, in_lb.get(p), flows, before_flows)
+            f = Finding(40 + c["pinned_intervals"], "cpu_pinned", f'{c["comm"]} (pid {c["pid"]})',
+                        f'wanted >= {PINNED_PCT}% of a core for {c["pinned_intervals"]} intervals (over the window '
+                        f'on a CPU {c["mean_pct"] or 0:.0f}%, on a CPU or waiting for one {c["demand_pct"] or 0:.0f}%)',
+                        f'{c["comm"]} pid {c["pid"]} is stuck on its core: take a stack of that process '
+                        f'(or restart it)' + (f"; {clause}" if clause else ""),
+                        procs={p}, serves=serves)
+            out.append(f)
+            pinned.append(f)
+
+        # clients whose open connections stopped moving data, served by a pinned process
+        served_by_pinned = {(h, port) for f in pinned for (h, pid) in f.procs for port in serves.get((h, pid), ())}
+        for r in flows:
+            if r["role"] != "client" or not _is_process(r) or (r["host"], r["port"]) not in served_by_pinned \
+                    or _proc(r) in {p for f in pinned for p in f.procs}:
+                continue
+            then = _bytes(prev.get(tuple(r[t] for t in FLOW_KEY), {"tx_bytes": 0, "rx_bytes": 0}))
+            if then and r["open_polls"] >= STALL_OPEN_POLLS and _bytes(r) < STALL_FRACTION * then:
+                out.append(Finding(20, "stalled_clients", f'{r["comm"]} pid {r["pid"]} -> {r["peer"]}:{r["port"]}',
+                                   f'connections open at {r["open_polls"]} polls, {_bytes(r)} bytes moved against '
+                                   f'{then} in the window before',
+                                   f'the server of :{r["port"]} stopped answering {r["comm"]} pid {r["pid"]}',
+                                   symptom=True, procs={_proc(r)}, served={(r["host"], r["port"])}))
         for o in ooms:
             out.append(Finding(45, "oom_kill", f'{o.get("comm")} (pid {o.get("pid")})',
                                f'OOM-killed in cgroup {o.get("cgroup") or "?"}',
-                               f'{o.get("comm")} ran out of memory in {o.get("cgroup") or "its cgroup"}'))
-        return sorted(out, key=lambda f: -f.score)
+                               f'{o.get("comm")} ran out of memory in {o.get("cgroup") or "its cgroup"}',
+                               procs={(o.get("host"), str(o.get("pid")))}, serves=serves))
+        return rank(out)
+
+    @staticmethod
+    def _connection_faults(subject, who, k, b, p, procs, edges) -> list[Finding]:
+        out = []
+        # resets on connections this process opened are the backend-reset case; resets
+        # from clients to a frontend are routine (a client aborting)
+        if b["resets_received"] > p.get("resets_received", 0):
+            out.append(Finding(50 + b["resets_received"], "resets", subject,
+                               f'{b["resets_received"]} resets received (window before: {p.get("resets_received", 0)})',
+                               f'{k} is resetting connections from {who}: check that backend '
+                               f'(its timeouts, its logs around the window)', procs=procs, edges=edges))
+        failed = b["connect_refused"] + b["connect_timeouts"]
+        if failed > p.get("connect_refused", 0) + p.get("connect_timeouts", 0):
+            out.append(Finding(60 + failed, "failed_connects", subject,
+                               f'{b["connect_refused"]} refused, {b["connect_timeouts"]} timed out',
+                               f'{k} is not accepting connections from {who} (health check failing): is it listening?',
+                               procs=procs, edges=edges))
+        return out
+
+    @staticmethod
+    def _pool_symptoms(lb: dict, port: str, pool: dict) -> list[Finding]:
+        out = []
+        procs = {(lb["host"], pid) for pid in lb["pids"]}
+        srtts = {k: b["srtt_p99_us"] for k, b in pool.items() if b.get("srtt_p99_us")}
+        bpcs = {k: b["bytes_per_connection"] for k, b in pool.items() if b.get("bytes_per_connection")}
+        fair = lb["balance"].get(port, {}).get("text")
+        for k, b in pool.items():
+            host, _, bport = k.rpartition(":")
+            served = {(lb["host"], bport)}  # a backend on this host: a pinned server of it explains its path
+            others = [v for o, v in srtts.items() if o != k]
+            if k in srtts and others and srtts[k] > SLOW_PATH_RATIO * statistics.median(others) \
+                    and srtts[k] >= SLOW_PATH_MIN_US:
+                med = statistics.median(others)
+                out.append(Finding(30 + min(srtts[k] / med, 50), "slow_backend_path", f'{lb["process"]} -> {k}',
+                                   f'srtt p99 {srtts[k]} us against {med:g} us for the other backends on :{port}; '
+                                   f'{b["connection_share"]:.0%} of connections, {b["byte_share"]:.0%} of bytes',
+                                   f'the network path from {lb["process"]} to {k} is slow or bandwidth-limited'
+                                   + (f" ({fair})" if fair else "") + "; check that link",
+                                   symptom=True, procs=procs, served=served, edges={(lb["id"], k)}))
+                continue
+            others_b = [v for o, v in bpcs.items() if o != k]
+            if k in bpcs and others_b and bpcs[k] < 0.5 * statistics.median(others_b):
+                out.append(Finding(25, "low_throughput_backend", f'{lb["process"]} -> {k}',
+                                   f'{bpcs[k]:g} bytes per connection against {statistics.median(others_b):g} '
+                                   f'for the other backends on :{port}',
+                                   f'less data moves on each connection to {k}: a limited path or a slow backend',
+                                   symptom=True, procs=procs, served=served, edges={(lb["id"], k)}))
+        return out
+
+    @staticmethod
+    def _pinned_clause(p: tuple, lb: dict | None, flows, before) -> str | None:
+        """What the pinned process's traffic shows against the window before, or nothing."""
+        if lb:
+            wk = lb["workers"][p[1]]
+            then = wk["before"]
+            for what, n, share in (("client", "client_bytes", "client_share"),
+                                   ("upstream", "upstream_bytes", "upstream_share")):
+                if then[n] and wk[n] < 0.5 * then[n]:
+                    clause = f"its {what} bytes fell to {wk[n] / then[n]:.0%} of the window before"
+                    if len(lb["workers"]) > 1:
+                        clause += (f" (it carried {_pct(then[share])} of {lb['process']}'s {what} bytes then, "
+                                   f"{_pct(wk[share] or 0)} in the window)")
+                    return clause
+            return None
+        now = sum(_bytes(r) for r in flows if _proc(r) == p)
+        then = sum(_bytes(r) for r in before if _proc(r) == p)
+        if then and now < 0.5 * then:
+            return f"its TCP bytes fell to {now / then:.0%} of the window before"
+        return None
 
     # --- the report --------------------------------------------------------------------
 
@@ -226,17 +475,7 @@ class Backtrack:
         flows = self.flows(w)
         before = self.flows(w.before())
         self.progress("load balancers")
-        lbs = self.load_balancers(flows, w.process)
-        before_lbs = {(x["host"], x["process"]): x for x in self.load_balancers(before, w.process)}
-        for lb in lbs:
-            b = before_lbs.get((lb["host"], lb["process"]))
-            now_bytes = sum(x["tx_bytes"] + x["rx_bytes"] for x in lb["backends"].values())
-            then_bytes = sum(x["tx_bytes"] + x["rx_bytes"] for x in b["backends"].values()) if b else 0
-            now_p99 = max((x.get("connect_latency_p99_us") or 0 for x in lb["backends"].values()), default=0)
-            then_p99 = max((x.get("connect_latency_p99_us") or 0 for x in b["backends"].values()), default=0) if b else 0
-            lb["vs_before"] = {"backend_bytes": now_bytes, "backend_bytes_before": then_bytes,
-                               "backend_bytes_ratio": round(now_bytes / then_bytes, 3) if then_bytes else None,
-                               "backend_connect_p99_us": now_p99, "backend_connect_p99_us_before": then_p99}
+        lbs = self.load_balancers(flows, before, w.process)
         self.progress("cpu")
         cpu = self.cpu(w)
         self.progress("disks and OOM")
@@ -246,6 +485,7 @@ class Backtrack:
         alerts = [a for a in self.events(w, "sonde_alert") if a.get("state") == "firing"]
         anomalies = self.events(w, "sonde_anomaly")
         findings = self.findings(flows, before, lbs, cpu, ooms)
+        causes = [f for f in findings if f.explained_by is None]
         return {
             "window": {"from_ms": w.start_ms, "to_ms": w.end_ms, "host": w.host, "process": w.process,
                        "peer": w.peer},
@@ -257,59 +497,82 @@ class Backtrack:
             "alerts": [{"rule": a["rule"], "summary": a.get("summary"), "time": a["time"]} for a in alerts],
             "anomalies": [{"metric": a["metric"], "score": a.get("score"), "text": a.get("text")} for a in anomalies],
             "findings": [f.as_dict() for f in findings],
-            "likely_cause": findings[0].cause if findings else None,
+            "likely_cause": causes[0].cause if causes else None,
         }
 
 
+def pools(backends: dict) -> dict[str, dict]:
+    """A balancer's upstreams by port: the backends that are replicas of each other."""
+    out: dict[str, dict] = {}
+    for k, b in backends.items():
+        out.setdefault(k.rpartition(":")[2], {})[k] = b
+    return out
+
+
+def balance(pool: dict, workers: int) -> dict:
+    """Whether connections were shared evenly over a pool, from the counts alone.
+
+    A fair balancer gives each of n backends N/n of N connections, within the larger of
+    - `workers`: round robin runs per worker, so each worker's count per backend is off
+      by at most one from its share;
+    - three standard deviations of a random assignment, 3 sqrt(N (1/n)(1 - 1/n)), for
+      balancers that pick at random (or least-connections under jitter).
+    Below 10 connections per backend there is too little to judge."""
+    n = len(pool)
+    counts = {k: b["active_opens"] for k, b in pool.items()}
+    total = sum(counts.values())
+    if n < 2 or total < 10 * n:
+        return {"fair": None, "connections": total, "tolerance": None, "text": None}
+    tol = max(workers, 3 * math.sqrt(total * (1 / n) * (1 - 1 / n)))
+    off = {k: c - total / n for k, c in counts.items()}
+    fair = all(abs(d) <= tol for d in off.values())
+    shares = ", ".join(f"{c / total:.0%}" for _, c in sorted(counts.items()))
+    if fair:
+        text = f"balancing is fair: {shares} of {total} connections"
+    else:
+        worst = max(off, key=lambda k: abs(off[k]))
+        text = f"balancing is uneven: {worst} got {counts[worst] / total:.0%} of {total} connections"
+    return {"fair": fair, "connections": total, "tolerance": round(tol, 1), "text": text}
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.1f} {prefix}{unit}"
+        n /= 1000
+    return f"{n} {unit}"
+
+
 def topology(report: dict) -> dict:
-    """Nodes (processes, peers) and edges with volumes, latency and resets; abnormal edges marked."""
-    abnormal = {f["subject"] for f in report["findings"]}
-    nodes, edges = {}, []
+    """Nodes (processes, balancers, peers) and edges with volumes, latency and resets;
+    abnormal edges marked with the findings' kinds."""
+    lb_of = {(lb["host"], pid): lb for lb in report["load_balancers"] for pid in lb["pids"]}
+    nodes, edges = {}, {}
     for r in report["talkers"]:
-        proc = f'{r["comm"]}@{r["host"]}'
+        lb = lb_of.get((r["host"], r["pid"]))
+        if lb:
+            proc = f'{lb["process"]}[{",".join(lb["pids"])}]@{lb["host"]}'
+            name = lb["process"]
+        else:
+            proc = f'{r["comm"]}[{r["pid"]}]@{r["host"]}'
+            name = f'{r["comm"]} pid {r["pid"]}'
+        nodes[proc] = {"id": proc, "kind": "balancer" if lb else "process"}
         peer = r["peer"] if r["role"] == "server" else f'{r["peer"]}:{r["port"]}'
-        nodes[proc] = {"id": proc, "kind": "process"}
         nodes.setdefault(peer, {"id": peer, "kind": "client" if r["role"] == "server" else "endpoint"})
-        src, dst = (peer, proc) if r["role"] == "server" else (proc, peer)
-        subject = f'{r["comm"]} -> {r["peer"]}:{r["port"]}' if r["role"] == "client" else \
-            f'{r["comm"]} <- {r["peer"]} on :{r["port"]}'
-        marks = [f["kind"] for f in report["findings"] if f["subject"] in (subject, f'{r["comm"]} -> {peer}')]
-        edges.append({"source": src, "target": dst, "bytes": r["tx_bytes"] + r["rx_bytes"],
-                      "connections": r["active_opens"] + r["passive_opens"], "resets": r["resets_received"],
-                      "failed_connects": r["connect_refused"] + r["connect_timeouts"],
-                      "srtt_p99_us": r.get("srtt_p99_us"), "abnormal": bool(marks) or subject in abnormal,
-                      "why": marks})
-    return {"nodes": list(nodes.values()), "edges": edges}
-
-
-def topology_svg(topo: dict) -> str:
-    """A plain 2D layout: clients left, processes middle, endpoints right."""
-    cols = {"client": 80, "process": 380, "endpoint": 680}
-    ys, pos = {"client": 0, "process": 0, "endpoint": 0}, {}
-    for n in topo["nodes"]:
-        ys[n["kind"]] += 1
-        pos[n["id"]] = (cols[n["kind"]], 40 + 50 * ys[n["kind"]])
-    height = 80 + 50 * max(ys.values() or [1])
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="860" height="{height}" font-family="sans-serif" '
-           f'font-size="11">']
-    for e in topo["edges"]:
-        (x1, y1), (x2, y2) = pos[e["source"]], pos[e["target"]]
-        color = "#d62728" if e["abnormal"] else "#7f7f7f"
-        width = 1 + min(6, math.log10(1 + e["bytes"]) / 2)
-        label = f'{e["bytes"]} B, {e["connections"]} conns' + (f', {e["resets"]} resets' if e["resets"] else "") + \
-            (f', {e["failed_connects"]} failed' if e["failed_connects"] else "")
-        out.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{color}" stroke-width="{width:.1f}"/>')
-        out.append(f'<text x="{(x1 + x2) / 2}" y="{(y1 + y2) / 2 - 4}" fill="{color}">{_xml(label)}</text>')
-    for n in topo["nodes"]:
-        x, y = pos[n["id"]]
-        out.append(f'<circle cx="{x}" cy="{y}" r="6" fill="#1f77b4"/>')
-        out.append(f'<text x="{x + 9}" y="{y + 4}">{_xml(n["id"])}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def _xml(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+        src, dst = (peer, f"{proc}") if r["role"] == "server" else (proc, peer)
+        subject = f'{name} -> {peer}' if r["role"] == "client" else f'{name} <- {r["peer"]} on :{r["port"]}'
+        e = edges.setdefault((src, dst, r["port"]), {
+            "source": src, "target": dst, "port": r["port"], "subject": subject, "bytes": 0, "connections": 0,
+            "resets": 0, "failed_connects": 0, "srtt_p99_us": None})
+        e["bytes"] += _bytes(r)
+        e["connections"] += r["active_opens"] + r["passive_opens"]
+        e["resets"] += r["resets_received"]
+        e["failed_connects"] += r["connect_refused"] + r["connect_timeouts"]
+        e["srtt_p99_us"] = max(e["srtt_p99_us"] or 0, r.get("srtt_p99_us") or 0) or None
+    for e in edges.values():
+        e["why"] = sorted({f["kind"] for f in report["findings"] if f["subject"] == e["subject"]})
+        e["abnormal"] = bool(e["why"])
+    return {"nodes": list(nodes.values()), "edges": list(edges.values())}
 
 
 def text(report: dict) -> str:
@@ -319,24 +582,34 @@ def text(report: dict) -> str:
              + (f", host {w['host']}" if w["host"] else ""), ""]
     lines.append("Likely cause: " + (report["likely_cause"] or "nothing stands out against the window before"))
     if report["findings"]:
-        lines += ["", "Findings (ranked):"]
-        lines += [f"  {f['score']:6.1f}  {f['kind']:<22} {f['subject']}: {f['evidence']}" for f in report["findings"]]
+        lines += ["", "Findings (causes ranked; what a cause explains is indented under it):"]
+        for f in report["findings"]:
+            indent = "      " if f["explained_by"] else ""
+            lines.append(f"  {indent}{f['score']:6.1f}  {f['kind']:<22} {f['subject']}: {f['evidence']}")
     lines += ["", "Who talked to whom:",
-              f"  {'process':<16}{'role':<8}{'peer':<26}{'tx':>12}{'rx':>12}{'conn':>7}{'fail':>6}{'rst':>6}"
-              f"{'retx':>6}{'srtt p50/p99 us':>18}"]
+              f"  {'process':<16}{'pid':>8} {'role':<7}{'peer':<26}{'tx':>12}{'rx':>12}{'conn':>7}{'fail':>6}"
+              f"{'rst':>6}{'retx':>6}{'srtt p50/p99 us':>18}"]
     for r in report["talkers"][:30]:
         conns = r["active_opens"] + r["passive_opens"]
         srtt = f'{r.get("srtt_p50_us") or "-"}/{r.get("srtt_p99_us") or "-"}'
-        lines.append(f"  {r['comm'][:15]:<16}{r['role']:<8}{(r['peer'] + ':' + r['port'])[:25]:<26}"
+        lines.append(f"  {r['comm'][:15]:<16}{r['pid'][:8]:>8} {r['role']:<7}{(r['peer'] + ':' + r['port'])[:25]:<26}"
                      f"{r['tx_bytes']:>12}{r['rx_bytes']:>12}{conns:>7}"
                      f"{r['connect_refused'] + r['connect_timeouts']:>6}{r['resets_received']:>6}"
                      f"{r['retransmits']:>6}{srtt:>18}")
     for lb in report["load_balancers"]:
-        lines += ["", f"Load balancer {lb['process']} on {lb['host']}: backends"]
+        lines += ["", f"Load balancer {lb['process']} on {lb['host']} (pids {', '.join(lb['pids'])}, listening on "
+                      f":{', :'.join(sorted(lb['frontends'])) or '-'}): backends"]
         for k, b in sorted(lb["backends"].items()):
             lines.append(f"  {k:<26} conns {b['active_opens']:>6} ({b['connection_share']:.0%})  bytes "
-                         f"{b['tx_bytes'] + b['rx_bytes']:>10} ({b['byte_share']:.0%})  resets {b['resets_received']}"
+                         f"{_bytes(b):>10} ({b['byte_share']:.0%})  resets {b['resets_received']}"
                          f"  failed {b['connect_refused'] + b['connect_timeouts']}  srtt p99 {b['srtt_p99_us']}")
+        for port, bal in sorted(lb["balance"].items()):
+            if bal["text"]:
+                lines.append(f"  :{port} {bal['text']}")
+        if len(lb["workers"]) > 1:
+            lines.append("  workers: " + ", ".join(
+                f"pid {pid} {_pct(wk['upstream_share'] or 0)} of upstream bytes"
+                f" (before {_pct(wk['before']['upstream_share'] or 0)})" for pid, wk in lb["workers"].items()))
     pinned = [c for c in report["cpu"] if c["pinned"]]
     lines += ["", "CPU (top): " + ", ".join(f"{c['comm']}/{c['pid']} {c['mean_pct']:.0f}%"
                                             + (" PINNED" if c["pinned"] else "") for c in report["cpu"][:8])]
@@ -356,50 +629,3 @@ def _ts(ms: int) -> str:
 
 def as_json(report: dict) -> str:
     return json.dumps(report, indent=2, default=str)
-
-
-def plot(bt: Backtrack, w: Window, out_dir, report: dict) -> list:
-    """PNG plots of the key series over the window and the one before, the window shaded."""
-    from pathlib import Path
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    span = w.end_ms - w.start_ms
-    wide = Window(w.start_ms - span, w.end_ms, w.host, w.process, w.peer)
-    step_s = max(1, span // 1000 // 30)
-    panels = [
-        ("backend_bytes", "bytes per interval to each peer (role client)",
-         f'SELECT sum("tx_bytes") + sum("rx_bytes") AS "v" FROM "tcp_flow" WHERE {wide.where()} AND "role" = \'client\' '
-         f'GROUP BY time({step_s}s), "comm", "peer"', ("comm", "peer")),
-        ("srtt_p99", "srtt p99 (us) per peer",
-         f'SELECT max("p99_us") AS "v" FROM "tcp_srtt" WHERE {wide.where()} GROUP BY time({step_s}s), "comm", "peer"',
-         ("comm", "peer")),
-        ("cpu", "CPU % of a core, per process",
-         f'SELECT max("cpu_pct") AS "v" FROM "process_cpu" WHERE {wide.where(peer=False)} '
-         f'GROUP BY time({step_s}s), "comm", "pid"', ("comm", "pid")),
-    ]
-    written = []
-    for name, title, q, labels in panels:
-        series: dict[tuple, list] = {}
-        for r in bt.rows(q):
-            if r["v"] is not None:
-                series.setdefault(tuple(r[l] for l in labels), []).append((r["time"] / 1e9, r["v"]))
-        top = sorted(series.items(), key=lambda kv: -max(v for _, v in kv[1]))[:8]
-        fig, ax = plt.subplots(figsize=(9, 3.5))
-        for key, pts in top:
-            ax.plot([t for t, _ in pts], [v for _, v in pts], label=" ".join(key))
-        ax.axvspan(w.start_ms / 1000, w.end_ms / 1000, color="orange", alpha=0.15, label="window")
-        ax.set_title(title)
-        ax.set_xlabel("unix time (s)")
-        if top:
-            ax.legend(fontsize=7, loc="upper left")
-        path = out / f"{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-    return written

@@ -1,0 +1,319 @@
+"""Probe l7 (issue 15): L7 requests, errors and durations of opted-in processes, exact
+against each server's and client's own counters.
+
+Every test runs the real agent (the l7 probe alone) writing to a real InfluxDB and
+reads its numbers back from there. Servers are the tests' own, on free loopback
+ports; ground truth comes from them (nginx's access log, Redis's INFO, PostgreSQL's
+pg_stat_statements, MariaDB's status counters) and from the clients (wrk's report),
+never from Sonde's code.
+
+Clients run from a launcher shell put in a cgroup of the test's own, which the
+config opts in: the shell is opted in before it execs the client, so the client's
+first request is captured (an exec is matched again by the agent, and the kernel
+keeps the opt-in across it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import drain, free_port, need, select, wait_until
+
+pytestmark = [pytest.mark.l7]
+
+PIPELINE_LUA = Path("/usr/share/doc/wrk/examples/scripts/pipeline.lua")
+NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
+
+NGINX_CONF = """
+{modules}
+worker_processes {workers};
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format l7 '$status $request_completion $request_method';
+    access_log {d}/access.log l7;
+    client_body_temp_path {d}/cb; proxy_temp_path {d}/px; fastcgi_temp_path {d}/fc;
+    uwsgi_temp_path {d}/uw; scgi_temp_path {d}/sc;
+    client_max_body_size 64m;
+    keepalive_requests 1000000;
+    sendfile on;
+    {http}
+}}
+"""
+
+
+# --- the tests' own servers and clients ------------------------------------------------------
+
+def process_children(pid: int) -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(d.name))
+    return out
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+    wait_until(up, timeout=timeout, interval=0.05, what=f"a server on port {port}")
+
+
+class Nginx:
+    """An nginx of the test's own: its prefix dir, its port, its access log."""
+
+    def __init__(self, root: Path, http: str, workers: int = 2, modules: str = ""):
+        need(shutil.which("nginx") is not None, "nginx not installed")
+        self.dir = root / f"nginx-{uuid.uuid4().hex[:6]}"
+        self.dir.mkdir()
+        self.port = free_port()
+        conf = self.dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(d=self.dir, workers=workers, modules=modules,
+                                          http=http.replace("PORT", str(self.port)).replace("DIR", str(self.dir))))
+        self.proc = subprocess.Popen(["nginx", "-p", str(self.dir), "-c", str(conf)], stdin=subprocess.DEVNULL)
+        try:
+            wait_port(self.port)
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"nginx did not start: {(self.dir / 'error.log').read_text()[-2000:]}")
+
+    def pids(self) -> set[int]:
+        return {self.proc.pid} | process_children(self.proc.pid)
+
+    def log(self) -> list[list[str]]:
+        """Access-log lines (status, completion, method), once nginx has written them all."""
+        path = self.dir / "access.log"
+        return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Cgroup:
+    """A cgroup of the test's own in a v1 hierarchy (pids) or the cgroup2 root; `path`
+    is how /proc/PID/cgroup names it."""
+
+    def __init__(self):
+        name = f"sonde-l7-{uuid.uuid4().hex[:8]}"
+        v1 = Path("/sys/fs/cgroup/pids")
+        base = v1 if v1.is_dir() else Path("/sys/fs/cgroup")
+        need(base.is_dir(), "a cgroup hierarchy to put the test's clients in")
+        self.fs = base / name
+        self.fs.mkdir()
+        self.path = "/" + name
+
+    def remove(self) -> None:
+        for _ in range(100):
+            try:
+                self.fs.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+class Launcher:
+    """A shell that joins the test's cgroup, waits to be told, then execs argv: the
+    agent opts the shell in (cgroup) before the client exists."""
+
+    def __init__(self, cgroup: Cgroup, argv: list[str]):
+        script = f'echo $$ > {cgroup.fs}/cgroup.procs && read go && exec "$@"'
+        self.proc = subprocess.Popen(["sh", "-c", script, "launcher", *argv], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        wait_until(lambda: str(self.pid) in (cgroup.fs / "cgroup.procs").read_text().split(),
+                   what="the launcher in its cgroup")
+
+    def run(self, timeout: float = 120) -> str:
+        out, err = self.proc.communicate("go\n", timeout=timeout)
+        assert self.proc.returncode == 0, f"{self.proc.args}: {err}"
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wrk_counts(out: str) -> tuple[int, int]:
+    """(requests, non-2xx/3xx responses) as wrk reports them."""
+    m = re.search(r"(\d+) requests in", out)
+    assert m, f"no request count in wrk's output: {out}"
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return int(m.group(1)), int(bad.group(1)) if bad else 0
+
+
+@pytest.fixture
+def l7(agents, tmp_path):
+    """The pieces of an L7 test; everything it started is stopped at the end."""
+    env = L7Env(agents, tmp_path)
+    yield env
+    env.close()
+
+
+class L7Env:
+    def __init__(self, agents, tmp_path: Path):
+        self.make_agent = agents
+        self.tmp = tmp_path
+        self.servers: list = []
+        self.launchers: list[Launcher] = []
+        self.cgroup = Cgroup()
+        self.agent = None
+
+    def nginx(self, http: str, **kw) -> Nginx:
+        ng = Nginx(self.tmp, http, **kw)
+        self.servers.append(ng)
+        return ng
+
+    def start_agent(self, ports=(), executables=(), processes=()):
+        extra = ("probes:\n  l7:\n    enabled: true\n"
+                 f"    ports: {json.dumps(list(ports))}\n    cgroups: {json.dumps([self.cgroup.path])}\n"
+                 f"    executables: {json.dumps(list(executables))}\n    processes: {json.dumps(list(processes))}\n")
+        self.agent = self.make_agent("l7", extra=extra)
+        return self.agent
+
+    def launch(self, argv: list[str]) -> Launcher:
+        ln = Launcher(self.cgroup, argv)
+        self.launchers.append(ln)
+        return ln
+
+    def probe_point(self) -> dict:
+        pts = [p for p in self.agent.poll(["l7"]) if p.measurement == "l7_probe"]
+        return pts[0].fields
+
+    def opted(self, pids: set[int]) -> None:
+        """Poll until every pid is opted in (the agent's own view) and the hooks are on."""
+        dec = self.agent.probes["l7"].decoder
+        wait_until(lambda: self.probe_point()["hooks_attached"] == 1 and pids <= set(dec.opted),
+                   what=f"pids {sorted(pids)} opted in")
+
+    def settle(self) -> dict:
+        """Poll until the ring buffer is drained (no event in two polls), then deliver
+        everything; returns the capture totals over the test."""
+        totals = {"lost_events": 0, "events": 0}
+        quiet = 0
+        deadline = time.monotonic() + 120
+        while quiet < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            f = self.probe_point()
+            totals["lost_events"] += f["lost_events"]
+            totals["events"] += f["events"]
+            quiet = quiet + 1 if f["events"] == 0 else 0
+        drain(self.agent)
+        return totals
+
+    def close(self) -> None:
+        for ln in self.launchers:
+            ln.kill()
+        for s in self.servers:
+            s.stop()
+        self.cgroup.remove()
+
+
+def red(influx, db: str, where: str = "true") -> list[dict]:
+    return select(influx, db, 'SELECT sum("requests") AS requests, sum("errors") AS errors, '
+                              'sum("status_2xx") AS s2, sum("status_5xx") AS s5 FROM "l7_requests" '
+                              f'WHERE {where} GROUP BY "pid", "comm", "role", "peer", "port", "protocol", "op"')
+
+
+def total(rows: list[dict], key: str = "requests", **match) -> int:
+    return sum(int(r[key] or 0) for r in rows if all(str(r[k]) == str(v) for k, v in match.items()))
+
+
+def capture_rows(influx, db: str) -> list[dict]:
+    return select(influx, db, 'SELECT sum(*) FROM "l7_capture" GROUP BY "pid", "protocol"')
+
+
+def wrk_binary(tmp: Path) -> str:
+    need(shutil.which("wrk") is not None, "wrk not installed")
+    return shutil.which("wrk")
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+HELLO = """
+    server {
+        listen 127.0.0.1:PORT;
+        location / { default_type text/plain; return 200 "hello\\n"; }
+    }
+"""
+
+
+def paced(tmp: Path, script: Path | None = None, ms: int = 1) -> str:
+    """A wrk script that waits `ms` before each request (write) of a connection, after
+    running `script` (e.g. wrk's own pipeline.lua) unchanged: a rate the agent's parser
+    keeps up with on a shared 2-core machine, so nothing is lost and counts can be exact."""
+    path = tmp / f"paced-{uuid.uuid4().hex[:6]}.lua"
+    path.write_text((f'dofile("{script}")\n' if script else "") + f"delay = function() return {ms} end\n")
+    return str(path)
+
+
+def run_wrk(l7, ng: Nginx, *args: str, path: str = "/") -> tuple[int, int, int]:
+    """wrk against ng from the opted-in launcher: (wrk pid, requests, non-2xx)."""
+    ln = l7.launch([wrk_binary(l7.tmp), "-t1", *args, f"http://127.0.0.1:{ng.port}{path}"])
+    l7.opted(ng.pids() | {ln.pid})
+    out = ln.run()
+    requests, bad = wrk_counts(out)
+    return ln.pid, requests, bad
+
+
+@pytest.mark.parametrize("mode", ["keepalive", "close", "pipeline"])
+def test_http_counts_equal_wrk_and_nginx(l7, influx, influx_db, mode):
+    """nginx under wrk, both opted in: the requests wrk's side of each connection
+    completed equal wrk's own count, and those nginx answered equal its access log,
+    exactly; with keep-alive, with `Connection: close` (a connection per request,
+    nginx closing first) and with wrk's pipelining script (3 requests per write)."""
+    ng = l7.nginx(HELLO)
+    l7.start_agent(ports=[ng.port])
+    if mode == "pipeline":
+        need(PIPELINE_LUA.exists(), f"{PIPELINE_LUA} (Debian's wrk ships it)")
+    args = {"keepalive": ["-c4", "-d2s", "-s", paced(l7.tmp)],
+            "close": ["-c4", "-d2s", "-H", "Connection: close", "-s", paced(l7.tmp)],
+            "pipeline": ["-c2", "-d2s", "-s", paced(l7.tmp, PIPELINE_LUA)]}[mode]
+    wrk_pid, wrk_requests, wrk_bad = run_wrk(l7, ng, *args)
+    totals = l7.settle()
+    assert totals["lost_events"] == 0, f"the agent fell behind ({totals}); the counts below cannot be exact"
+    rows = red(influx, influx_db)
+    logged = ng.log()
+    assert wrk_requests > 1000 and wrk_bad == 0
+    # wrk's side: each response it read, pipelined ones each on their own
+    assert total(rows, pid=wrk_pid, role="client", peer="127.0.0.1", port=ng.port, protocol="http", op="GET") \
+        == wrk_requests
+    # nginx's side: every request it answered, including any wrk sent but never read at its stop
+    nginx_rows = [r for r in rows if int(r["pid"]) in ng.pids()]
+    assert {(r["role"], r["peer"], r["port"], r["protocol"], r["op"]) for r in nginx_rows} == \
+        {("server", "127.0.0.1", str(ng.port), "http", "GET")}
+    assert total(nginx_rows) == len(logged) >= wrk_requests
+    assert total(nginx_rows, "s2") == len(logged) and total(nginx_rows, "errors") == 0
+    # nothing from any other process
+    assert {int(r["pid"]) for r in rows} <= ng.pids() | {wrk_pid}
+    caps = capture_rows(influx, influx_db)
+    assert sum(int(r["sum_desyncs"] or 0) + int(r["sum_lost_events"] or 0) + int(r["sum_undetected"] or 0)
+               for r in caps) == 0, caps
