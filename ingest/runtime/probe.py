@@ -9,6 +9,12 @@ Regular decoding is declared (`CounterMap`); the runtime turns cumulative kernel
 counters into per-interval deltas, adds process tags, folds processes past the
 top-N limit into `other` (totals stay exact), and reclaims entries of exited
 processes after their last delta is written, so maps stay bounded.
+
+A poll is one interval (`delta.interval()`): if it raises, every delta it took is
+undone and the deletions it planned are not made, so the next poll counts the same
+events again and the interval is not lost. A point that breaks the catalog contract
+(undeclared, or another probe's measurement) is dropped alone, logged, and makes
+`poll_success` 0.
 """
 from __future__ import annotations
 
@@ -25,11 +31,11 @@ import sonde.bpf as bpf_pkg
 
 from sonde.ingest.runtime import catalog
 from sonde.ingest.config import Config
-from sonde.ingest.errors import ProbeError, SondeError
+from sonde.ingest.errors import CatalogError, ProbeError, SondeError
 from sonde.ingest.output.lineproto import Point, printable_name
 from sonde.ingest.runtime.bpfinfo import recursion_misses, run_stats
 from sonde.ingest.runtime.cardinality import OTHER, SeriesBudget, fold
-from sonde.ingest.runtime.delta import DeltaTracker
+from sonde.ingest.runtime.delta import DeltaTracker, defer, interval
 from sonde.ingest.runtime.procfs import Procfs
 
 log = logging.getLogger("sonde.probe")
@@ -82,6 +88,16 @@ class Probe:
     # False for a probe that only reads counters the kernel keeps (/proc, netlink):
     # no bpf/<name>.bpf.c, nothing compiled, `LoadedProbe.bpf` is None.
     kernel: bool = True
+
+
+_OWN: dict[str, frozenset[str]] = {}
+
+
+def own_measurements(name: str) -> frozenset[str]:
+    """The measurements probe `name` declares in bpf/<name>/metrics.py: all it may emit."""
+    if not _OWN:
+        _OWN.update({probe: frozenset(m.name for m in ms) for probe, ms in catalog.probe_measurements().items()})
+    return _OWN.get(name, frozenset())
 
 
 def probe_dir(name: str) -> Path:
@@ -218,6 +234,7 @@ class LoadedProbe:
         self._deltas = {m.map: DeltaTracker() for m in spec.maps}
         self._prev_drops = 0
         self._prev_misses = 0
+        self._refused_logged: set[str] = set()
         self.decoder = spec.decoder(self) if spec.decoder else None
 
     @classmethod
@@ -279,24 +296,29 @@ class LoadedProbe:
     # --- polling -----------------------------------------------------------------------
 
     def poll(self, ts_ns: int) -> tuple[list[Point], Point]:
-        """Read every map once: (catalog points, the probe's own sonde_probe point)."""
+        """Read every map once: (catalog points, the probe's own sonde_probe point).
+
+        The deltas taken commit only when the points are returned; a poll that raises
+        leaves them for the next poll, which then covers both intervals."""
         started = time.perf_counter()
         points: list[Point] = []
         entries = 0
         ok = 1
         try:
-            if self.decoder:
-                points, entries = self.decoder.poll(ts_ns)
-            for m in self.spec.maps:
-                new, n = self._poll_counter_map(m, ts_ns)
-                points.extend(new)
-                entries += n
-            for p in points:
-                catalog.validate_point(p.measurement, p.tags, p.fields)
+            with interval():
+                if self.decoder:
+                    points, entries = self.decoder.poll(ts_ns)
+                for m in self.spec.maps:
+                    new, n = self._poll_counter_map(m, ts_ns)
+                    points.extend(new)
+                    entries += n
         except Exception:
             ok = 0
             points = []
-            log.exception("probe %s: poll failed", self.spec.name)
+            log.exception("probe %s: poll failed; its counts are taken again at the next poll", self.spec.name)
+        points, refused = self._declared(points)
+        if refused:
+            ok = 0
         drops = self._drops_delta()
         misses = self._misses_delta()
         stats = self._stats_delta() if self.config.bpf_stats else None
@@ -312,6 +334,25 @@ class LoadedProbe:
         if stats is not None:
             self_point.fields["bpf_run_count"], self_point.fields["bpf_run_time_ns"] = stats
         return points, self_point
+
+    def _declared(self, points: list[Point]) -> tuple[list[Point], int]:
+        """The points the catalog allows this probe (its own metrics.py, declared tags,
+        fields and types); the others are dropped one by one and logged once each."""
+        own = own_measurements(self.spec.name)
+        kept, refused = [], 0
+        for p in points:
+            try:
+                if p.measurement not in own:
+                    raise CatalogError(f"measurement {p.measurement!r} is not declared in bpf/{self.spec.name}/metrics.py")
+                catalog.validate_point(p.measurement, p.tags, p.fields)
+            except CatalogError as e:
+                refused += 1
+                if str(e) not in self._refused_logged:
+                    self._refused_logged.add(str(e))
+                    log.error("probe %s: point dropped: %s", self.spec.name, e)
+                continue
+            kept.append(p)
+        return kept, refused
 
     def _stats_delta(self) -> tuple[int, int]:
         if self.bpf is None:
@@ -364,12 +405,22 @@ class LoadedProbe:
 
     @staticmethod
     def reclaim(table, tgids) -> None:
-        """Delete exited processes' entries, after their last delta has been taken."""
-        for tgid in tgids:
-            try:
-                del table[table.Key(tgid)]
-            except KeyError:
-                pass
+        """Delete exited processes' entries once the poll that took their last delta
+        has handed its points over (at once outside a poll)."""
+        LoadedProbe.delete_later(table, [table.Key(tgid) for tgid in tgids])
+
+    @staticmethod
+    def delete_later(table, keys) -> None:
+        """Delete these entries once the open poll has handed its points over."""
+        keys = list(keys)
+
+        def delete():
+            for key in keys:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+        defer(delete)
 
     def process_name(self, tgid: int, kernel_comm: bytes, exited: bool = False) -> str:
         """/proc's name while the process lives, else the comm the kernel recorded."""
@@ -405,11 +456,7 @@ class LoadedProbe:
                 name = self.process_name(tgid, _kernel_comm(leaf, m.comm), exited=tgid in final)
                 per_process.append((str(tgid), name, dict(zip(m.fields, d))))
 
-        for key, tgid in dead:
-            try:
-                del table[key]
-            except KeyError:
-                pass
+        self.delete_later(table, [key for key, _ in dead])
         deltas.keep_only(tgid for _, tgid, _, _ in rows if tgid not in final)
         return self._fold(m, per_process, ts_ns), len(rows) - len(dead)
 
