@@ -30,31 +30,35 @@ is cut after the first frame without frame pointers and ends in a
 `[truncated: ...]` frame: a binary built without frame pointers (Debian's python3.11)
 never shows a made-up caller.
 
-Python 3.11 (`sonde profile` only): the program walks the interpreter's own frames
-from the sampled thread's PyThreadState, with offsets derived from that build's
-headers (python.py), and names them `module.function:line`.
+Python 3.11: the program walks the interpreter's own frames from the sampled
+thread's PyThreadState, with offsets derived from that version's headers
+(python3.11-dev; python.py) and kept per process in a map, and names them
+`module.function:line`. The agent looks at each busy process once and walks its
+Python frames from the next interval on.
 
-Limits: in the agent's continuous mode Python shows the interpreter's C frames, and
-a JIT frame is named only once `jcmd Compiler.perfmap` has written it, so Java shows
-`[unknown JIT code]` there. Each stack map holds 16384 stacks per interval; a sample
-whose stack found its hash bucket taken is counted as lost (`lost_samples`), never
-given another stack.
+Limits: a JIT frame is named only once `jcmd Compiler.perfmap` has written it, which
+the agent does not run, so in continuous mode Java shows `[unknown JIT code]`. Each
+stack map holds 16384 stacks per interval; a sample whose stack found its hash bucket
+taken is counted as lost (`lost_samples`), never given another stack.
 """
 from __future__ import annotations
 
 import ctypes as ct
 import errno
+import logging
 import platform
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from sonde.bpf.profile import symbols
+from sonde.bpf.profile import python, symbols
 from sonde.ingest.output.lineproto import Point
 from sonde.ingest.runtime.bpfmap import read_all
 from sonde.ingest.runtime.cardinality import OTHER, fold
 from sonde.ingest.runtime.probe import Probe
+
+log = logging.getLogger("sonde.profile")
 
 AGENT_HZ = 49
 TOP_STACKS = 5            # profile_stack ranks per process and interval
@@ -98,10 +102,9 @@ class Taken:
 class StackSampler:
     """Swaps, reads and clears the program's sets (profile.bpf.c)."""
 
-    def __init__(self, bpf, off_cpu: bool = False, python: bool = False):
+    def __init__(self, bpf, off_cpu: bool = False):
         self.bpf = bpf
         self.off_cpu = off_cpu
-        self.python = python
         self.active = 0
         self._set = bpf.get_table(b"active_set")
         self._set[self._set.Key(0)] = self._set.Leaf(0)
@@ -120,8 +123,7 @@ class StackSampler:
         stacks = self.bpf.get_table(f"stacks_{old}".encode())
         walked: dict[int, tuple[int, ...] | int] = {}
         on = self._rows(self.bpf.get_table(f"samples_{old}".encode()), stacks, walked, clear=True)
-        if self.python:
-            on += self._python_rows(self.bpf.get_table(f"py_samples_{old}".encode()), stacks, walked)
+        on += self._python_rows(self.bpf.get_table(f"py_samples_{old}".encode()), stacks, walked)
         for key in list(stacks.keys()):  # all of them, also stacks whose sample found the map full
             try:
                 del stacks[key]
@@ -155,9 +157,17 @@ class StackSampler:
         """Every count the program has added since it was loaded (never cleared)."""
         return sum(int(v) for leaf in self.bpf.get_table(b"counted").values() for v in leaf)
 
-    def set_python(self, tgid: int, tstate_current: int) -> None:
+    def set_python(self, tgid: int, interp, offsets: dict[str, int]) -> None:
+        """Walk this process's Python frames from now on (ValueError: its layout does not fit)."""
         table = self.bpf.get_table(b"py_procs")
-        table[table.Key(tgid)] = table.Leaf(tstate_current)
+        table[table.Key(tgid)] = python.proc_entry(table.Leaf, interp, offsets)
+
+    def forget_python(self, tgid: int) -> None:
+        table = self.bpf.get_table(b"py_procs")
+        try:
+            del table[table.Key(tgid)]
+        except KeyError:
+            pass
 
     def _python_rows(self, table, stacks, cache: dict) -> list[StackRow]:
         rows, keys = [], []
@@ -270,6 +280,21 @@ class ProfileDecoder:
         self.host = probe.config.host
         self.sampler = StackSampler(probe.bpf)
         self.symbolizer = Symbolizer(probe.config.paths.proc)
+        self.checked: set[int] = set()   # processes looked at for a Python interpreter
+
+    def _python(self, tgid: int) -> None:
+        """From the next interval on, walk the Python frames of a busy Python 3.11 process."""
+        self.checked.add(tgid)
+        interp = python.find_interpreter(self.probe.config.paths.proc, tgid)
+        if interp is None:
+            return
+        try:
+            offsets = python.derive_offsets(interp.version)
+            self.sampler.set_python(tgid, interp, offsets)
+        except ValueError as e:
+            log.info("profile: pid %d runs Python %s, shown with C frames: %s", tgid, interp.version, e)
+            return
+        self.symbolizer.python[tgid] = python.CodeReader(self.probe.config.paths.proc, tgid, interp, offsets)
 
     def poll(self, ts: int) -> tuple[list[Point], int]:
         taken = self.sampler.take()
@@ -291,6 +316,8 @@ class ProfileDecoder:
         keep, rest = fold(procs, self.probe.settings.max_processes, lambda p: sum(r.count for r in p[2]), admit)
         points = []
         for tgid, name, rows in keep:
+            if tgid not in self.checked:
+                self._python(tgid)
             tags = {"host": self.host, "pid": str(tgid), "comm": name}
             merged: dict[tuple[str, ...], list] = {}
             truncated = lost = 0
@@ -314,7 +341,11 @@ class ProfileDecoder:
             points.append(Point("profile_samples", {"host": self.host, "pid": OTHER, "comm": OTHER}, {
                 "samples": sum(r.count for p in rest for r in p[2]),
                 "stacks": sum(len(p[2]) for p in rest)}, ts))
-        self.symbolizer.forget({p[0] for p in keep if self.probe.procfs.alive(p[0])})
+        alive = {p[0] for p in keep if self.probe.procfs.alive(p[0])}
+        for tgid in [t for t in self.symbolizer.python if t not in alive]:
+            self.sampler.forget_python(tgid)
+        self.symbolizer.forget(alive)
+        self.checked &= alive
         return points, len(taken.on_cpu)
 
 

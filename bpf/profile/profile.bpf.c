@@ -82,17 +82,27 @@ static __always_inline void bump(struct sample_t *v, u64 count, u64 time_ns)
         __sync_fetch_and_add(&v->time_ns, time_ns);
 }
 
-#ifdef SONDE_PYTHON
-/* Python 3.11 frames (see python.py): offsets come as -DPY_* flags derived from the
- * interpreter's own headers. A sampled thread gets Python frames when it holds the GIL
+/* Python 3.11 frames (see python.py). The reader puts a Python process in py_procs
+ * with the struct offsets of its own build (derived from that version's headers), so
+ * one program serves several builds and a process that is not Python costs one
+ * lookup. A sampled thread gets Python frames when it holds the GIL
  * (_PyRuntime.gilstate.tstate_current is its thread state); others keep their native
  * stack. */
 #ifndef PY_MAX_FRAMES
 #define PY_MAX_FRAMES 48
 #endif
-#define PY_SPAN (PY_FRAME_PREV_INSTR + 8 - PY_FRAME_CODE)
-_Static_assert(PY_FRAME_CODE < PY_FRAME_PREVIOUS && PY_FRAME_PREVIOUS < PY_FRAME_PREV_INSTR && PY_SPAN <= 64,
-               "_PyInterpreterFrame fields are read in one span from f_code to prev_instr");
+
+struct py_proc_t {
+    u64 tstate_current;         /* address of _PyRuntime.gilstate.tstate_current */
+    u32 tstate_native_thread_id;
+    u32 tstate_cframe;
+    u32 cframe_current_frame;
+    u32 frame_code;             /* f_code; previous and prev_instr are read in the */
+    u32 frame_previous;         /* same 64 bytes from there, at these offsets from it, */
+    u32 frame_prev_instr;       /* in 8-byte words (checked by the reader) */
+    u32 code_adaptive;
+    u32 pad;
+};
 
 struct py_frame_t {
     u64 code;   /* PyCodeObject * */
@@ -108,8 +118,13 @@ struct py_key_t {
     struct py_frame_t frames[PY_MAX_FRAMES];
 };
 
-BPF_HASH(py_procs, u32, u64, 4096);  /* tgid -> address of _PyRuntime.gilstate.tstate_current */
+struct py_span_t {
+    u64 word[8];
+};
+
+BPF_HASH(py_procs, u32, struct py_proc_t, 4096);
 BPF_PERCPU_ARRAY(py_scratch, struct py_key_t, 1);  /* the key is too big for the BPF stack */
+BPF_PERCPU_ARRAY(py_span, struct py_span_t, 1);
 BPF_HASH(py_samples_0, struct py_key_t, struct sample_t, MAX_ENTRIES);
 BPF_HASH(py_samples_1, struct py_key_t, struct sample_t, MAX_ENTRIES);
 
@@ -125,39 +140,38 @@ static __always_inline u64 user_ptr(u64 addr)
 static __always_inline int python_sample(struct bpf_perf_event_data *ctx, u32 tgid, u32 tid, u32 set,
                                          const char *comm)
 {
-    u64 *tstate_slot = py_procs.lookup(&tgid);
-    if (!tstate_slot)
+    struct py_proc_t *p = py_procs.lookup(&tgid);
+    if (!p)
         return 0;
-    u64 tstate = user_ptr(*tstate_slot);
-    if (!tstate || (u32)user_ptr(tstate + PY_TSTATE_NATIVE_THREAD_ID) != tid)
+    u64 tstate = user_ptr(p->tstate_current);
+    if (!tstate || (u32)user_ptr(tstate + p->tstate_native_thread_id) != tid)
         return 0;  /* this thread does not hold the GIL: it runs C code, its native stack says where */
-    u64 cframe = user_ptr(tstate + PY_TSTATE_CFRAME);
+    u64 cframe = user_ptr(tstate + p->tstate_cframe);
     if (!cframe)
         return 0;
-    u64 frame = user_ptr(cframe + PY_CFRAME_CURRENT_FRAME);
+    u64 frame = user_ptr(cframe + p->cframe_current_frame);
     int zero = 0;
     struct py_key_t *k = py_scratch.lookup(&zero);
-    if (!k)
+    struct py_span_t *span = py_span.lookup(&zero);
+    if (!k || !span)
         return 0;
     __builtin_memset(k, 0, sizeof(*k));
     k->tgid = tgid;
+    u64 code_at = p->frame_code, adaptive = p->code_adaptive;
+    u32 previous_at = (p->frame_previous >> 3) & 7, instr_at = (p->frame_prev_instr >> 3) & 7;
     u32 n = 0;
-    u64 span[8];
     for (int i = 0; i < PY_MAX_FRAMES; i++) {
         if (!frame)
             break;
-        if (bpf_probe_read_user(span, PY_SPAN, (void *)(frame + PY_FRAME_CODE))) {
+        if (bpf_probe_read_user(span->word, sizeof(span->word), (void *)(frame + code_at))) {
             k->truncated = 1;
             break;
         }
-        u64 code, previous, instr;
-        __builtin_memcpy(&code, span, 8);
-        __builtin_memcpy(&previous, (u8 *)span + (PY_FRAME_PREVIOUS - PY_FRAME_CODE), 8);
-        __builtin_memcpy(&instr, (u8 *)span + (PY_FRAME_PREV_INSTR - PY_FRAME_CODE), 8);
+        u64 code = span->word[0];
         k->frames[i].code = code;
-        k->frames[i].index = (u32)((instr - code - PY_CODE_ADAPTIVE) / 2);
+        k->frames[i].index = (u32)((span->word[instr_at] - code - adaptive) / 2);
         n = i + 1;
-        frame = previous;
+        frame = span->word[previous_at];
     }
     if (frame)
         k->truncated = 1;
@@ -175,7 +189,6 @@ static __always_inline int python_sample(struct bpf_perf_event_data *ctx, u32 tg
     }
     return 1;
 }
-#endif
 
 int on_cpu_sample(struct bpf_perf_event_data *ctx)
 {
@@ -191,10 +204,8 @@ int on_cpu_sample(struct bpf_perf_event_data *ctx)
     struct sample_t init = {};
     bpf_get_current_comm(&init.comm, sizeof(init.comm));
     u32 set = current_set();
-#ifdef SONDE_PYTHON
     if (python_sample(ctx, tgid, (u32)id, set, init.comm))
         return 0;
-#endif
     if (set == 0) {
         k.user_stack = stacks_0.get_stackid(ctx, BPF_F_USER_STACK);
         k.kernel_stack = stacks_0.get_stackid(ctx, 0);

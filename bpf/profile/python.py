@@ -1,7 +1,7 @@
 """Python 3.11 frames: what the BPF program needs to walk the interpreter's own frames,
 and what user space needs to name them.
 
-The BPF side (profile.bpf.c, -DSONDE_PYTHON) starts from `_PyRuntime.gilstate
+The BPF side (profile.bpf.c's python_sample) starts from `_PyRuntime.gilstate
 .tstate_current` (the thread state holding the GIL), checks that its
 `native_thread_id` is the sampled thread (else that thread is in C code without the
 GIL, and it gets its native stack), then follows `cframe->current_frame` and each
@@ -10,7 +10,8 @@ GIL, and it gets its native stack), then follows `cframe->current_frame` and eac
 
 Offsets are derived per build, never written down: a small C program compiled at load
 time against the headers of that Python version (`python3.X-dev`, with
-`Py_BUILD_CORE`) prints them with offsetof(). `_PyRuntime` and `PyCode_Type` come from
+`Py_BUILD_CORE`) prints them with offsetof(), and each Python process's entry in the
+program's `py_procs` map carries its own. `_PyRuntime` and `PyCode_Type` come from
 the interpreter's own ELF symbols. Frames are named in user space from the code
 objects, read through /proc/PID/mem: `module.qualname:line`, the line decoded from
 `co_linetable` (3.11's location table) at the frame's instruction.
@@ -100,11 +101,16 @@ def derive_offsets(version: str, include_root: Path = Path("/usr/include")) -> d
         raise
 
 
-def cflags(offsets: dict[str, int]) -> list[str]:
-    """-D flags for the BPF program's walk."""
-    names = ("runtime_tstate_current", "tstate_cframe", "tstate_native_thread_id", "cframe_current_frame",
-             "frame_code", "frame_previous", "frame_prev_instr", "code_adaptive")
-    return ["-DSONDE_PYTHON"] + [f"-DPY_{n.upper()}={offsets[n]}" for n in names]
+def proc_entry(leaf_type, interp: "Interpreter", offsets: dict[str, int]):
+    """The py_procs value for one process (profile.bpf.c's struct py_proc_t). The BPF
+    walk reads 64 bytes from f_code and takes `previous` and `prev_instr` from 8-byte
+    words of that span: a layout where they do not fit is refused (ValueError)."""
+    rel = {k: offsets[k] - offsets["frame_code"] for k in ("frame_previous", "frame_prev_instr")}
+    if any(v <= 0 or v > 56 or v % 8 for v in rel.values()):
+        raise ValueError(f"Python {interp.version}'s frame layout is not the one the BPF walk reads")
+    return leaf_type(interp.runtime + offsets["runtime_tstate_current"], offsets["tstate_native_thread_id"],
+                     offsets["tstate_cframe"], offsets["cframe_current_frame"], offsets["frame_code"],
+                     rel["frame_previous"], rel["frame_prev_instr"], offsets["code_adaptive"], 0)
 
 
 # --- 3.11's location table (Objects/locations.md) -------------------------------------
@@ -185,8 +191,8 @@ def find_interpreter(proc_root: Path, pid: int) -> Interpreter | None:
     except OSError:
         return None
     for m in maps:
-        ver = _VERSION.search(m.path)
-        if not ver or m.offset != 0:
+        ver = _VERSION.search(m.path) if m.offset == 0 else None
+        if not ver:
             continue
         path = Path(proc_root) / str(pid) / "map_files" / f"{m.start:x}-{m.end:x}" if m.deleted else Path(m.path)
         found, base_vaddr = _elf_symbols(path, ("_PyRuntime", "PyCode_Type"))
@@ -200,8 +206,23 @@ def find_interpreter(proc_root: Path, pid: int) -> Interpreter | None:
     return None
 
 
+_elf_cache: dict[tuple, tuple[dict[str, int], int | None]] = {}
+
+
 def _elf_symbols(path: Path, names: tuple[str, ...]) -> tuple[dict[str, int], int | None]:
-    """name -> vaddr of the symbols found, and the vaddr of the PT_LOAD at file offset 0."""
+    """name -> vaddr of the symbols found, and the vaddr of the PT_LOAD at file offset 0
+    (read once per file: the agent asks for every busy process)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {}, None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, names)
+    if key not in _elf_cache:
+        _elf_cache[key] = _read_elf_symbols(path, names)
+    return _elf_cache[key]
+
+
+def _read_elf_symbols(path: Path, names: tuple[str, ...]) -> tuple[dict[str, int], int | None]:
     try:
         from elftools.elf.elffile import ELFFile
         with open(path, "rb") as f:
@@ -267,10 +288,14 @@ class CodeReader:
         return raw.decode(codec, errors="replace") if codec and len(raw) == length * kind else None
 
     def code(self, addr: int) -> tuple[str, bytes, int] | None:
-        """(module.qualname, linetable, first line) of a code object, None if addr is not one."""
-        if addr not in self._cache:
-            self._cache[addr] = self._code(addr)
-        return self._cache[addr]
+        """(module.qualname, linetable, first line) of a code object, None if addr is not one
+        (or could not be read: only a successful read is kept)."""
+        if addr in self._cache:
+            return self._cache[addr]
+        got = self._code(addr)
+        if got is not None or self._read(addr, 8):
+            self._cache[addr] = got
+        return got
 
     def _code(self, addr: int):
         if self._ptr(addr + self.o["object_type"]) != self.interp.code_type:
@@ -289,6 +314,8 @@ class CodeReader:
     def frame(self, code: int, index: int) -> str:
         got = self.code(code)
         if got is None:
+            if self._fd is None or not self._read(code, 8):
+                return "[python: process exited before its code was read]"
             return "[python: not a code object]"
         name, table, first = got
         line = line_at(table, first, index)

@@ -197,20 +197,20 @@ class _Session:
             elif pid not in self.comms:
                 self.comms[pid] = _comm(self.proc, pid) or str(pid)
 
-    def find_python(self, pid: int, offsets: dict | None) -> tuple[pyframes.Interpreter, dict] | None:
-        """The Python 3.11 a process runs and its offsets, or None (with a note why not)."""
+    def watch_python(self, sampler: StackSampler, pid: int) -> None:
+        """Python frames for pid when it runs a Python 3.11 (a note says why not, else)."""
         interp = pyframes.find_interpreter(self.proc, pid)
         if interp is None:
-            return None
+            return
         try:
-            got = pyframes.derive_offsets(interp.version)
+            offsets = pyframes.derive_offsets(interp.version)
+            sampler.set_python(pid, interp, offsets)
         except ValueError as e:
             self.note(f"pid {pid} runs Python {interp.version}: {e}; its stacks are the interpreter's C frames")
-            return None
-        if offsets is not None and got != offsets:
-            self.note(f"pid {pid} runs another Python build than the first one profiled: its stacks are C frames")
-            return None
-        return interp, got
+            return
+        self.symbolizer.python[pid] = pyframes.CodeReader(self.proc, pid, interp, offsets)
+        self.note(f"pid {pid} runs Python {interp.version} ({interp.path}): Python frames from the interpreter's "
+                  f"own state; threads not holding the GIL show their C stacks")
 
     def fetch_jit(self, pid: int) -> None:
         ps = self.symbolizer.process(pid)
@@ -258,32 +258,18 @@ def profile(*, pid: int | None, process: str | None, seconds: float, hz: int, of
         ensure_tracefs(cfg.paths.tracefs)
     flags = ["-DSONDE_FILTER"] + (["-DSONDE_OFFCPU"] if off_cpu else [])
     session = _Session(proc, Symbolizer(proc))
-    pythons: dict[int, pyframes.Interpreter] = {}
-    offsets = None
     for p in pids:  # maps and ELF symbols read now, so the first second is not spent parsing
         session.comms[p] = _comm(proc, p) or str(p)
         session.symbolizer.process(p)
         if is_jvm(proc, p):
             session.fetch_jit(p)
-        found = session.find_python(p, offsets)
-        if found:
-            pythons[p], offsets = found
-    if offsets is not None:
-        flags += pyframes.cflags(offsets)
     spec = dataclasses.replace(PROBE, hooks=("sched:sched_switch",) if off_cpu else (),
                                cpu_clock={"on_cpu_sample": hz}, decoder=None, cflags=lambda _sys: flags)
     loaded = LoadedProbe.load(spec, cfg)
-
-    def watch_python(p: int, interp: pyframes.Interpreter) -> None:
-        sampler.set_python(p, interp.runtime + offsets["runtime_tstate_current"])
-        session.symbolizer.python[p] = pyframes.CodeReader(proc, p, interp, offsets)
-        session.note(f"pid {p} runs Python {interp.version} ({interp.path}): Python frames from the interpreter's "
-                     f"own state; threads not holding the GIL show their C stacks")
-
     try:
-        sampler = StackSampler(loaded.bpf, off_cpu=off_cpu, python=offsets is not None)
-        for p, interp in pythons.items():
-            watch_python(p, interp)
+        sampler = StackSampler(loaded.bpf, off_cpu=off_cpu)
+        for p in pids:
+            session.watch_python(sampler, p)
         sampler.set_filter(pids)
         started = time.monotonic()
         session.watch(pids, started)
@@ -307,9 +293,7 @@ def profile(*, pid: int | None, process: str | None, seconds: float, hz: int, of
                     for p in new:
                         if is_jvm(proc, p):
                             session.fetch_jit(p)
-                        found = session.find_python(p, offsets) if offsets is not None else None
-                        if found:
-                            watch_python(p, found[0])
+                        session.watch_python(sampler, p)
             session.watch(pids, started)
             for p, fetched in list(session.jvms.items()):
                 if p not in session.exited and time.monotonic() - fetched > JIT_REFRESH_SECONDS:

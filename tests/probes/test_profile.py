@@ -300,6 +300,13 @@ def perf_shares(data: Path, frames: tuple[str, ...]) -> dict[str, float]:
     return {f: 100.0 * n / samples for f, n in counts.items()}
 
 
+# Shares are estimated from samples: at 499 Hz a busy thread gives ~2500 in 5 s (fewer
+# when other work shares the CPUs), so a share's sampling error stays near 1 point,
+# well inside the 5 the tests allow; at 99 Hz it would be ~2-3.
+HZ = "499"
+MIN_SAMPLES = 600
+
+
 @pytest.fixture
 def bpf(bpf_ready):
     need(shutil.which("perf") is not None, "perf (Debian linux-perf) not installed")
@@ -309,9 +316,9 @@ def test_c_shares_and_frame_names_match_the_design_and_perf(bpf, started, tmp_pa
     binary = build_c(tmp_path, "shares.c", "shares")
     prog = started([binary, "8"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     out = tmp_path / "out"
-    prof = sonde_profile(started, "--pid", prog.pid, "--seconds", "5", "--out", out)
+    prof = sonde_profile(started, "--pid", prog.pid, "--seconds", "5", "--hz", HZ, "--out", out)
     perf_data = tmp_path / "perf.data"
-    perf = started(["perf", "record", "-q", "-F", "99", "-g", "-p", prog.pid, "-o", perf_data, "--", "sleep", "5"],
+    perf = started(["perf", "record", "-q", "-F", HZ, "-g", "-p", prog.pid, "-o", perf_data, "--", "sleep", "5"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
     prog.stdin.write("go\n")
@@ -322,7 +329,7 @@ def test_c_shares_and_frame_names_match_the_design_and_perf(bpf, started, tmp_pa
     assert perf.returncode == 0, perf.stderr.read()
 
     stacks = flamegraph.parse_folded((out / "oncpu.folded").read_text())
-    assert sum(stacks.values()) > 150, stacks   # 99 Hz x 5 s of one busy thread (less on a busy machine)
+    assert sum(stacks.values()) > MIN_SAMPLES, stacks
     # The exact frames, root end first: main -> a -> b -> c and main -> d.
     top = sorted(stacks.items(), key=lambda kv: -kv[1])
     paths = {tuple(s[s.index("main"):]) for s, _ in top[:2] if "main" in s}
@@ -384,13 +391,12 @@ def test_java_hot_methods_70_30(bpf_ready, started, tmp_path):
                   stdout=subprocess.PIPE)
     assert jvm.stdout.readline().strip() == "warm"
     out = tmp_path / "out"
-    prof = sonde_profile(started, "--pid", jvm.pid, "--seconds", "8", "--out", out)
+    prof = sonde_profile(started, "--pid", jvm.pid, "--seconds", "6", "--hz", HZ, "--out", out)
     _, err = finish(prof)
     stacks = flamegraph.parse_folded((out / "oncpu.folded").read_text())
     named = lambda m: sum(w for s, w in stacks.items() if any(f"Shares.{m}(" in f and f.endswith("_[j]") for f in s))
     seventy, thirty = named("hotSeventy"), named("hotThirty")
-    # 99 Hz x 8 s of one busy thread, less what other work on the machine takes from it.
-    assert seventy + thirty > 200, (seventy, thirty, sorted(stacks.items(), key=lambda kv: -kv[1])[:5])
+    assert seventy + thirty > MIN_SAMPLES, (seventy, thirty, sorted(stacks.items(), key=lambda kv: -kv[1])[:5])
     assert abs(100.0 * seventy / (seventy + thirty) - 70) <= 5, (seventy, thirty)
     assert "PreserveFramePointer" not in err, err
 
@@ -400,19 +406,21 @@ def test_off_cpu_ten_sleeps_of_100ms_add_up_to_one_second(bpf, started, tmp_path
     prog = started([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     out = tmp_path / "out"
     prof = sonde_profile(started, "--pid", prog.pid, "--seconds", "3", "--off-cpu", "--out", out)
-    t0 = time.monotonic()
     prog.stdin.write("go\n")
     prog.stdin.flush()
-    assert prog.stdout.readline().strip() == "done"
-    slept = time.monotonic() - t0
+    done, slept_ns = prog.stdout.readline().split()
     finish(prof)
-    assert 0.99 < slept < 1.2, slept
+    slept_us = int(slept_ns) / 1000
+    assert done == "done" and 1_000_000 <= slept_us < 1_250_000, slept_us
     stacks = flamegraph.parse_folded((out / "offcpu.folded").read_text())
     sleeping = {s: us for s, us in stacks.items() if any("nanosleep" in f and f.endswith("_[k]") for f in s)}
     assert sleeping, stacks
     assert all("main" in s for s in sleeping), sleeping
     total_us = sum(sleeping.values())
-    assert abs(total_us - 1_000_000) <= 50_000, (total_us, sleeping)
+    # 1.0 s asked for; on a busy machine each wakeup may wait for a CPU, which is
+    # off-CPU time too: the program's own clock is the reference.
+    assert abs(total_us - slept_us) <= 0.05 * slept_us, (total_us, slept_us, sleeping)
+    assert abs(total_us - 1_000_000) <= 0.05 * 1_000_000 or slept_us > 1_040_000, (total_us, slept_us)
     check_svg((out / "offcpu.svg").read_text(), stacks)
     assert (out / "oncpu.folded").exists()
 
@@ -425,9 +433,9 @@ def test_python_hot_functions_70_30_agree_with_py_spy(bpf_ready, started, tmp_pa
     prog = started(["/usr/bin/python3.11", SOURCES / "shares.py", "10"], stdin=subprocess.PIPE,
                    stdout=subprocess.PIPE)
     out = tmp_path / "out"
-    prof = sonde_profile(started, "--pid", prog.pid, "--seconds", "5", "--out", out)
+    prof = sonde_profile(started, "--pid", prog.pid, "--seconds", "5", "--hz", HZ, "--out", out)
     raw = tmp_path / "py-spy.txt"
-    spy = started([py_spy, "record", "--pid", prog.pid, "--duration", "5", "--rate", "99", "--format", "raw",
+    spy = started([py_spy, "record", "--pid", prog.pid, "--duration", "5", "--rate", HZ, "--format", "raw",
                    "--output", raw, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
     prog.stdin.write("go\n")
@@ -440,7 +448,7 @@ def test_python_hot_functions_70_30_agree_with_py_spy(bpf_ready, started, tmp_pa
     def ours(fn):
         return sum(w for s, w in stacks.items() if any(re.fullmatch(rf"shares\.{fn}:\d+", f) for f in s))
     seventy, thirty = ours("seventy"), ours("thirty")
-    assert seventy + thirty > 250, sorted(stacks.items(), key=lambda kv: -kv[1])[:5]
+    assert seventy + thirty > MIN_SAMPLES, sorted(stacks.items(), key=lambda kv: -kv[1])[:5]
     share_ours = 100.0 * seventy / (seventy + thirty)
     assert abs(share_ours - 70) <= 5, (seventy, thirty)
     # The Python frames name the module, function and line, the callers included.
@@ -451,7 +459,7 @@ def test_python_hot_functions_70_30_agree_with_py_spy(bpf_ready, started, tmp_pa
     def spy_count(fn):
         return sum(w for s, w in theirs.items() if any(f.startswith(f"{fn} (") for f in s))
     s70, s30 = spy_count("seventy"), spy_count("thirty")
-    assert s70 + s30 > 250, list(theirs)[:5]
+    assert s70 + s30 > MIN_SAMPLES, list(theirs)[:5]
     assert abs(100.0 * s70 / (s70 + s30) - share_ours) <= 5, (share_ours, s70, s30)
     assert "runs Python 3.11" in err, err
 
@@ -547,3 +555,22 @@ def test_continuous_profiling_stores_top_stacks_that_name_the_function(agents, s
     # Its last seconds were sampled after the poll above, and it was gone by the next one:
     # the maps that poll read still name them.
     assert not any(f.startswith("[process exited") for f in by_function), by_function
+
+
+def test_continuous_profiling_names_python_functions(agents, started, influx, influx_db, tmp_path):
+    need(Path("/usr/include/python3.11/internal/pycore_frame.h").exists(), "python3.11-dev not installed")
+    need(Path("/usr/bin/python3.11").exists(), "Debian's python3.11 not installed")
+    agent = agents("profile", extra="probes:\n  profile:\n    enabled: true\n")
+    prog = started(["/usr/bin/python3.11", SOURCES / "shares.py", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    prog.stdin.write("go\n")
+    prog.stdin.flush()
+    assert prog.stdout.readline().strip() == "go"
+    time.sleep(2)
+    agent.poll()   # the busy process is found to run Python 3.11: walked from the next interval on
+    time.sleep(3)
+    drain(agent)
+    rows = select(influx, influx_db, f"SELECT * FROM profile_stack WHERE pid='{prog.pid}'")
+    python_rows = [r for r in rows if "shares.main:" in r["frames"]]
+    assert python_rows, [r["frames"] for r in rows]
+    assert {r["function"] for r in python_rows} <= {"shares.work:11", "shares.work:12"}, python_rows
+    assert any(r["frames"].endswith("shares.seventy:17;shares.work:12") for r in python_rows), python_rows
