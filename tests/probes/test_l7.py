@@ -32,10 +32,10 @@ from conftest import drain, free_port, need, select, wait_until
 pytestmark = [pytest.mark.l7]
 
 PIPELINE_LUA = Path("/usr/share/doc/wrk/examples/scripts/pipeline.lua")
-NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 
 NGINX_CONF = """
 {modules}
+user root;  # the workers read the test's files under pytest's private temp dir
 worker_processes {workers};
 daemon off;
 pid {d}/nginx.pid;
@@ -317,3 +317,185 @@ def test_http_counts_equal_wrk_and_nginx(l7, influx, influx_db, mode):
     caps = capture_rows(influx, influx_db)
     assert sum(int(r["sum_desyncs"] or 0) + int(r["sum_lost_events"] or 0) + int(r["sum_undetected"] or 0)
                for r in caps) == 0, caps
+
+
+BACKEND_PY = """
+import http.server, sys, threading, time
+n = 0
+lock = threading.Lock()
+log = open(sys.argv[2], "a", buffering=1)
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        global n
+        if self.path.startswith("/slow"):
+            time.sleep(0.05)
+            code = 200
+        else:
+            with lock:
+                n += 1
+                code = 500 if n % 7 == 0 else 200
+        body = b"x\\n"
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        log.write(f"{code}\\n")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+class Backend:
+    """A Python HTTP backend: 500 to every 7th request, /slow after 50 ms; its log
+    holds one status per answered request."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.logfile = root / f"backend-{self.port}.log"
+        script = root / "backend.py"
+        script.write_text(BACKEND_PY)
+        self.proc = subprocess.Popen(["python3", str(script), str(self.port), str(self.logfile)])
+        wait_port(self.port)
+
+    def pids(self) -> set[int]:
+        return {self.proc.pid}
+
+    def log(self) -> list[list[str]]:
+        return [[line] for line in self.logfile.read_text().split()] if self.logfile.exists() else []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+FRONT = """
+    server {
+        listen 127.0.0.1:PORT;
+        location / { proxy_pass http://127.0.0.1:BACKEND; }
+        location /upload { default_type text/plain; return 200 "ok\\n"; }
+        location /big { alias DIR/big.bin; }
+    }
+"""
+
+
+@pytest.fixture
+def balancer(l7):
+    """nginx as a load balancer (the one opted in, by its port) in front of a Python
+    backend that is not opted in."""
+    backend = Backend(l7.tmp)
+    l7.servers.append(backend)
+    front = l7.nginx(FRONT.replace("BACKEND", str(backend.port)))
+    (front.dir / "big.bin").write_bytes(os.urandom(10 << 20))
+    l7.start_agent(ports=[front.port])
+    return front, backend
+
+
+def test_http_errors_through_a_balancer_equal_the_servers_logs(l7, balancer, influx, influx_db):
+    """A backend answering 500 to every 7th request, behind nginx, under wrk: the 5xx
+    nginx saw per upstream equal the backend's access log, those it relayed equal its
+    own log, and wrk's side equals wrk's non-2xx count; the backend (not opted in)
+    produces no point."""
+    front, backend = balancer
+    wrk_pid, wrk_requests, wrk_bad = run_wrk(l7, front, "-c4", "-d2s", "-s", paced(l7.tmp), path="/e")
+    totals = l7.settle()
+    assert totals["lost_events"] == 0, totals
+    rows = red(influx, influx_db)
+    back_log, front_log = backend.log(), front.log()
+    back_500 = sum(1 for line in back_log if line[0] == "500")
+    assert back_500 == len(back_log) // 7 > 10 and wrk_bad > 10
+    upstream = [r for r in rows if int(r["pid"]) in front.pids() and r["role"] == "client"]
+    assert {(r["peer"], r["port"], r["protocol"], r["op"]) for r in upstream} == \
+        {("127.0.0.1", str(backend.port), "http", "GET")}
+    assert total(upstream) == len(back_log)
+    assert total(upstream, "errors") == total(upstream, "s5") == back_500
+    served = [r for r in rows if int(r["pid"]) in front.pids() and r["role"] == "server"]
+    assert total(served) == len(front_log)
+    assert total(served, "errors") == sum(1 for line in front_log if line[0] == "500")
+    assert total(rows, "errors", pid=wrk_pid, role="client") == wrk_bad
+    assert total(rows, pid=wrk_pid, role="client") == wrk_requests
+    assert not {int(r["pid"]) for r in rows} & backend.pids()
+
+
+CLIENT_PY = """
+import http.client, json, sys, time
+host, port, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+conn = http.client.HTTPConnection(host, port, timeout=30)
+out = []
+if what == "slow":
+    for _ in range(20):
+        t = time.monotonic(); conn.request("GET", "/slow"); body = conn.getresponse().read()
+        out.append(time.monotonic() - t)
+else:
+    # 10 MB each way, paced (256 KiB a millisecond) so the capture's ring buffer, which
+    # holds a 4 KiB prefix of every read and write, never fills on a busy machine
+    def body():
+        for _ in range(40):
+            time.sleep(0.001)
+            yield b"x" * (256 << 10)
+    conn.request("POST", "/upload", body=body(), headers={"Content-Length": str(10 << 20)})
+    r = conn.getresponse(); r.read(); out.append(r.status)
+    conn.request("GET", "/big"); r = conn.getresponse(); got = 0
+    while chunk := r.read(256 << 10):
+        got += len(chunk)
+        time.sleep(0.001)
+    out.append([r.status, got])
+print(json.dumps(out))
+"""
+
+
+def run_client(l7, port: int, what: str):
+    script = l7.tmp / "client.py"
+    script.write_text(CLIENT_PY)
+    ln = l7.launch(["python3", str(script), "127.0.0.1", str(port), what])
+    l7.opted({ln.pid})
+    return ln.pid, json.loads(ln.run())
+
+
+def exp2_bucket(seconds: float) -> str:
+    """The `le` of the exp2 bucket holding a duration: the smallest 2^k - 1 >= it in us."""
+    us = int(seconds * 1e6)
+    return str((1 << us.bit_length()) - 1)
+
+
+def test_http_50ms_handler_lands_in_the_50ms_bucket(l7, balancer, influx, influx_db):
+    """Twenty requests to a handler that answers after 50 ms (a sleeping backend),
+    through nginx: at the client, at nginx's front and at its upstream side, all twenty
+    are in le=65535 us (32.8-65.5 ms) or, for one the client itself measured slower,
+    in a bucket no higher than the client's: each inner measurement is nested in the
+    client's own, and none is under the 50 ms the backend slept."""
+    front, backend = balancer
+    pid, latencies = run_client(l7, front.port, "slow")
+    client_buckets = sorted(int(exp2_bucket(s_)) for s_ in latencies)
+    assert client_buckets.count(65535) >= 18, latencies
+    assert l7.settle()["lost_events"] == 0
+    rows = select(influx, influx_db, 'SELECT sum("count") AS n FROM "l7_duration_hist" '
+                                     'GROUP BY "pid", "role", "port", "le"')
+    for pids, role, port in (({pid}, "client", front.port), (front.pids(), "server", front.port),
+                             (front.pids(), "client", backend.port)):
+        got = []
+        for r in rows:
+            if int(r["pid"]) in pids and r["role"] == role and r["port"] == str(port):
+                got += [int(r["le"])] * int(r["n"])
+        got.sort()
+        assert len(got) == 20 and got[0] == 65535, (role, port, got, latencies)
+        assert all(g <= c for g, c in zip(got, client_buckets)), (role, port, got, latencies)
+
+
+def test_http_10mb_bodies_are_one_request_each(l7, balancer, influx, influx_db):
+    """A 10 MB POST body and a 10 MB response (sent with sendfile) are one request each,
+    at the client and at nginx, with nothing unanswered, desynced or truncated."""
+    front, _ = balancer
+    pid, (post_status, (get_status, got)) = run_client(l7, front.port, "big")
+    assert (post_status, get_status, got) == (200, 200, 10 << 20)
+    assert l7.settle()["lost_events"] == 0
+    rows = red(influx, influx_db)
+    for pids, role in (({pid}, "client"), (front.pids(), "server")):
+        mine = [r for r in rows if int(r["pid"]) in pids and r["role"] == role]
+        assert {r["op"]: int(r["requests"]) for r in mine} == {"POST": 1, "GET": 1}, (role, mine)
+    assert [line[0] for line in front.log()] == ["200", "200"]
+    caps = [r for r in capture_rows(influx, influx_db) if int(r["pid"]) in front.pids() | {pid}]
+    for field in ("sum_unanswered", "sum_desyncs", "sum_truncated", "sum_lost_events"):
+        assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
