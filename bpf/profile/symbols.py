@@ -18,6 +18,7 @@ Honesty rules, because a flame graph of garbage looks just as convincing as a re
 from __future__ import annotations
 
 import bisect
+import io
 import os
 import re
 import shutil
@@ -199,16 +200,17 @@ def frame_pointer_share(code_at, functions) -> tuple[float | None, frozenset[int
     return sum(1 for s, _ in judged if s not in frameless) / len(judged), frameless
 
 
-def read_elf(path: str | Path, debug_root: Path = Path("/usr/lib/debug")) -> ElfInfo:
-    """Symbols and load segments of an ELF file, with the frame-pointer verdict. Never
-    raises: a file that cannot be read gives an empty table and `error`."""
+def read_elf(path: str | Path, debug_root: Path = Path("/usr/lib/debug"), image: bytes | None = None) -> ElfInfo:
+    """Symbols and load segments of an ELF file (or of an in-memory `image`, such as the
+    vDSO), with the frame-pointer verdict. Never raises: a file that cannot be read
+    gives an empty table and `error`."""
     try:
         from elftools.common.exceptions import ELFError
         from elftools.elf.elffile import ELFFile
     except ImportError:
         return ElfInfo(SymbolTable([]), [], True, None, error="pyelftools is not installed")
     try:
-        with open(path, "rb") as f:
+        with (io.BytesIO(image) if image is not None else open(path, "rb")) as f:
             elf = ELFFile(f)
             segments = [(s["p_offset"], s["p_vaddr"], s["p_filesz"]) for s in elf.iter_segments()
                         if s["p_type"] == "PT_LOAD"]
@@ -272,6 +274,7 @@ class ElfCache:
 
     def __init__(self):
         self._by_key: dict[tuple, ElfInfo] = {}
+        self.vdso: ElfInfo | None = None
 
     def get(self, path: Path) -> ElfInfo:
         try:
@@ -355,6 +358,19 @@ class ProcessSymbols:
         self._elf[key] = info
         return info
 
+    def _vdso(self, m: Mapping) -> ElfInfo:
+        """The kernel's vDSO (clock_gettime, gettimeofday), read once from the process's
+        memory: it is the same image in every process of this kernel."""
+        if self.elves.vdso is None:
+            try:
+                with open(self.proc / str(self.pid) / "mem", "rb") as f:
+                    f.seek(m.start)
+                    image = f.read(m.end - m.start)
+            except OSError:
+                return ElfInfo(SymbolTable([]), [], True, None, error="unreadable")
+            self.elves.vdso = read_elf("[vdso]", image=image)
+        return self.elves.vdso
+
     def _note_use(self, m: Mapping, info: ElfInfo) -> None:
         """Notes about an object once one of its frames is shown, not for every library mapped."""
         if info.error and not m.deleted:
@@ -367,6 +383,11 @@ class ProcessSymbols:
         m = self.mapping(addr)
         if m is None:
             return Frame(f"[unmapped 0x{addr:x}]", "", False, False)
+        if m.path == "[vdso]":
+            info = self._vdso(m)
+            hit = info.symbols.lookup(addr - m.start + info.segments[0][1]) if info.segments else None
+            if hit:
+                return Frame(hit[0], m.name, info.frame_pointers, frameless=addr - hit[1] in info.frameless)
         if not m.path.startswith("/"):
             if self.jit is not None and m.path == "":
                 hit = self.jit.lookup(addr)

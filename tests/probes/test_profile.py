@@ -78,6 +78,14 @@ def test_kallsyms_and_perf_map_parse():
     assert jit.lookup(0x7f8f7c4a147f) == ("Interpreter", 0x7f)
 
 
+def test_vdso_frames_are_named_from_the_image_in_memory():
+    ps = symbols.ProcessSymbols(Path("/proc"), os.getpid(), symbols.ElfCache())
+    assert ps.refresh()
+    vdso = next(m for m in ps.maps if m.path == "[vdso]")
+    names = {ps.frame(a).name for a in range(vdso.start, vdso.end, 16)}
+    assert {"clock_gettime", "gettimeofday"} <= names, names   # what glibc calls for the time
+
+
 def fake_process(maps: str, elves: dict[str, symbols.ElfInfo]) -> symbols.ProcessSymbols:
     class Elves:
         def get(self, path):
