@@ -406,7 +406,8 @@ class Backtrack:
         # from clients to a frontend are routine (a client aborting)
         if b["resets_received"] > p.get("resets_received", 0):
             out.append(Finding(50 + b["resets_received"], "resets", subject,
-                               f'{b["resets_received"]} resets received (window before: {p.get("resets_received", 0)})',
+                               f'{b["resets_received"]} reset{"s"[:b["resets_received"] != 1]} received '
+                               f'(window before: {p.get("resets_received", 0)})',
                                f'{k} is resetting connections from {who}: check that backend '
                                f'(its timeouts, its logs around the window)', procs=procs, edges=edges))
         failed = b["connect_refused"] + b["connect_timeouts"]
