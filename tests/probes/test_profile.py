@@ -219,6 +219,56 @@ def test_flame_graph_files_from_literal_stacks():
     assert any(f["title"].startswith("a<&> (") for f in frames)   # escaped, and parsed back
 
 
+NODE_DOM = r"""
+// The smallest DOM the flame graph's script uses, built from the frames the test parsed.
+const [input, weight, script] = JSON.parse(require("fs").readFileSync(0, "utf8"));
+function el(attrs, parts = {}) {
+  return {attrs, parts, style: {}, textContent: attrs._text || "",
+          getAttribute(k) { return k in this.attrs ? String(this.attrs[k]) : null; },
+          setAttribute(k, v) { this.attrs[k] = String(v); }, hasAttribute(k) { return k in this.attrs; },
+          querySelector(sel) { return this.parts[sel]; }, addEventListener() {}};
+}
+const gs = input.map(f => el({"data-x": f.ux, "data-w": f.units, "data-d": f.d},
+  {rect: el({x: f.x, width: f.w, fill: "rgb(1,2,3)"}), text: el({x: f.x + 3}), title: el({_text: f.title})}));
+const ids = {matched: el({}), details: el({}), reset: el({}), search: el({})};
+global.document = {documentElement: el({width: 1200, "data-total": weight, "data-unit": "samples"}),
+                   querySelectorAll: () => gs, getElementById: id => ids[id]};
+global.window = {addEventListener() {}};
+eval(script + "; global.init = init; global.search = search; global.zoom = zoom;");
+init({});
+const nested = search("^(a|c)$");   // c lies under a: counted once
+const nestedText = ids.matched.textContent;
+const covered = search("^(c|d)$");
+const lit = gs.filter(g => g.parts.rect.attrs.fill === "rgb(230,0,230)").map(g => g.parts.title.textContent);
+const matched = ids.matched.textContent;
+zoom(gs.find(g => g.parts.title.textContent.startsWith("a (")));
+const widths = Object.fromEntries(gs.map(g => [g.parts.title.textContent.split(" samples")[0],
+  g.style.display === "none" ? null : +g.parts.rect.attrs.width]));
+console.log(JSON.stringify({nested, nestedText, covered, lit, matched, widths}));
+"""
+
+
+def test_flame_graph_search_and_zoom_work(tmp_path):
+    """The SVG's own script, run in node against the frames: a regex search lights the
+    matching frames and prints the share they cover; clicking a frame gives it the width."""
+    need(shutil.which("node") is not None, "node (Debian nodejs) not installed")
+    stacks = {("prog", "main", "a", "b", "c"): 60, ("prog", "main", "d"): 40, ("prog", "main", "a", "d"): 3}
+    text = flamegraph.svg(stacks, "t")
+    frames = frames_of(ET.fromstring(text))
+    script = ET.fromstring(text).find(f"{SVG_NS}script").text
+    r = subprocess.run(["node", "-e", NODE_DOM], input=json.dumps([frames, 103, script]), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["covered"] == 103 and out["matched"] == "Matched: 100.0%", out
+    assert out["nested"] == 63 and out["nestedText"] == "Matched: 61.2%", out
+    assert sorted(t.split(" (")[0] for t in out["lit"]) == ["c", "d", "d"], out["lit"]
+    w = out["widths"]   # "name (weight" -> width after the click on a, None when hidden
+    assert w["a (63"] == w["main (103"] == w["all (103"] == 1180.0, w      # a and its callers span the width
+    assert abs(w["b (60"] - 1180 * 60 / 63) < 0.01 and abs(w["d (3"] - 1180 * 3 / 63) < 0.01, w
+    assert w["d (40"] is None, w                                               # not under a: hidden
+
+
 # --- real runs ---------------------------------------------------------------------------
 
 
