@@ -428,8 +428,10 @@ class L7Decoder:
         self.acc: dict[tuple, Agg] = {}
         self.capture: dict[tuple[int, str], list[int]] = {}  # (tgid, protocol) -> [connections, *CAPTURE_FIELDS]
         self.exited: set[int] = set()
+        self.retiring: dict[int, int] = {}  # tgid -> events the kernel had sent when it was opted out
         self.attached = False
         self.events = 0
+        self.consumed = 0  # data events taken from the ring buffer since load
         # Every program is loaded now, so bcc's table of functions never changes while
         # the runtime iterates it for statistics.
         for _, fn in RAW_HOOKS + RARE_HOOKS:
@@ -464,6 +466,7 @@ class L7Decoder:
             with self.lock:
                 if kind == EV_DATA:
                     self.events += 1
+                    self.consumed += 1
                     self._data(ts, tgid, fd, "out" if direction else "in", flags, family, lport, rport, raddr,
                                raw[EVENT.size:EVENT.size + cap_len], true_len, lost)
                 elif kind == EV_CLOSE:
@@ -563,16 +566,22 @@ class L7Decoder:
         if self.tls_wanted:
             self._attach_tls(tgid)
 
-    def _opt_out(self, tgid: int, ts: int) -> None:
+    def _opt_out(self, tgid: int, gone: bool = False) -> None:
+        """Stop capturing a process. Its events already in the ring buffer are still
+        parsed: its connections end once the parser has taken everything the kernel
+        had sent by now (an exit seen at a poll, not through its event, can come well
+        before the events of its last requests are parsed)."""
         if tgid not in self.opted:
             return
         del self.opted[tgid]
-        log.info("l7: opted out pid %d (it no longer matches the config)", tgid)
+        if not gone:
+            log.info("l7: opted out pid %d (it no longer matches the config)", tgid)
         self._set_bit(tgid, False)
-        self._detach_tls(tgid)
-        for fd in list(self.by_tgid.get(tgid, ())):
-            self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
+        self._detach_tls(tgid, gone=gone)
         self._forget_kernel_conns({tgid})
+        self.retiring[tgid] = self._stats_total()[1]
+        if gone:
+            self.exited.add(tgid)
         self._hooks()
 
     def _exec(self, tgid: int, comm: bytes) -> None:
@@ -585,7 +594,7 @@ class L7Decoder:
             else:
                 self._opt_in(tgid, comm)
         elif tgid in self.opted:
-            self._opt_out(tgid, _now_ns())
+            self._opt_out(tgid)
 
     def _forked(self, tgid: int, comm: bytes) -> None:
         # the kernel has set the child's bit already
@@ -595,9 +604,10 @@ class L7Decoder:
                 self._attach_tls(tgid)
 
     def _gone(self, tgid: int, ts: int) -> None:
-        # the kernel has cleared the bit
+        # the kernel has cleared the bit; this event comes after all of the process's own
         if self.opted.pop(tgid, None) is not None:
             log.debug("l7: pid %d exited", tgid)
+        self.retiring.pop(tgid, None)
         self._detach_tls(tgid, gone=True)
         for fd in list(self.by_tgid.get(tgid, ())):
             self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
@@ -610,14 +620,16 @@ class L7Decoder:
         ts = _now_ns()
         for tgid in list(self.opted):
             if tgid not in want:
-                if os.path.exists(f"{self.proc}/{tgid}"):
-                    self._opt_out(tgid, ts)
-                else:
-                    self._gone(tgid, ts)
+                self._opt_out(tgid, gone=not os.path.exists(f"{self.proc}/{tgid}"))
         for tgid in sorted(want):
             self._opt_in(tgid)
+        for tgid, mark in list(self.retiring.items()):
+            if self.consumed >= mark:  # everything it sent before it left is parsed
+                del self.retiring[tgid]
+                for fd in list(self.by_tgid.get(tgid, ())):
+                    self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
         for tgid in list(self.by_tgid):  # connections of processes that left unseen
-            if tgid not in self.opted:
+            if tgid not in self.opted and tgid not in self.retiring:
                 for fd in list(self.by_tgid.get(tgid, ())):
                     self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
         if self.tls_wanted:
@@ -699,8 +711,12 @@ class L7Decoder:
             capture, self.capture = self.capture, {}
             names = {tgid: self.names.get(tgid, b"") for tgid in {k[0] for k in acc} | {k[0] for k in capture}}
             exited, self.exited = self.exited, set()
-            for tgid in exited:
-                if tgid not in self.opted:
+            for tgid in exited:  # a name is kept until its process's last points are written
+                if tgid in self.opted:
+                    continue
+                if tgid in self.retiring or tgid in self.by_tgid:
+                    self.exited.add(tgid)
+                else:
                     self.names.pop(tgid, None)
             opted, tracked, attached = len(self.opted), len(self.tracked), self.attached
             tls = sum(1 for v in self.tls.values() if v)
@@ -723,8 +739,17 @@ class L7Decoder:
             "events": sent, "lost_events": lost, "captured_bytes": nbytes, "tls_processes": tls}, ts))
         return points, opted + tracked
 
+    def _stats_total(self) -> tuple[int, int, int]:
+        """(events lost, events sent, bytes captured) since load, summed over CPUs."""
+        return tuple(sum(int(v) for v in self.stats[self.stats.Key(i)]) for i in range(3))
+
+    def backlog(self) -> int:
+        """Data events the kernel has sent that the parser has not taken yet."""
+        with self.lock:
+            return self._stats_total()[1] - self.consumed
+
     def _stats_delta(self) -> tuple[int, int, int]:
-        now = tuple(sum(int(v) for v in self.stats[self.stats.Key(i)]) for i in range(3))
+        now = self._stats_total()
         d = tuple(max(a - b, 0) for a, b in zip(now, self._prev_stats))
         self._prev_stats = now
         return d

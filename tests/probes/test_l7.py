@@ -82,11 +82,11 @@ def wait_port(port: int, timeout: float = 20) -> None:
 class Nginx:
     """An nginx of the test's own: its prefix dir, its port, its access log."""
 
-    def __init__(self, root: Path, http: str, workers: int = 2, modules: str = ""):
+    def __init__(self, root: Path, http: str, workers: int = 2, modules: str = "", port: int | None = None):
         need(shutil.which("nginx") is not None, "nginx not installed")
         self.dir = root / f"nginx-{uuid.uuid4().hex[:6]}"
         self.dir.mkdir()
-        self.port = free_port()
+        self.port = port or free_port()
         conf = self.dir / "nginx.conf"
         conf.write_text(NGINX_CONF.format(d=self.dir, workers=workers, modules=modules,
                                           http=http.replace("PORT", str(self.port)).replace("DIR", str(self.dir))))
@@ -215,8 +215,9 @@ class L7Env:
                    what=f"pids {sorted(pids)} opted in")
 
     def settle(self) -> dict:
-        """Poll until the ring buffer is drained (no event in two polls), then deliver
-        everything; returns the capture totals over the test."""
+        """Poll until the kernel sends nothing more and the parser has taken all it sent
+        (twice in a row), then deliver everything; returns the capture totals."""
+        dec = self.agent.probes["l7"].decoder
         totals = {"lost_events": 0, "events": 0}
         quiet = 0
         deadline = time.monotonic() + 120
@@ -225,7 +226,8 @@ class L7Env:
             f = self.probe_point()
             totals["lost_events"] += f["lost_events"]
             totals["events"] += f["events"]
-            quiet = quiet + 1 if f["events"] == 0 else 0
+            quiet = quiet + 1 if f["events"] == 0 and dec.backlog() == 0 else 0
+        assert quiet == 2, "the agent's parser did not catch up in 2 minutes"
         drain(self.agent)
         return totals
 
@@ -499,3 +501,143 @@ def test_http_10mb_bodies_are_one_request_each(l7, balancer, influx, influx_db):
     caps = [r for r in capture_rows(influx, influx_db) if int(r["pid"]) in front.pids() | {pid}]
     for field in ("sum_unanswered", "sum_desyncs", "sum_truncated", "sum_lost_events"):
         assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
+
+
+def attached_sys_hooks(agent) -> set[str]:
+    """The raw tracepoints our syscall programs are attached to, as the kernel lists
+    its links (bpftool), not as the agent believes."""
+    need(shutil.which("bpftool") is not None, "bpftool (Debian package) to list the kernel's BPF links")
+    funcs = agent.probes["l7"].bpf.funcs
+    ids = set()
+    for name in (b"l7_sys_enter", b"l7_sys_exit"):
+        info = Path(f"/proc/self/fdinfo/{funcs[name].fd}").read_text()
+        ids.add(int(re.search(r"prog_id:\s*(\d+)", info).group(1)))
+    links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
+                                      check=True).stdout or "[]")
+    return {link["tp_name"] for link in links if link.get("prog_id") in ids}
+
+
+def test_hooks_attach_only_while_a_process_is_opted_in_and_others_make_no_points(l7, influx, influx_db):
+    """With nothing matching, the syscall programs are loaded but attached nowhere; a
+    process that starts listening on the configured port is opted in at the next poll
+    and the hooks attach; nginx and wrk that are not opted in, under load meanwhile,
+    produce no point; when the opted-in server exits, the hooks detach again."""
+    port = free_port()
+    agent = l7.start_agent(ports=[port])
+    assert attached_sys_hooks(agent) == set()
+    assert l7.probe_point()["hooks_attached"] == 0
+    other = l7.nginx(HELLO)
+    need(shutil.which("wrk") is not None, "wrk not installed")
+    subprocess.run(["wrk", "-t1", "-c2", "-d1s", f"http://127.0.0.1:{other.port}/"], check=True, capture_output=True)
+    assert l7.probe_point()["hooks_attached"] == 0
+
+    mine = l7.nginx(HELLO, port=port)
+    l7.opted(mine.pids())
+    assert attached_sys_hooks(agent) == {"sys_enter", "sys_exit"}
+    wrk = subprocess.run(["wrk", "-t1", "-c2", "-d1s", f"http://127.0.0.1:{other.port}/"], check=True,
+                         capture_output=True, text=True)
+    assert wrk_counts(wrk.stdout)[0] > 100
+    totals = l7.settle()
+    assert totals["events"] == 0, "events from processes that are not opted in"
+    assert select(influx, influx_db, 'SELECT * FROM "l7_requests"') == []
+
+    mine.stop()
+    wait_until(lambda: l7.probe_point()["hooks_attached"] == 0, what="the hooks detached")
+    assert attached_sys_hooks(agent) == set()
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+class Redis:
+    """A redis-server of the test's own (no persistence, DEBUG allowed)."""
+
+    def __init__(self, root: Path):
+        need(shutil.which("redis-server") is not None and shutil.which("redis-benchmark") is not None,
+             "redis-server and redis-tools (scripts/setup.sh installs them)")
+        self.port = free_port()
+        self.dir = root / f"redis-{self.port}"
+        self.dir.mkdir()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--enable-debug-command", "yes", "--dir", str(self.dir), "--daemonize", "no",
+             "--logfile", str(self.dir / "redis.log")], stdin=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def pids(self) -> set[int]:
+        return {self.proc.pid}
+
+    def info(self, section: str) -> dict[str, str]:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "INFO", section], capture_output=True, text=True,
+                             check=True).stdout
+        return dict(line.split(":", 1) for line in out.splitlines() if ":" in line and not line.startswith("#"))
+
+    def commandstats(self) -> dict[str, int]:
+        """calls per command as Redis counts them (`config|get` is CONFIG)."""
+        out: dict[str, int] = {}
+        for key, value in self.info("commandstats").items():
+            name = key.removeprefix("cmdstat_").split("|")[0].upper()
+            out[name] = out.get(name, 0) + int(re.search(r"calls=(\d+)", value).group(1))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+def ops(rows: list[dict], pids: set[int], role: str, key: str = "requests") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        if int(r["pid"]) in pids and r["role"] == role:
+            out[r["op"]] = out.get(r["op"], 0) + int(r[key] or 0)
+    return {k: v for k, v in out.items() if v}
+
+
+def test_redis_benchmark_counts_equal_commandstats(l7, influx, influx_db):
+    """redis-benchmark -P 16 (16 pipelined commands per write) against redis-server, both
+    opted in: per command, the requests at the server and at redis-benchmark equal the
+    INFO commandstats deltas (INFO itself, this test's own probe, aside)."""
+    redis = Redis(l7.tmp)
+    l7.servers.append(redis)
+    l7.start_agent(ports=[redis.port])
+    ln = l7.launch(["redis-benchmark", "-h", "127.0.0.1", "-p", str(redis.port), "-P", "16", "-c", "4",
+                    "-n", "4000", "-t", "set,get,incr,lpush,lpop,sadd,hset,ping", "-q"])
+    l7.opted(redis.pids() | {ln.pid})
+    before = redis.commandstats()
+    ln.run()
+    after = redis.commandstats()
+    assert l7.settle()["lost_events"] == 0
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta = {k: v for k, v in delta.items() if v and k != "INFO"}
+    assert delta["SET"] >= 4000 and delta["PING"] == 8000  # PING_INLINE and PING_MBULK
+    rows = red(influx, influx_db)
+    server = ops(rows, redis.pids(), "server")
+    server.pop("INFO", None)
+    assert server == delta
+    assert ops(rows, {ln.pid}, "client") == delta
+    assert {r["protocol"] for r in rows} == {"resp"}
+    assert sum(int(r["errors"]) for r in rows) == 0
+
+
+def test_redis_unknown_command_is_an_error_and_debug_sleep_lands_in_its_bucket(l7, influx, influx_db):
+    """An unknown command is an error reply: the errors at the server equal Redis's own
+    total_error_replies delta; five DEBUG SLEEP 0.05 land in le=65535 us."""
+    redis = Redis(l7.tmp)
+    l7.servers.append(redis)
+    l7.start_agent(ports=[redis.port])
+    script = l7.tmp / "cli.sh"
+    script.write_text(f"for i in 1 2 3; do redis-cli -p {redis.port} NOSUCHCOMMAND x; done\n"
+                      f"for i in 1 2 3 4 5; do redis-cli -p {redis.port} DEBUG SLEEP 0.05; done\n")
+    ln = l7.launch(["sh", str(script)])
+    l7.opted(redis.pids() | {ln.pid})
+    before = int(redis.info("stats")["total_error_replies"])
+    out = ln.run()
+    after = int(redis.info("stats")["total_error_replies"])
+    assert out.count("unknown command") == 3 and after - before == 3
+    assert l7.settle()["lost_events"] == 0
+    rows = red(influx, influx_db)
+    assert ops(rows, redis.pids(), "server", "errors") == {"OTHER": 3}
+    hist_rows = select(influx, influx_db, 'SELECT sum("count") AS n FROM "l7_duration_hist" WHERE "op" = \'DEBUG\' '
+                                          'GROUP BY "pid", "role", "le"')
+    server = {r["le"]: int(r["n"]) for r in hist_rows if int(r["pid"]) in redis.pids()}
+    assert server == {"65535": 5}
