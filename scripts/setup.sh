@@ -25,6 +25,7 @@ packages=(
   influxdb victoria-metrics
   nginx-light libnginx-mod-http-js wrk fio curl iproute2 nftables procps util-linux gcc graphviz
   debootstrap systemd-container openssh-client
+  redis-server redis-tools postgresql mariadb-server sysbench
   qemu-system-x86 e2fsprogs bpftool linux-perf openjdk-17-jdk-headless nodejs python3.11-dev
 )
 missing=()
