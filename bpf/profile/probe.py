@@ -319,17 +319,12 @@ class ProfileDecoder:
             if tgid not in self.checked:
                 self._python(tgid)
             tags = {"host": self.host, "pid": str(tgid), "comm": name}
-            merged: dict[tuple[str, ...], list] = {}
-            truncated = lost = 0
-            ps = self.symbolizer.process(tgid)
-            ps.refresh()
-            for row in rows:
-                frames, why, was_lost = self.symbolizer.frames(row)
-                truncated += row.count if why else 0
-                lost += row.count if was_lost else 0
-                entry = merged.setdefault(frames, [0, bool(why)])
-                entry[0] += row.count
             total = sum(r.count for r in rows)
+            try:
+                merged, truncated, lost = self._stacks(tgid, rows)
+            except Exception:  # the counts are cleared already: a symbolisation bug must not lose them
+                log.exception("profile: cannot symbolise the stacks of pid %d", tgid)
+                merged, truncated, lost = {("[stacks not symbolised: see the agent's log]",): [total, True]}, total, 0
             points.append(Point("profile_samples", tags, {
                 "samples": total, "stacks": len(merged), "truncated_samples": truncated, "lost_samples": lost}, ts))
             top = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP_STACKS]
@@ -341,12 +336,30 @@ class ProfileDecoder:
             points.append(Point("profile_samples", {"host": self.host, "pid": OTHER, "comm": OTHER}, {
                 "samples": sum(r.count for p in rest for r in p[2]),
                 "stacks": sum(len(p[2]) for p in rest)}, ts))
-        alive = {p[0] for p in keep if self.probe.procfs.alive(p[0])}
-        for tgid in [t for t in self.symbolizer.python if t not in alive]:
+        # What is known of a process (its maps, its Python state) lasts while it lives,
+        # not only while it is among the busiest.
+        live = {t for t in set(self.symbolizer.processes) | self.checked if self.probe.procfs.alive(t)}
+        for tgid in [t for t in self.symbolizer.python if t not in live]:
             self.sampler.forget_python(tgid)
-        self.symbolizer.forget(alive)
-        self.checked &= alive
+        self.symbolizer.forget(live)
+        self.checked &= live
         return points, len(taken.on_cpu)
+
+    def _stacks(self, tgid: int, rows: list[StackRow]) -> tuple[dict[tuple[str, ...], list], int, int]:
+        """{frames: [samples, truncated]}, truncated samples, lost samples."""
+        merged: dict[tuple[str, ...], list] = {}
+        truncated = lost = 0
+        known = tgid in self.symbolizer.processes
+        ps = self.symbolizer.process(tgid)   # a new one reads its maps now
+        if known:
+            ps.refresh()
+        for row in rows:
+            frames, why, was_lost = self.symbolizer.frames(row)
+            truncated += row.count if why else 0
+            lost += row.count if was_lost else 0
+            entry = merged.setdefault(frames, [0, bool(why)])
+            entry[0] += row.count
+        return merged, truncated, lost
 
 
 PROBE = Probe(

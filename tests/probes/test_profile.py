@@ -578,6 +578,23 @@ def test_binary_without_frame_pointers_is_marked_never_guessed(bpf_ready, starte
     assert any("truncated stacks" in n and "nofp has no frame pointers" in n for n in notes), notes
 
 
+def test_process_name_takes_every_process_of_that_name(bpf_ready, started, tmp_path):
+    binary = build_c(tmp_path, "shares.c", "twin")
+    twins = [started([binary, "20"], stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
+    out = tmp_path / "out"
+    prof = sonde_profile(started, "--process", "twin", "--seconds", "3", "--out", out)
+    for t in twins:
+        t.stdin.write("go\n")
+        t.stdin.flush()
+    finish(prof)
+    stacks = flamegraph.parse_folded((out / "oncpu.folded").read_text())
+    roots = {s[0] for s in stacks}
+    assert roots == {f"twin [{t.pid}]" for t in twins}, roots   # one root per process
+    for t in twins:
+        mine = {s: w for s, w in stacks.items() if s[0] == f"twin [{t.pid}]"}
+        assert abs(share(mine, "c") - 60) <= 10, mine
+
+
 def test_bad_input_is_one_line(tmp_path):
     for args, expect in ((["--pid", "999999999"], "no process with pid"),
                          (["--process", "no-such-process-xyz"], "no running process is called"),
