@@ -44,8 +44,10 @@ struct sample_t {
 };
 
 BPF_ARRAY(active_set, u32, 1);
-BPF_HASH(samples_0, struct sample_key_t, struct sample_t, MAX_ENTRIES);
-BPF_HASH(samples_1, struct sample_key_t, struct sample_t, MAX_ENTRIES);
+/* Count maps take memory as entries come (BPF_F_NO_PREALLOC): a quiet host holds few
+ * stacks, and only the reader deletes, from the set nothing writes. */
+BPF_F_TABLE("hash", struct sample_key_t, struct sample_t, samples_0, MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct sample_key_t, struct sample_t, samples_1, MAX_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_STACK_TRACE(stacks_0, STACK_ENTRIES);
 BPF_STACK_TRACE(stacks_1, STACK_ENTRIES);
 BPF_PERCPU_ARRAY(sonde_drops, u64, 1);
@@ -125,8 +127,8 @@ struct py_span_t {
 BPF_HASH(py_procs, u32, struct py_proc_t, 4096);
 BPF_PERCPU_ARRAY(py_scratch, struct py_key_t, 1);  /* the key is too big for the BPF stack */
 BPF_PERCPU_ARRAY(py_span, struct py_span_t, 1);
-BPF_HASH(py_samples_0, struct py_key_t, struct sample_t, MAX_ENTRIES);
-BPF_HASH(py_samples_1, struct py_key_t, struct sample_t, MAX_ENTRIES);
+BPF_F_TABLE("hash", struct py_key_t, struct sample_t, py_samples_0, MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct py_key_t, struct sample_t, py_samples_1, MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 static __always_inline u64 user_ptr(u64 addr)
 {
@@ -232,8 +234,8 @@ struct switched_out_t {
     char comm[SONDE_COMM_LEN];
 };
 
-BPF_HASH(offcpu_0, struct sample_key_t, struct sample_t, MAX_ENTRIES);
-BPF_HASH(offcpu_1, struct sample_key_t, struct sample_t, MAX_ENTRIES);
+BPF_F_TABLE("hash", struct sample_key_t, struct sample_t, offcpu_0, MAX_ENTRIES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct sample_key_t, struct sample_t, offcpu_1, MAX_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_STACK_TRACE(offcpu_stacks, STACK_ENTRIES);
 BPF_HASH(switched_out, u32, struct switched_out_t, MAX_ENTRIES);
 
