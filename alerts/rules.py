@@ -70,8 +70,9 @@ def _why(name: str, path: Path = THRESHOLDS) -> str:
 
 
 def cpu_field() -> str:
-    """The per-thread CPU share where the cpu probe writes it, else the process's."""
-    return "max_thread_pct" if "max_thread_pct" in catalog.MEASUREMENTS["process_cpu"].field_names else "cpu_pct"
+    """The busiest thread's CPU time where the cpu probe writes it, else the process's."""
+    per_thread = "max_thread_oncpu_us"
+    return per_thread if per_thread in catalog.MEASUREMENTS["process_cpu"].field_names else "oncpu_us"
 
 
 def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
@@ -115,13 +116,15 @@ def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
                       why("srtt_p99_jump")))
     r = t["cpu_pinned"]
     plab = ("host", "pid", "comm")
-    # every poll in the window at >= threshold (the minimum), and the polls cover the window:
-    # interval_us summed over them (a process that did not run in a poll writes no point)
+    # CPU time over the time the window's polls cover, in % of one core, when they cover the
+    # window (a process that did not run in a poll writes no point for it): weighted by each
+    # poll's length, so a short poll's rounding counts for little
     cover_us = int(r["coverage"] * r["window"] * 1_000_000)
     rules.append(Rule("cpu_pinned", "{{comm}} (pid {{pid}}) pinned at a full core", "critical",
-                      {"A": Ref(q("process_cpu", f"min({cpu_field()}) as value", (), plab), r["window"]),
+                      {"A": Ref(q("process_cpu", f"sum({cpu_field()}) as value", (), plab), r["window"]),
                        "B": Ref(q("process_cpu", "sum(interval_us) as value", (), plab), r["window"])},
-                      f"$A * ($B >= {cover_us})", "ge", r["threshold"], r["window"], r["for"], why("cpu_pinned")))
+                      f"($A / $B * 100) * ($B >= {cover_us})", "ge", r["threshold"], r["window"], r["for"],
+                      why("cpu_pinned")))
     r = t["disk_latency_p99"]
     rules.append(Rule("disk_latency_p99", "{{disk}}: p99 block latency high for most of the window", "warning",
                       {"A": Ref(q("block_total_latency", "percentile(p99_us, 50) as value",
