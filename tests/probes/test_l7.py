@@ -641,3 +641,149 @@ def test_redis_unknown_command_is_an_error_and_debug_sleep_lands_in_its_bucket(l
                                           'GROUP BY "pid", "role", "le"')
     server = {r["le"]: int(r["n"]) for r in hist_rows if int(r["pid"]) in redis.pids()}
     assert server == {"65535": 5}
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class Postgres:
+    """A PostgreSQL cluster of the test's own (initdb in a temp dir owned by postgres),
+    pg_stat_statements preloaded. The test's own control queries go over the UNIX
+    socket, which the capture does not see (TCP only); clients use TCP."""
+
+    def __init__(self):
+        need((PG_BIN / "initdb").exists() and shutil.which("pgbench") is not None,
+             "PostgreSQL 15 with pgbench (Debian postgresql)")
+        need(subprocess.run(["id", "postgres"], capture_output=True).returncode == 0, "the postgres user")
+        import tempfile
+        self.dir = Path(tempfile.mkdtemp(prefix="sonde-l7-pg-"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.port = free_port()
+        self.proc = None
+        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
+        self.proc = subprocess.Popen(
+            ["runuser", "-u", "postgres", "--", str(PG_BIN / "postgres"), "-D", str(self.dir / "data"),
+             "-p", str(self.port), "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1",
+             "-c", "shared_preload_libraries=pg_stat_statements", "-c", "fsync=off",
+             "-c", "pg_stat_statements.track=top"],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "postgres.log", "wb"))
+        wait_port(self.port, timeout=60)
+        self.sql("CREATE EXTENSION pg_stat_statements")
+
+    def _as_postgres(self, *argv: str) -> str:
+        r = subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True)
+        assert r.returncode == 0, f"{argv}: {r.stderr}"
+        return r.stdout
+
+    def sql(self, query: str) -> str:
+        """One statement over the UNIX socket (not captured), as postgres."""
+        return self._as_postgres("psql", "-X", "-q", "-A", "-t", "-h", str(self.dir), "-p", str(self.port),
+                                 "-U", "postgres", "-d", "postgres", "-c", query)
+
+    def statement_calls(self) -> dict[str, int]:
+        """pg_stat_statements' calls per SQL verb, leaving out this test's own
+        statements about pg_stat_statements."""
+        out: dict[str, int] = {}
+        for line in self.sql("SELECT split_part(ltrim(upper(query)), ' ', 1), sum(calls) FROM pg_stat_statements "
+                             "WHERE query NOT ILIKE '%pg_stat_statements%' GROUP BY 1").splitlines():
+            verb, calls = line.rsplit("|", 1)
+            out[verb] = out.get(verb, 0) + int(calls)
+        return out
+
+    @property
+    def postmaster(self) -> int:
+        """The server's own pid (runuser, which started it, is its parent)."""
+        return int((self.dir / "data" / "postmaster.pid").read_text().split()[0])
+
+    def pids(self) -> set[int]:
+        return {self.postmaster} | descendants_of(self.postmaster)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def descendants_of(pid: int) -> set[int]:
+    out, todo = set(), [pid]
+    while todo:
+        kids = process_children(todo.pop())
+        todo += list(kids - out)
+        out |= kids
+    return out
+
+
+@pytest.fixture
+def postgres(l7):
+    pg = Postgres()
+    l7.servers.append(pg)
+    pg._as_postgres("pgbench", "-i", "-q", "-s", "1", "-h", str(pg.dir), "-p", str(pg.port), "-U", "postgres",
+                    "postgres")
+    pg.sql("VACUUM ANALYZE")
+    return pg
+
+
+def server_ops(influx, db: str, pg_pids_seen: set[int] | None = None, role: str = "server",
+               key: str = "requests") -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in red(influx, db):
+        if r["role"] == role and r["protocol"] == "pgwire" and (pg_pids_seen is None or int(r["pid"]) in pg_pids_seen):
+            out[r["op"]] = out.get(r["op"], 0) + int(r[key] or 0)
+    return {k: v for k, v in out.items() if v}
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended"])
+def test_pgbench_counts_equal_pg_stat_statements(l7, postgres, influx, influx_db, mode):
+    """pgbench -S (select-only) in the simple and the extended query protocol, pgbench and
+    the server both opted in: SELECTs at the server's backends and at pgbench equal
+    pg_stat_statements' calls, which count one per executed statement."""
+    pg = postgres
+    l7.start_agent(ports=[pg.port])
+    ln = l7.launch(["pgbench", "-n", "-S", "-M", mode, "-c", "2", "-t", "1000", "-h", "127.0.0.1",
+                    "-p", str(pg.port), "-U", "postgres", "postgres"])
+    l7.opted({pg.postmaster, ln.pid})
+    pg.sql("SELECT pg_stat_statements_reset()")
+    ln.run()
+    truth = pg.statement_calls()
+    assert l7.settle()["lost_events"] == 0
+    assert truth.get("SELECT", 0) >= 2000, truth
+    rows = red(influx, influx_db)
+    server = {}
+    for r in rows:
+        if r["role"] == "server" and int(r["pid"]) != ln.pid:
+            server[r["op"]] = server.get(r["op"], 0) + int(r["requests"])
+    assert server == truth
+    assert ops(rows, {ln.pid}, "client") == truth
+    assert {r["protocol"] for r in rows} == {"pgwire"} and sum(int(r["errors"]) for r in rows) == 0
+
+
+def test_postgres_bad_statement_is_an_error_and_pg_sleep_lands_in_its_bucket(l7, postgres, influx, influx_db):
+    """Three statements on a table that does not exist are three errors (psql reports
+    each), and five pg_sleep(0.05) are in le=65535 us at the server."""
+    pg = postgres
+    l7.start_agent(ports=[pg.port])
+    script = l7.tmp / "psql.sh"
+    base = f"psql -X -h 127.0.0.1 -p {pg.port} -U postgres -d postgres"
+    script.write_text(f"for i in 1 2 3; do {base} -c 'SELECT * FROM no_such_table' 2>&1; done\n"
+                      f"for i in 1 2 3 4 5; do {base} -c 'SELECT pg_sleep(0.05)' >/dev/null; done\n")
+    ln = l7.launch(["sh", str(script)])
+    l7.opted({pg.postmaster, ln.pid})
+    out = ln.run()
+    assert out.count('relation "no_such_table" does not exist') == 3
+    assert l7.settle()["lost_events"] == 0
+    errors = {}
+    for r in red(influx, influx_db):
+        if r["role"] == "server" and int(r["errors"]):
+            errors[r["op"]] = errors.get(r["op"], 0) + int(r["errors"])
+    assert errors == {"SELECT": 3}
+    rows = select(influx, influx_db, 'SELECT sum("count") AS n FROM "l7_duration_hist" '
+                                     'WHERE "role" = \'server\' GROUP BY "le"')
+    slow = {r["le"]: int(r["n"]) for r in rows if r["le"] == "+Inf" or int(r["le"]) >= 32767}
+    assert slow == {"65535": 5}
