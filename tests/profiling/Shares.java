@@ -1,9 +1,13 @@
 /* Two hot methods, 70/30: hotSeventy() runs 7 units of the same loop for every 3 that
- * hotThirty() runs. Prints "warm" after two seconds (the JIT has compiled both by
- * then) and runs for args[0] seconds. Run with -XX:+PreserveFramePointer and
- * -XX:CompileCommand=dontinline,Shares::hot* so each keeps a frame of its own. */
+ * hotThirty() runs. Warms up for two seconds (the JIT compiles both), prints "warm",
+ * waits for a line on stdin (so the profiler is attached), runs args[0] rounds and
+ * exits: a fixed amount of work, however busy the machine is. Run with
+ * -XX:+PreserveFramePointer and -XX:CompileCommand=dontinline,Shares::hot* so each
+ * keeps a frame of its own. */
 public class Shares {
-    static final long UNIT = 1_000_000L;
+    // Small units, many calls: the JIT compiles a method after thousands of calls, and an
+    // interpreted method shows only as "Interpreter" (the perf map names compiled code).
+    static final long UNIT = 10_000L;
     static long sink;
 
     static long work(long n) {
@@ -18,18 +22,19 @@ public class Shares {
 
     static void hotThirty() { sink ^= work(3 * UNIT); }
 
-    public static void main(String[] args) {
+    public static void main(String[] args) throws java.io.IOException {
+        long rounds = Long.parseLong(args[0]);
         long start = System.nanoTime();
-        long end = start + (long) (Double.parseDouble(args[0]) * 1e9);
-        boolean announced = false;
-        while (System.nanoTime() < end) {
+        while (System.nanoTime() - start < 2_000_000_000L) {
             hotSeventy();
             hotThirty();
-            if (!announced && System.nanoTime() - start > 2_000_000_000L) {
-                System.out.println("warm");
-                System.out.flush();
-                announced = true;
-            }
+        }
+        System.out.println("warm");
+        System.out.flush();
+        new java.io.BufferedReader(new java.io.InputStreamReader(System.in)).readLine();
+        for (long r = 0; r < rounds; r++) {
+            hotSeventy();
+            hotThirty();
         }
         System.out.println(sink == 42 ? "" : "end");
     }
