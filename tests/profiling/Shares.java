@@ -1,5 +1,5 @@
 /* Two hot methods, 70/30: hotSeventy() runs 7 units of the same loop for every 3 that
- * hotThirty() runs. Warms up for two seconds (the JIT compiles both), prints "warm",
+ * hotThirty() runs. Warms up with 20,000 calls of each (the JIT compiles both), prints "warm",
  * waits for a line on stdin (so the profiler is attached), runs args[0] rounds and
  * exits: a fixed amount of work, however busy the machine is. Run with
  * -XX:+PreserveFramePointer and -XX:CompileCommand=dontinline,Shares::hot* so each
@@ -24,10 +24,14 @@ public class Shares {
 
     public static void main(String[] args) throws java.io.IOException {
         long rounds = Long.parseLong(args[0]);
-        long start = System.nanoTime();
-        while (System.nanoTime() - start < 2_000_000_000L) {
+        for (int i = 0; i < 20_000; i++) {  // past C2's invocation thresholds, however slow the machine
             hotSeventy();
             hotThirty();
+        }
+        try {
+            Thread.sleep(1000);  // the compiler threads install what they compiled
+        } catch (InterruptedException e) {
+            return;
         }
         System.out.println("warm");
         System.out.flush();
