@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,29 +79,42 @@ def parse_maps(text: str) -> list[Mapping]:
 
 
 class SymbolTable:
-    """Sorted (start, size, name) with lookup by address inside [start, start + size)."""
+    """Sorted (start, size, name) with lookup by address inside [start, start + size).
+    Kept in arrays: the kernel's table alone has over 100,000 symbols, and the agent
+    keeps it for its lifetime."""
 
     def __init__(self, symbols):
         rows = sorted({(s, n, name) for s, n, name in symbols if s})
-        self._starts = [r[0] for r in rows]
-        self._rows = rows
-        # Longest symbol so far, for lookups into a symbol that starts before a shorter one.
-        self._reach = []
+        self._starts = array("Q", (r[0] for r in rows))
+        self._sizes = array("Q", (r[1] for r in rows))
+        # Names in one buffer, not 100,000 small strings: nothing small outlives the
+        # parse, so the allocator can hand the parse's memory back.
+        encoded = [r[2].encode() for r in rows]
+        self._name_at = array("Q", [0])
+        for name in encoded:
+            self._name_at.append(self._name_at[-1] + len(name))
+        self._names = b"".join(encoded)
+        # The furthest end of any symbol so far, for addresses inside a long symbol that
+        # starts before shorter ones.
+        self._reach = array("Q")
         reach = 0
-        for s, n, _ in rows:
-            reach = max(reach, s + n)
+        for start, size in zip(self._starts, self._sizes):
+            reach = max(reach, start + size)
             self._reach.append(reach)
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._starts)
+
+    def name(self, i: int) -> str:
+        return self._names[self._name_at[i]:self._name_at[i + 1]].decode(errors="replace")
 
     def lookup(self, addr: int) -> tuple[str, int] | None:
         """(name, offset into it) or None when no symbol covers addr."""
         i = bisect.bisect_right(self._starts, addr) - 1
         while i >= 0 and self._reach[i] > addr:
-            s, n, name = self._rows[i]
-            if s <= addr < s + max(n, 1):
-                return name, addr - s
+            start, size = self._starts[i], self._sizes[i]
+            if start <= addr < start + max(size, 1):
+                return self.name(i), addr - start
             i -= 1
         return None
 
@@ -146,7 +160,11 @@ class ElfInfo:
     frame_pointers: bool | None           # None: not enough functions to tell
     build_id: str = ""
     error: str = ""
-    frameless: frozenset[int] = frozenset()  # starts of functions that set up no frame pointer
+    frameless: "Starts" = None  # starts of functions that set up no frame pointer
+
+    def __post_init__(self):
+        if not isinstance(self.frameless, Starts):
+            self.frameless = Starts(self.frameless or ())
 
     def vaddr(self, file_offset: int) -> int | None:
         for off, vaddr, size in self.segments:
@@ -189,11 +207,25 @@ _CRT = frozenset({"_start", "_init", "_fini", "deregister_tm_clones", "register_
                   "_dl_relocate_static_pie"})
 
 
-def frame_pointer_share(code_at, functions) -> tuple[float | None, frozenset[int]]:
+class Starts:
+    """A sorted set of addresses in an array (a frozenset of ints costs ~10x the memory)."""
+
+    def __init__(self, addrs):
+        self._a = array("Q", sorted(set(addrs)))
+
+    def __contains__(self, addr: int) -> bool:
+        i = bisect.bisect_left(self._a, addr)
+        return i < len(self._a) and self._a[i] == addr
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+
+def frame_pointer_share(code_at, functions) -> tuple[float | None, "Starts"]:
     """(share of functions whose code starts with the frame-pointer prologue, or None
     with too few functions to judge; the starts of those that do not). code_at(vaddr)
     returns the first bytes there (or b"")."""
-    frameless = frozenset(s for s, n, _ in functions if n and not code_at(s).startswith(_FP_PROLOGUES))
+    frameless = Starts(s for s, n, _ in functions if n and not code_at(s).startswith(_FP_PROLOGUES))
     judged = {(s, n) for s, n, name in functions if n >= 8 and name not in _CRT}
     if len(judged) < 4:
         return None, frameless
