@@ -644,6 +644,16 @@ def test_continuous_profiling_stores_top_stacks_that_name_the_function(agents, s
     # the maps that poll read still name them.
     assert not any(f.startswith("[process exited") for f in by_function), by_function
 
+    # What backtrack needs to name the function of a pinned process.
+    from sonde.ingest.analysis.hotspots import describe, hotspots
+
+    now_ms = int(time.time() * 1000)
+    spots = hotspots(lambda q: influx.query(q, db=influx_db), now_ms - 600_000, now_ms + 1000, pid)
+    assert [s.function for s in spots[:2]] == ["c", "d"], spots
+    assert abs(spots[0].share_pct - 60) <= 10 and spots[0].frames.endswith("main;a;b;c"), spots
+    assert describe(spots).startswith("in c ("), describe(spots)
+    assert hotspots(lambda q: influx.query(q, db=influx_db), now_ms - 600_000, now_ms + 1000, "1") == []
+
 
 def test_continuous_profiling_names_python_functions(agents, started, influx, influx_db, tmp_path):
     need(Path("/usr/include/python3.11/internal/pycore_frame.h").exists(), "python3.11-dev not installed")
