@@ -246,6 +246,8 @@ def profile(*, pid: int | None, process: str | None, seconds: float, hz: int, of
         raise SondeError(f"profile: --seconds must be between 0 and {MAX_SECONDS} (got {seconds:g})")
     if not 1 <= hz <= 1000:
         raise SondeError(f"profile: --hz must be between 1 and 1000 (got {hz}); 49 to 99 is usual")
+    if os.geteuid() != 0:
+        raise SondeError("profile: loading the sampling program needs root (CAP_BPF and CAP_PERFMON); run it as root")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

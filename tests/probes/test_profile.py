@@ -612,6 +612,11 @@ def test_bad_input_is_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", "sonde.ingest.cli", "profile", *args, "--seconds", "1",
                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    if shutil.which("setpriv") and os.geteuid() == 0:   # as nobody: says root is needed, not a compile error
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                            "sonde.ingest.cli", "profile", "--pid", "1", "--seconds", "1", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert r.returncode == 1 and "needs root" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_continuous_profiling_stores_top_stacks_that_name_the_function(agents, started, influx, influx_db, tmp_path):
