@@ -24,7 +24,7 @@ import re
 import shutil
 import subprocess
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Frame names that start a thread's chain: nothing above them is the program's code.

@@ -8,7 +8,6 @@ search that highlights matches and prints the share they cover, like the classic
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
