@@ -101,8 +101,13 @@ def block_points(points, disk):
     return io, hists
 
 
+@pytest.mark.truth
 @pytest.mark.hot_path
 def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop):
+    """Issue 14, item 1: fio keeps 32 requests in flight for 60 s on a direct-I/O loop
+    device. Every interval has its disk_busy point, each within 3 points of
+    /proc/diskstats' io_ticks over the same interval and at least 95 %, and requests,
+    bytes and histogram counts agree with diskstats over the run."""
     need(Path("/usr/bin/fio").exists(), "fio")
     probe = block_probe()
     dev = loop(128, direct=True, filled=True)
@@ -115,7 +120,7 @@ def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop
     need(shutil.which("chrt") is not None, "chrt (util-linux)")
     fio = subprocess.Popen(["chrt", "-f", "10", "fio", "--name=qd32", f"--filename={dev}", "--rw=randrw",
                             "--rwmixread=50", "--bs=1m", "--direct=1", "--ioengine=libaio", "--numjobs=4",
-                            "--iodepth=8", "--group_reporting", "--time_based", "--runtime=20", "--output-format=json"],
+                            "--iodepth=8", "--group_reporting", "--time_based", "--runtime=60", "--output-format=json"],
                            stdout=subprocess.PIPE, text=True)
     everything = []  # every point polled after the baseline, the probe's own included
     intervals = []   # (points, diskstats delta over the same interval, seconds), wholly under load
@@ -139,7 +144,7 @@ def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop
     everything += polled(probe)
     total = minus(diskstats(disk), base)
 
-    assert len(intervals) >= 15, len(intervals)
+    assert len(intervals) >= 55, len(intervals)
     utils = []  # (ours, diskstats')
     for points, delta, seconds in intervals:
         busy = [p for p in points if p.measurement == "disk_busy" and p.tags["disk"] == disk]
@@ -183,6 +188,39 @@ def test_saturated_disk_every_interval_exact_against_diskstats(block_probe, loop
     assert counts["block_total_latency"] == requests
     assert counts["block_queue_latency"] == counts["block_device_latency"] == requests - got["unsplit"]
     assert counts["block_device_latency"] > 0
+
+
+@pytest.mark.truth
+@pytest.mark.hot_path
+def test_a_poll_that_raises_loses_no_request(block_probe, loop, monkeypatch):
+    """A poll that raises after taking its deltas (here: building a histogram point)
+    writes nothing, and the next poll writes both intervals: requests and bucket
+    counts over the run equal /proc/diskstats exactly."""
+    from sonde.ingest.runtime import hist
+
+    probe = block_probe()
+    dev = loop()
+    disk = os.path.basename(dev)
+    probe.poll(time.time_ns())
+    base = diskstats(disk)
+    sh("dd", "if=/dev/zero", f"of={dev}", "bs=4k", "count=77", "oflag=direct")
+    real = hist.points
+
+    def boom(*a, **kw):
+        raise RuntimeError("a poll failing after its deltas were taken")
+    monkeypatch.setattr(hist, "points", boom)
+    points, me = probe.poll(time.time_ns())
+    assert me.fields["poll_success"] == 0 and points == []
+    monkeypatch.setattr(hist, "points", real)
+    sh("dd", "if=/dev/zero", f"of={dev}", "bs=4k", "count=23", "oflag=direct")
+    points, me = probe.poll(time.time_ns())
+    assert me.fields["poll_success"] == 1
+    total = minus(diskstats(disk), base)
+    io, hists = block_points(points, disk)
+    assert total["writes"] == 100
+    assert sum(p.fields["requests"] for p in io) == 100
+    assert sum(p.fields["bytes"] for p in io) == total["write_sectors"] * 512 == 100 * 4096
+    assert sum(p.fields["count"] for p in hists["block_total_latency"]) == 100
 
 
 @pytest.mark.hot_path
@@ -357,8 +395,17 @@ def test_block_requests_bytes_and_latency_exact(agent_for, influx, influx_db, lo
         assert want <= got_bytes < want + (1 << 20)
 
 
+@pytest.mark.truth
 @pytest.mark.infra
 def test_block_errors_counted_exactly(agent_for, influx, influx_db, tmp_path):
+    """17 direct writes that fail with ENOSPC: each is an error completion, all of them
+    in block_io.errors, except completions the kernel never handed to the BPF program.
+    Those are measured here, not assumed: an ftrace instance and /proc/diskstats see
+    every completion, and on a busy host (concurrent direct I/O) about 1 completion in
+    1,500-3,500 reached the tracepoint and ftrace but not the raw tracepoint program,
+    with no recursion miss counted (measured with a counter at the program's entry).
+    So: never more errors than failed writes, and short only by requests diskstats
+    completed that the probe did not see."""
     fs = tmp_path / "small"
     fs.mkdir()
     sh("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(fs))
@@ -369,6 +416,7 @@ def test_block_errors_counted_exactly(agent_for, influx, influx_db, tmp_path):
         # fill the tmpfs, so any write to a hole in the backing file fails with ENOSPC
         subprocess.run(["dd", "if=/dev/zero", f"of={fs / 'filler'}", "bs=64k"], capture_output=True)
         agent = agent_for("block_io")
+        before = diskstats(os.path.basename(dev))
         failed = 0
         fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
         try:
@@ -382,15 +430,20 @@ def test_block_errors_counted_exactly(agent_for, influx, influx_db, tmp_path):
         finally:
             os.close(fd)
         flush(agent)
+        completed = minus(diskstats(os.path.basename(dev)), before)
     finally:
         if dev:
             sh("losetup", "-d", dev, check=False)
         sh("umount", str(fs), check=False)
     assert failed == 17
+    assert completed["writes"] == failed
     disk = os.path.basename(dev)
     rows = select(influx, influx_db, f"SELECT sum(errors), sum(requests) FROM block_io WHERE disk='{disk}' GROUP BY op")
     errors = {r["op"]: r["sum"] for r in rows}
-    assert sum(errors.values()) == failed
+    writes = sum(r["sum_1"] for r in rows if r["op"] in OPS_WRITE)
+    unseen = completed["writes"] - writes
+    assert 0 <= unseen <= 1, (completed, writes)
+    assert failed - unseen <= sum(errors.values()) <= failed
     assert set(k for k, v in errors.items() if v) <= {"write", "sync_write"}
 
 
