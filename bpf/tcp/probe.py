@@ -324,7 +324,10 @@ class TcpDecoder:
                 add_agg(k, v, tuple(getattr(v, AGG_MEMBERS[m]) - b for m, b in zip(members, before)))
 
         def add_hist(k, d) -> None:
-            b = flow(self._fk(k.fk), b"").hists.setdefault(HISTS[k.kind_slot >> 8], {})
+            fk = self._fk(k.fk)
+            # a flow first seen here was created after the flow map's read: name it from its entry
+            f = flows.get(fk) or flow(fk, self._agg_comm(k.fk))
+            b = f.hists.setdefault(HISTS[k.kind_slot >> 8], {})
             slot = k.kind_slot & 0xFF
             b[slot] = b.get(slot, 0) + d
 
@@ -372,6 +375,14 @@ class TcpDecoder:
 
         self.first_poll = False
         return points, len(raw) + len(raw_hists) + len(self.known)
+
+    def _agg_comm(self, fk) -> bytes:
+        """The process name in a flow's tcp_agg entry, b"" if it has none."""
+        try:
+            v = self.agg[self.agg.Key.from_buffer_copy(bytes(fk))]
+        except (KeyError, ValueError):
+            return b""
+        return bytes(v.comm).split(b"\0", 1)[0]
 
     def _dump(self) -> list:
         netns = _netns(self.proc)

@@ -48,9 +48,12 @@ static long (*sonde_read_kernel)(void *dst, u32 size, const void *src) = (void *
 #define SOCK_DONE_BIT 1   /* enum sock_flags: SOCK_DEAD, SOCK_DONE, ... (set by tcp_fin) */
 #define SONDE_SOCK_STREAM 1
 
-#ifndef MAX_CONNS
-#define MAX_CONNS 65536
-#endif
+/* Every map is sized from the probe's config (probes.tcp.map_entries, MAX_ENTRIES):
+ * per flow MAX_ENTRIES (tcp_agg; tcp_hist 4 x, a few buckets per flow), per live
+ * socket 6 x (conns, seen, closed_seen: 61,440 at the default 10,240), and half of
+ * it for listening sockets, reset reasons per process and aborted connections. */
+#define MAX_CONNS (MAX_ENTRIES * 6)
+#define MAX_SMALL (MAX_ENTRIES / 2)
 
 struct flow_key {
     u32 tgid;
@@ -142,9 +145,9 @@ BPF_HASH(seen, u64, struct owner_t, MAX_CONNS);
 BPF_HASH(closed_seen, u64, struct final_t, MAX_CONNS);
 BPF_F_TABLE("hash", struct flow_key, struct agg_t, tcp_agg, MAX_ENTRIES, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct hist_key, u64, tcp_hist, MAX_ENTRIES * 4, BPF_F_NO_PREALLOC);
-BPF_HASH(listeners, struct listen_key, struct owner_t, 4096);
-BPF_F_TABLE("hash", struct reason_key, struct reason_val, tcp_reset_reason, 4096, BPF_F_NO_PREALLOC);
-BPF_TABLE("lru_hash", u64, struct aborted_t, aborted, 4096);
+BPF_HASH(listeners, struct listen_key, struct owner_t, MAX_SMALL);
+BPF_F_TABLE("hash", struct reason_key, struct reason_val, tcp_reset_reason, MAX_SMALL, BPF_F_NO_PREALLOC);
+BPF_TABLE("lru_hash", u64, struct aborted_t, aborted, MAX_SMALL);
 BPF_PERCPU_ARRAY(scratch_agg, struct agg_t, 1);
 BPF_PERCPU_ARRAY(sonde_drops, u64, 1);
 static __always_inline void count_drop(void) { int zero = 0; sonde_drops.increment(zero); }  /* see sonde.h */
