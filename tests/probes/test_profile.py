@@ -386,10 +386,12 @@ def test_c_shares_and_frame_names_match_the_design_and_perf(bpf, started, tmp_pa
     prog.stdin.write("go\n")
     prog.stdin.flush()
     assert prog.stdout.readline().strip() == "go"
-    assert prog.wait(timeout=300) == 0
-    stdout, err = finish(prof)
-    perf.wait(timeout=60)
+    # perf stops when the process exits, and wants it not yet reaped (else it may end with
+    # an error status); sonde profile also sees the zombie as exited.
+    perf.wait(timeout=300)
     assert perf.returncode == 0, perf.stderr.read()
+    stdout, err = finish(prof)
+    assert prog.wait(timeout=30) == 0
 
     stacks = flamegraph.parse_folded((out / "oncpu.folded").read_text())
     assert sum(stacks.values()) > MIN_SAMPLES, stacks
@@ -507,9 +509,9 @@ def test_python_hot_functions_70_30_agree_with_py_spy(bpf_ready, started, tmp_pa
     prog.stdin.write("go\n")
     prog.stdin.flush()
     assert prog.stdout.readline().strip() == "go"
-    assert prog.wait(timeout=300) == 0
+    assert spy.wait(timeout=300) == 0, spy.stderr.read()   # py-spy stops when the process exits
     _, err = finish(prof)
-    assert spy.wait(timeout=60) == 0, spy.stderr.read()
+    assert prog.wait(timeout=30) == 0
 
     stacks = flamegraph.parse_folded((out / "oncpu.folded").read_text())
     def ours(fn):
