@@ -56,6 +56,7 @@ from sonde.bpf.profile import python, symbols
 from sonde.ingest.output.lineproto import Point
 from sonde.ingest.runtime.bpfmap import read_all
 from sonde.ingest.runtime.cardinality import OTHER, fold
+from sonde.ingest.runtime.delta import defer
 from sonde.ingest.runtime.probe import Probe
 
 log = logging.getLogger("sonde.profile")
@@ -116,23 +117,33 @@ class StackSampler:
             table[table.Key(tgid)] = table.Leaf(1)
 
     def take(self) -> Taken:
+        """Swap sets and read the one nothing writes any more. It is cleared once the
+        agent's poll has handed its points over (`defer`; at once outside a poll): a poll
+        that fails leaves its counts in place, and the set, active again from the next
+        swap, brings them back with the one after."""
         old = self.active
         self.active ^= 1
         self._set[self._set.Key(0)] = self._set.Leaf(self.active)
         grace_period()  # nothing writes set `old` from here on
         stacks = self.bpf.get_table(f"stacks_{old}".encode())
         walked: dict[int, tuple[int, ...] | int] = {}
-        on = self._rows(self.bpf.get_table(f"samples_{old}".encode()), stacks, walked, clear=True)
-        on += self._python_rows(self.bpf.get_table(f"py_samples_{old}".encode()), stacks, walked)
-        for key in list(stacks.keys()):  # all of them, also stacks whose sample found the map full
-            try:
-                del stacks[key]
-            except KeyError:
-                pass
+        samples = self.bpf.get_table(f"samples_{old}".encode())
+        py_samples = self.bpf.get_table(f"py_samples_{old}".encode())
+        on, keys = self._rows(samples, stacks, walked)
+        py_on, py_keys = self._python_rows(py_samples, stacks, walked)
+        on += py_on
+        work = [(samples, keys), (py_samples, py_keys)]
         off = []
         if self.off_cpu:
-            off = self._rows(self.bpf.get_table(f"offcpu_{old}".encode()),
-                             self.bpf.get_table(b"offcpu_stacks"), self._off_stacks, clear=True)
+            offcpu = self.bpf.get_table(f"offcpu_{old}".encode())
+            off, off_keys = self._rows(offcpu, self.bpf.get_table(b"offcpu_stacks"), self._off_stacks)
+            work.append((offcpu, off_keys))
+
+        def clear() -> None:
+            for table, table_keys in work:
+                _delete(table, table_keys)
+            _delete(stacks, list(stacks.keys()))  # all of them, also stacks whose sample found the map full
+        defer(clear)
         return Taken(on, off)
 
     @staticmethod
@@ -169,7 +180,7 @@ class StackSampler:
         except KeyError:
             pass
 
-    def _python_rows(self, table, stacks, cache: dict) -> list[StackRow]:
+    def _python_rows(self, table, stacks, cache: dict) -> tuple[list[StackRow], list]:
         rows, keys = [], []
         for k, v in read_all(table):
             keys.append(table.Key.from_buffer_copy(k))
@@ -177,26 +188,23 @@ class StackSampler:
             rows.append(StackRow(k.tgid, bytes(v.comm).split(b"\0", 1)[0], -errno.EFAULT,
                                  self._walk(stacks, k.kernel_stack, cache), v.count, v.time_ns, frames,
                                  bool(k.truncated)))
-        for key in keys:
-            try:
-                del table[key]
-            except KeyError:
-                pass
-        return rows
+        return rows, keys
 
-    def _rows(self, table, stacks, cache: dict, clear: bool) -> list[StackRow]:
+    def _rows(self, table, stacks, cache: dict) -> tuple[list[StackRow], list]:
         raw = [(k.tgid, k.user_stack, k.kernel_stack, v.count, v.time_ns, bytes(v.comm).split(b"\0", 1)[0])
                for k, v in read_all(table)]
         keys = [table.Key(t, u, kk, 0) for t, u, kk, _, _, _ in raw]
         rows = [StackRow(t, comm, self._walk(stacks, u, cache), self._walk(stacks, kk, cache), n, ns)
                 for t, u, kk, n, ns, comm in raw]
-        if clear:
-            for key in keys:
-                try:
-                    del table[key]
-                except KeyError:
-                    pass
-        return rows
+        return rows, keys
+
+
+def _delete(table, keys) -> None:
+    for key in keys:
+        try:
+            del table[key]
+        except KeyError:
+            pass
 
 
 # --- from rows to frames ------------------------------------------------------------

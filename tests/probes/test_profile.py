@@ -413,12 +413,15 @@ def test_c_shares_and_frame_names_match_the_design_and_perf(bpf, started, tmp_pa
 
 
 def test_swapping_sets_loses_and_repeats_no_sample(bpf_ready, started, tmp_path):
-    """Read and clear a thousand times while a busy process is sampled at 1000 Hz per
-    CPU: the counts read add up exactly to what the program counted."""
+    """Read and clear hundreds of times while a busy process is sampled at 1000 Hz per
+    CPU, every fifth read inside an agent poll that then fails: the counts of the polls
+    that succeeded add up exactly to what the program counted."""
+    import contextlib
     import dataclasses
 
     from sonde.bpf.profile.probe import PROBE, StackSampler
     from sonde.ingest.config import Config
+    from sonde.ingest.runtime.delta import interval
     from sonde.ingest.runtime.probe import LoadedProbe
 
     binary = build_c(tmp_path, "shares.c", "shares")
@@ -431,18 +434,25 @@ def test_swapping_sets_loses_and_repeats_no_sample(bpf_ready, started, tmp_path)
         sampler.set_filter([prog.pid])
         prog.stdin.write("go\n")
         prog.stdin.flush()
-        read, takes = 0, 0
+        read, takes, failed = 0, 0, 0
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (takes < 300 or read < 2000):
-            read += sum(r.count for r in sampler.take().on_cpu)
             takes += 1
+            if takes % 5 == 0:   # a poll that fails once it has read: its counts must come back later
+                with contextlib.suppress(RuntimeError), interval():
+                    failed += sum(r.count for r in sampler.take().on_cpu)
+                    raise RuntimeError("the poll failed")
+            else:
+                with interval():
+                    read += sum(r.count for r in sampler.take().on_cpu)
         prog.kill()
         prog.wait()
+        read += sum(r.count for r in sampler.take().on_cpu)   # both sets, outside a poll
         read += sum(r.count for r in sampler.take().on_cpu)
         counted = sampler.counted()
     finally:
         loaded.close()
-    assert takes >= 100 and read > 1000, (takes, read)
+    assert failed > 0 and takes >= 100 and read > 1000, (failed, takes, read)
     assert read == counted, (read, counted, takes)
 
 
