@@ -11,8 +11,8 @@
  *   the bitmap first.
  * - An opted-in thread's enter arguments wait in `inflight` (by thread id) until
  *   its exit, which carries the return value: the bytes really moved. The exit
- *   copies a prefix of at most CAPTURE_BYTES of them, following iovecs, into the
- *   `events` ring buffer with the true length.
+ *   copies a prefix of them (4 KiB, or up to 32 KiB where the agent asks for it:
+ *   `caps`), following iovecs, into the `events` ring buffer with the true length.
  * - A (tgid, fd) seen for the first time is looked at once, through the running
  *   kernel's own offsets (BTF, -D flags from probe.py): only TCP sockets over
  *   IPv4/IPv6 are captured; anything else (files, pipes, UNIX or UDP sockets) is
@@ -34,12 +34,12 @@
 #include "sonde.h"
 
 #ifndef CAPTURE_BYTES
-#define CAPTURE_BYTES 4096  /* a power of two */
+#define CAPTURE_BYTES 4096  /* per read or write, until the agent asks for more */
 #endif
+#define CAP_MAX 32768       /* per read or write at most; a power of two */
 #ifndef RING_PAGES
-#define RING_PAGES 2048     /* 8 MiB; a power of two */
+#define RING_PAGES 4096     /* 16 MiB; a power of two */
 #endif
-#define CAP CAPTURE_BYTES
 #define MAX_IOV 8
 #define PID_WORDS 65536     /* PID_MAX_LIMIT (2^22) tgids, one bit each */
 
@@ -74,6 +74,7 @@
 #define CONN_TLS 3
 
 #define F_TLS 1
+#define F_WIDE 2  /* captured with the wide limit (CAP_MAX) */
 
 #define S_IFMT_ 0170000
 #define S_IFSOCK_ 0140000
@@ -101,7 +102,7 @@ struct l7_event_t {
 
 struct l7_buf_t {
     struct l7_event_t h;
-    u8 data[2 * CAP];  /* twice the cap: the verifier sees every copy's end below it */
+    u8 data[2 * CAP_MAX];  /* twice the cap: the verifier sees every copy's end below it */
 };
 
 struct args_t {
@@ -124,6 +125,8 @@ struct conn_t {
     u16 rport;
     u16 pad2;
     u8 raddr[16];
+    u32 cap;      /* bytes to copy per call, from the connection's first bytes; 0 until then */
+    u32 pad3;
 };
 
 struct ssl_args_t {
@@ -142,11 +145,21 @@ struct user_iovec_t {
 
 BPF_ARRAY(optin, u64, PID_WORDS);
 BPF_TABLE("lru_hash", u32, struct args_t, inflight, MAX_ENTRIES);
-BPF_HASH(conns, u64, struct conn_t, MAX_ENTRIES);
+/* LRU: an entry of a process that exited without closing (no close() to delete it)
+ * must not fill the map; an evicted live entry is just looked at again. */
+BPF_TABLE("lru_hash", u64, struct conn_t, conns, MAX_ENTRIES);
+/* (tgid, fd) -> bytes to copy per read or write, where the agent's parser found the
+ * kernel's guess (conn_t.cap) wrong: HTTP needs only each message's head, its bodies
+ * are skipped by length; PostgreSQL, MySQL and Redis need every message head of a
+ * result that spans whole reads. */
+BPF_TABLE("lru_hash", u64, u32, caps, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct ssl_args_t, ssl_calls, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u64, s32, ssl_fds, MAX_ENTRIES);  /* SSL* -> its socket's fd */
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
-BPF_PERCPU_ARRAY(scratch, struct l7_buf_t, 1);
+/* One buffer per CPU, indexed by CPU: a per-CPU map's value is limited to 32 KiB.
+ * Programs here run in process context with migration disabled and never nest on a
+ * CPU, so a CPU's buffer has one user at a time. */
+BPF_ARRAY(scratch, struct l7_buf_t, NR_CPUS);
 /* [0] events the ring buffer had no room for, [1] events sent, [2] bytes captured */
 BPF_PERCPU_ARRAY(l7_stats, u64, 4);
 BPF_PERCPU_ARRAY(sonde_drops, u64, 1);
@@ -236,63 +249,88 @@ static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_soc
     return conns.lookup(&key);
 }
 
-/* Copy what the call moved, at most CAP bytes, from one buffer. */
-static __always_inline u32 copy_buf(u8 *dst, u64 src, u64 n)
+/* Copy what the call moved, at most limit (<= CAP_MAX) bytes, from one buffer. */
+static __always_inline u32 copy_buf(u8 *dst, u64 src, u64 n, u32 limit)
 {
-    u32 len = n < CAP ? n : CAP;
+    u32 len = n < limit ? n : limit;
     /* keep the bound on the register the helper gets */
-    asm volatile("if %[l] <= %[c] goto +1\n\t%[l] = %[c]" : [l] "+r"(len) : [c] "i"(CAP));
+    asm volatile("if %[l] <= %[c] goto +1\n\t%[l] = %[c]" : [l] "+r"(len) : [c] "i"(CAP_MAX));
     if (len == 0 || sonde_read_user(dst, len, (const void *)src))
         return 0;
     return len;
 }
 
-/* Copy the first n bytes spread over iovecs, in order, until CAP is full or an
- * iovec cannot be read: the result is always a prefix of the bytes moved. */
-static __always_inline u32 copy_iov(u8 *dst, u64 iov, u64 iovcnt, u64 n)
+/* Copy the first n bytes spread over iovecs, in order, until limit (<= CAP_MAX) is
+ * reached or an iovec cannot be read: the result is always a prefix of the bytes moved. */
+static __always_inline u32 copy_iov(u8 *dst, u64 iov, u64 iovcnt, u64 n, u32 limit)
 {
     u32 off = 0;
     #pragma unroll
     for (int i = 0; i < MAX_IOV; i++) {
-        if (i >= iovcnt || n == 0 || off >= CAP)
+        if (i >= iovcnt || n == 0 || off >= limit)
             break;
         struct user_iovec_t v = {};
         if (sonde_read_user(&v, sizeof(v), (const void *)(iov + i * sizeof(v))))
             break;
         u64 take = v.len < n ? v.len : n;
-        u32 room = CAP - off;
+        u32 room = limit - off;
         u32 len = take < room ? take : room;
-        asm volatile("if %[l] <= %[c] goto +1\n\t%[l] = %[c]" : [l] "+r"(len) : [c] "i"(CAP));
+        asm volatile("if %[l] <= %[c] goto +1\n\t%[l] = %[c]" : [l] "+r"(len) : [c] "i"(CAP_MAX));
         u32 at = off;
-        /* off < CAP here, but the verifier must see it on the register it adds */
-        asm volatile("%[a] &= %[m]" : [a] "+r"(at) : [m] "i"(CAP - 1));
+        /* off < limit <= CAP_MAX here, but the verifier must see it on the register it adds */
+        asm volatile("%[a] &= %[m]" : [a] "+r"(at) : [m] "i"(CAP_MAX - 1));
         if (len && sonde_read_user(dst + at, len, (const void *)v.base))
             break;
         off += len;
         n -= take;
         if (len < take)
-            break;  /* CAP reached inside this iovec */
+            break;  /* the limit was reached inside this iovec */
     }
     return off;
+}
+
+/* Whether a connection's first captured bytes start an HTTP/1.x request or response:
+ * then 4 KiB per call holds every message head the parser needs (a body is skipped by
+ * its length); anything else (Redis, PostgreSQL, MySQL) is copied up to CAP_MAX. */
+static __always_inline int looks_like_http(const u8 *d)
+{
+    u32 w = d[0] | (d[1] << 8) | (d[2] << 16) | ((u32)d[3] << 24);
+    switch (w) {
+    case 0x20544547: /* "GET " */ case 0x54534f50: /* "POST" */ case 0x20545550: /* "PUT " */
+    case 0x44414548: /* "HEAD" */ case 0x454c4544: /* "DELE" */ case 0x4954504f: /* "OPTI" */
+    case 0x43544150: /* "PATC" */ case 0x4e4e4f43: /* "CONN" */ case 0x43415254: /* "TRAC" */
+    case 0x50545448: /* "HTTP" */
+        return 1;
+    }
+    return 0;
 }
 
 static __always_inline void emit(void *ctx, u32 tgid, s32 fd, struct conn_t *c, u8 dir, u8 how, u64 ptr,
                                  u64 len, u64 moved, u8 flags)
 {
-    int zero = 0;
-    struct l7_buf_t *b = scratch.lookup(&zero);
+    u32 cpu = bpf_get_smp_processor_id();
+    struct l7_buf_t *b = scratch.lookup(&cpu);
     if (!b)
         return;
+    u64 key = conn_key(tgid, fd);
+    u32 *want = caps.lookup(&key);
+    u32 limit = want ? *want : (c->cap ? c->cap : CAP_MAX);
+    if (limit > CAP_MAX)
+        limit = CAP_MAX;
     u32 cap = 0;
     if (how == HOW_BUF) {
-        cap = copy_buf(b->data, ptr, moved);
+        cap = copy_buf(b->data, ptr, moved, limit);
     } else if (how == HOW_IOV) {
-        cap = copy_iov(b->data, ptr, len, moved);
+        cap = copy_iov(b->data, ptr, len, moved, limit);
     } else if (how == HOW_MSG) {
         u64 iov[2] = {};  /* struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (UAPI) */
         if (!sonde_read_user(iov, sizeof(iov), (const void *)(ptr + 16)))
-            cap = copy_iov(b->data, iov[0], iov[1], moved);
+            cap = copy_iov(b->data, iov[0], iov[1], moved, limit);
     }
+    if (!c->cap && cap >= 4)
+        c->cap = looks_like_http(b->data) ? CAPTURE_BYTES : CAP_MAX;
+    if (limit == CAP_MAX)
+        flags |= F_WIDE;
     u32 *lost = dir == DIR_OUT ? &c->lost_out : &c->lost_in;
     u32 seen_lost = *lost;
     b->h.ts = bpf_ktime_get_ns();
@@ -309,7 +347,7 @@ static __always_inline void emit(void *ctx, u32 tgid, s32 fd, struct conn_t *c, 
     b->h.rport = c->rport;
     __builtin_memcpy(b->h.raddr, c->raddr, 16);
     __builtin_memset(b->h.comm, 0, sizeof(b->h.comm));
-    u32 size = sizeof(b->h) + (cap & (2 * CAP - 1));
+    u32 size = sizeof(b->h) + (cap & (2 * CAP_MAX - 1));
     if (events.ringbuf_output(b, size, 0)) {
         __sync_fetch_and_add(lost, 1);
         stat_add(0, 1);
@@ -365,6 +403,7 @@ int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
             if (c->state != CONN_SKIP)
                 emit_small(EV_CLOSE, tgid, fd);
             conns.delete(&key);
+            caps.delete(&key);
         }
         return 0;
     }

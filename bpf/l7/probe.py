@@ -10,14 +10,17 @@ What fires, and when:
 - while a process is opted in: one raw tracepoint program at every syscall entry
   and exit on the host (`raw_syscalls:sys_enter`, `sys_exit`). Other processes
   stop at the cheapest test: at entry a compare of the syscall number (in the
-  program's context) with the nine below, then a bit test in an array map keyed by
-  tgid (inlined by the verifier, no helper call); at exit the bit test. Opted-in
+  program's context) with the ten it wants, then a bit test in an array map keyed
+  by tgid (inlined by the verifier, no helper call); at exit the bit test. Opted-in
   processes' read, readv, recvfrom, recvmsg, write, writev, sendto, sendmsg and
-  sendfile keep their arguments per thread until the exit, which copies the first
-  4 KiB of the bytes really moved (iovecs followed in order) and the true length
-  into a 16 MiB ring buffer; a full ring buffer drops the event and counts it, per
-  connection and direction, and the agent hands the parser a gap there. close()
-  ends a connection;
+  sendfile keep their arguments per thread until the exit, which copies a prefix of
+  the bytes really moved (iovecs followed in order) and the true length into a
+  16 MiB ring buffer: 4 KiB per call for a connection whose first bytes are an
+  HTTP/1.x request or status line (its bodies are skipped by length), else up to
+  32 KiB (Redis, PostgreSQL and MySQL parsers need every message head of a long
+  result); the agent corrects that guess once its parser knows the protocol. A full
+  ring buffer drops the event and counts it, per connection and direction, and the
+  agent hands the parser a gap there. close() ends a connection;
 - per new (process, fd): one look at the fd through the running kernel's own
   offsets (BTF): only TCP sockets are captured, anything else is remembered as
   skipped in the kernel; the peer address and ports are read then, so a
@@ -97,6 +100,7 @@ log = logging.getLogger("sonde.l7")
 EVENT = struct.Struct("=QIiQIIBBBBHH16s16s")
 EV_DATA, EV_CLOSE, EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3, 4, 5
 F_TLS = 1
+F_WIDE = 2  # the event was captured with the wide limit (DENSE_CAPTURE)
 PID_BITS = 6  # the optin bitmap: word tgid >> 6, bit tgid & 63
 RAW_HOOKS = (("sys_enter", "l7_sys_enter"), ("sys_exit", "l7_sys_exit"))
 RARE_HOOKS = (("sched_process_exec", "l7_exec"), ("sched_process_fork", "l7_fork"),
@@ -106,6 +110,12 @@ SSL_PROBES = (("SSL_read", "ssl_read_enter"), ("SSL_write", "ssl_write_enter"),
 CAPTURE_FIELDS = ("unanswered", "orphan_responses", "lost_events", "desyncs", "truncated", "aborted", "undetected")
 STATUS_FIELDS = {c: f"status_{c}" for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
 UNKNOWN = "unknown"
+# Protocols whose parser needs every message head of a response, however long: the
+# kernel copies up to 32 KiB of each of their reads and writes (HTTP: 4 KiB, bodies
+# are skipped by length).
+DENSE = frozenset({"resp", "pgwire", "mysql"})
+DENSE_CAPTURE = 32768
+HTTP_CAPTURE = 4096
 
 
 # --- what the kernel must have --------------------------------------------------------------
@@ -148,8 +158,17 @@ def kernel_features(sys_root) -> list[str]:
     return []
 
 
+def possible_cpus(sys_root) -> int:
+    """How many CPU ids the kernel may use (/sys/devices/system/cpu/possible, e.g. 0-7)."""
+    try:
+        text = (Path(sys_root) / "devices/system/cpu/possible").read_text().strip()
+        return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
 def kernel_cflags(sys_root) -> list[str]:
-    return [f"-D{k}={v}" for k, v in layout(btf.load(sys_root)).items()]
+    return [f"-D{k}={v}" for k, v in layout(btf.load(sys_root)).items()] + [f"-DNR_CPUS={possible_cpus(sys_root)}"]
 
 
 # --- which processes are opted in -----------------------------------------------------------
@@ -350,7 +369,7 @@ def peer_name(family: int, raw: bytes) -> str:
 
 class Tracked:
     """One connection the agent parses: its parser and what it has reported."""
-    __slots__ = ("conn", "ident", "peer", "lport", "rport", "tls", "reported", "protocol_counted")
+    __slots__ = ("conn", "ident", "peer", "lport", "rport", "tls", "reported", "protocol_counted", "widened")
 
     def __init__(self, ident: tuple, family: int, raddr: bytes, lport: int, rport: int, tls: bool):
         self.conn = Connection()
@@ -361,6 +380,7 @@ class Tracked:
         self.tls = tls
         self.reported = (0,) * len(CAPTURE_FIELDS)
         self.protocol_counted = False
+        self.widened = False
 
     def role(self) -> str:
         # The direction the parser found requests in (bpf/l7/protocols/pairing.py); "in"
@@ -417,6 +437,7 @@ class L7Decoder:
         self.lock = threading.RLock()
         self.optin = self.bpf.get_table(b"optin")
         self.kconns = self.bpf.get_table(b"conns")
+        self.kcaps = self.bpf.get_table(b"caps")
         self.inflight = self.bpf.get_table(b"inflight")
         self.stats = self.bpf.get_table(b"l7_stats")
         self._prev_stats = (0, 0, 0)
@@ -501,6 +522,18 @@ class L7Decoder:
         done += t.conn.feed(ts, direction, prefix, max(true_len, len(prefix)))
         for ex in done:
             self._count(tgid, t, ex)
+        if not t.widened and t.conn.protocol is not None:
+            # The kernel guessed the capture size from the connection's first bytes
+            # (HTTP: 4 KiB, else wide); where the parser knows better, say so.
+            t.widened = True
+            wide = bool(flags & F_WIDE)
+            want = DENSE_CAPTURE if t.conn.protocol in DENSE and not wide else \
+                HTTP_CAPTURE if t.conn.protocol == "http" and wide else None
+            if want is not None:
+                try:
+                    self.kcaps[self.kcaps.Key((tgid << 32) | (fd & 0xFFFFFFFF))] = self.kcaps.Leaf(want)
+                except Exception as e:  # bcc raises bare Exception; the LRU map does not fill
+                    log.debug("l7: capture size of pid %d fd %d not set: %s", tgid, fd, e)
 
     def _count(self, tgid: int, t: Tracked, ex) -> None:
         role = t.role()
