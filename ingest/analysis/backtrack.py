@@ -30,6 +30,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
+from sonde.ingest.analysis.hotspots import describe, hotspots
 from sonde.ingest.runtime import hist
 
 FLOW_FIELDS = ("tx_bytes", "rx_bytes", "active_opens", "passive_opens", "connect_refused", "connect_timeouts",
@@ -332,7 +333,13 @@ class Backtrack:
 
     # --- findings ----------------------------------------------------------------------
 
-    def findings(self, flows, before_flows, lbs, cpu, ooms) -> list[Finding]:
+    def _hotspots(self, w: Window, host: str, pid: str) -> list:
+        try:
+            return hotspots(self.query, w.start_ms, w.end_ms, str(pid), host)
+        except RuntimeError:  # no profile measurements in this database
+            return []
+
+    def findings(self, flows, before_flows, lbs, cpu, ooms, w: Window | None = None) -> list[Finding]:
         out: list[Finding] = []
         serves: dict[tuple, set] = {}
         for r in [*flows, *before_flows]:
@@ -370,11 +377,14 @@ class Backtrack:
                 continue
             p = (c["host"], c["pid"])
             clause = self._pinned_clause(p, in_lb.get(p), flows, before_flows)
+            # Where it was, when continuous profiling was on (probe profile): the function, not only the pid.
+            where = describe(self._hotspots(w, c["host"], c["pid"])) if w else ""
             f = Finding(40 + c["pinned_intervals"], "cpu_pinned", f'{c["comm"]} (pid {c["pid"]})',
                         f'wanted >= {PINNED_PCT}% of a core for {c["pinned_intervals"]} intervals (over the window '
                         f'on a CPU {c["mean_pct"] or 0:.0f}%, on a CPU or waiting for one {c["demand_pct"] or 0:.0f}%)',
-                        f'{c["comm"]} pid {c["pid"]} is stuck on its core: take a stack of that process '
-                        f'(or restart it)' + (f"; {clause}" if clause else ""),
+                        f'{c["comm"]} pid {c["pid"]} is stuck on its core '
+                        + (f"{where}" if where else "(continuous profiling was off: take a stack of that process)")
+                        + " (or restart it)" + (f"; {clause}" if clause else ""),
                         procs={p}, serves=serves)
             out.append(f)
             pinned.append(f)
@@ -485,7 +495,7 @@ class Backtrack:
         self.progress("alerts and anomalies")
         alerts = [a for a in self.events(w, "sonde_alert") if a.get("state") == "firing"]
         anomalies = self.events(w, "sonde_anomaly")
-        findings = self.findings(flows, before, lbs, cpu, ooms)
+        findings = self.findings(flows, before, lbs, cpu, ooms, w)
         causes = [f for f in findings if f.explained_by is None]
         return {
             "window": {"from_ms": w.start_ms, "to_ms": w.end_ms, "host": w.host, "process": w.process,

@@ -689,3 +689,38 @@ def test_continuous_profiling_names_python_functions(agents, started, influx, in
     assert python_rows, [r["frames"] for r in rows]
     assert {r["function"] for r in python_rows} <= {"shares.work:11", "shares.work:12"}, python_rows
     assert any(r["frames"].endswith("shares.seventy:17;shares.work:12") for r in python_rows), python_rows
+
+
+def test_backtrack_names_the_function_a_pinned_process_spins_in(agents, started, influx, influx_db, tmp_path):
+    """Issue 16 item 5: a process stuck on its core for several polls, with continuous
+    profiling on: backtrack's likely cause names the process and the frame it spun in
+    (c, 60 % of its samples by the program's design), through the real CLI over a real
+    InfluxDB filled by a real agent run."""
+    from sonde.ingest.analysis.backtrack import PINNED_INTERVALS
+
+    binary = build_c(tmp_path, "shares.c", "spinner")
+    agent = agents("cpu", "profile", extra="probes:\n  profile:\n    enabled: true\n")
+    start_ms = int(time.time() * 1000)
+    prog = started([binary, "100000000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    prog.stdin.write("go\n")
+    prog.stdin.flush()
+    assert prog.stdout.readline().strip() == "go"
+    for _ in range(PINNED_INTERVALS + 3):   # the config polls every second: a run of pinned intervals
+        time.sleep(1)
+        agent.poll()
+    prog.kill()
+    prog.wait()
+    drain(agent)
+    end_ms = int(time.time() * 1000)
+    cfg = tmp_path / "bt.yaml"
+    cfg.write_text(f"state_dir: {tmp_path}/bt\ninfluxdb:\n  api: v1\n  url: {influx.url}\n  database: {influx_db}\n")
+    r = subprocess.run([sys.executable, "-m", "sonde.ingest.cli", "backtrack", "-c", str(cfg), "--from",
+                        str(start_ms / 1000), "--to", str(end_ms / 1000), "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    pinned = [f for f in report["findings"] if f["kind"] == "cpu_pinned" and f"pid {prog.pid}" in f["subject"]]
+    assert pinned, report["findings"]
+    cause = pinned[0]["cause"]
+    m = re.search(r"stuck on its core in c \((\d+(?:\.\d+)?)% of its samples\)", cause)
+    assert m and abs(float(m.group(1)) - 60) <= 10, cause
