@@ -23,6 +23,10 @@ PROCESS_CPU = Measurement(
         Field("runq_waits", "int", "waits",
               "Times a thread got a CPU after such a wait (scheduler pcount); runq_wait_us / runq_waits is "
               "the mean wait."),
+        Field("max_thread_oncpu_us", "int", "us",
+              "On-CPU time this interval of the process's busiest thread (its scheduler run time; a thread that "
+              "exited, from its exit record). One thread near interval_us is a stuck worker even in a process "
+              "whose other threads idle; oncpu_us alone cannot tell that from many threads sharing the work."),
     ),
 )
 

@@ -156,6 +156,8 @@ class _Proc:
     leader_exited: bool = False
     comm: bytes = b""  # the main thread's comm from its exit record: the name once the process is gone
     last_comm: bytes = b""  # /proc's name at the last report
+    busiest: int = 0  # ns: the most one thread ran over the last read's interval
+    pending_busiest: int = 0  # ns: the most one exited thread ran after the last read
 
 
 class CpuDecoder:
@@ -165,6 +167,7 @@ class CpuDecoder:
         self.root = str(probe.config.paths.proc)
         self.procs: dict[int, _Proc] = {}
         self.records: list = []
+        self.busiest: dict[int, int] = {}  # tgid -> ns its busiest thread ran this interval (this poll's rows)
         self.gen = 0
         self._check_namespace()
         self.ring = probe.table("exits")  # keep the table: bcc frees its ring buffer with it
@@ -249,6 +252,7 @@ class CpuDecoder:
         except OSError:
             return None
         live = ZERO
+        busiest = 0
         threads = {}
         listed = set()
         for name in names:
@@ -277,7 +281,9 @@ class CpuDecoder:
                     threads[tid] = old
                 continue
             counters = (runtime, run_delay, pcount) + parse_switches(status)
-            live = add(live, since(counters, old.counters if old else None))
+            delta = since(counters, old.counters if old else None)
+            live = add(live, delta)
+            busiest = max(busiest, delta[0])
             threads[tid] = _Thread(counters)
         for tid, t in p.threads.items():
             # Gone from /proc, exit record not drained yet: keep it for the record,
@@ -290,6 +296,7 @@ class CpuDecoder:
         cpu = clock - p.clock if p.clock is not None else clock
         d = (max(cpu, 0),) + add(live, p.pending)[1:]
         p.clock, p.pending = clock, ZERO
+        p.busiest, p.pending_busiest = min(max(busiest, p.pending_busiest), d[0]), 0
         return d
 
     def _on_record(self, ctx, data, size) -> None:
@@ -306,6 +313,7 @@ class CpuDecoder:
         if t is not None and t.gone:
             d = (0,) + d[1:]
         p.pending = add(p.pending, d)
+        p.pending_busiest = max(p.pending_busiest, d[0])
         p.dead_tids.add(tid)
         if tid == tgid:
             p.leader_exited = True
@@ -325,6 +333,7 @@ class CpuDecoder:
             self._exited(tid, tgid, comm, final)
 
         rows = []  # (tgid, name, counters)
+        self.busiest = {}
         for tgid in self._pids():
             p = self.procs.get(tgid)
             if p is not None and p.listed >= 0 and p.listed < self.gen - 1:
@@ -347,6 +356,7 @@ class CpuDecoder:
                 p.last_comm = (comm.encode("utf-8", "surrogateescape").removesuffix(b"\n") if comm else
                                p.comm or p.last_comm)
                 rows.append((tgid, printable_name(p.last_comm), d))
+                self.busiest[tgid] = p.busiest
 
         for tgid, p in list(self.procs.items()):
             if p.listed != self.gen:
@@ -358,7 +368,8 @@ class CpuDecoder:
         records), under the name it had; forget it once late records can no longer come."""
         if any(p.pending):
             rows.append((tgid, printable_name(p.comm or p.last_comm), p.pending))
-            p.pending = ZERO
+            self.busiest[tgid] = min(p.pending_busiest, p.pending[0])
+            p.pending, p.pending_busiest = ZERO, 0
         if not keep:
             del self.procs[tgid]
 
@@ -366,13 +377,15 @@ class CpuDecoder:
         budget = self.probe.budget
         kept, other = fold(rows, self.probe.settings.max_processes,
                            lambda pid, name: budget.admit({("process_cpu", str(pid), name)}))
-        points = [self._point(ts, str(pid), name, d, interval_ns) for pid, name, d in kept]
+        points = [self._point(ts, str(pid), name, d, interval_ns, self.busiest.get(pid, 0)) for pid, name, d in kept]
         if other is not None:
             budget.admit({("process_cpu", OTHER, OTHER)}, force=True)
-            points.append(self._point(ts, OTHER, OTHER, other, interval_ns))
+            kept_pids = {pid for pid, _, _ in kept}
+            busiest = max((self.busiest.get(pid, 0) for pid, _, _ in rows if pid not in kept_pids), default=0)
+            points.append(self._point(ts, OTHER, OTHER, other, interval_ns, busiest))
         return points
 
-    def _point(self, ts: int, pid: str, name: str, d: tuple, interval_ns: int) -> Point:
+    def _point(self, ts: int, pid: str, name: str, d: tuple, interval_ns: int, busiest_ns: int) -> Point:
         cpu_ns, runq_ns, runq_waits, voluntary, involuntary = d
         return Point("process_cpu", {"host": self.host, "pid": pid, "comm": name}, {
             "oncpu_us": cpu_ns // 1000,
@@ -382,6 +395,7 @@ class CpuDecoder:
             "involuntary_switches": involuntary,
             "runq_wait_us": runq_ns // 1000,
             "runq_waits": runq_waits,
+            "max_thread_oncpu_us": busiest_ns // 1000,
         }, ts)
 
 

@@ -312,3 +312,55 @@ def test_spinner_cpu_matches_proc_stat_in_influxdb(agent_for, influx, influx_db)
     oncpu = rows[0]["sum"] / 1e6
     assert abs(oncpu - used) <= 0.05 * used, (oncpu, used)
     assert 90 <= rows[0]["max"] <= 110
+
+
+THREADS = """\
+import sys, threading, time
+def spin(seconds):
+    t = time.time() + seconds
+    while time.time() < t:
+        pass
+def idle(seconds):
+    time.sleep(seconds)
+kind, seconds = sys.argv[1], float(sys.argv[2])
+# 'stuck': one thread spins while three sleep; 'shared': three threads take turns on the GIL
+work = [spin] + [idle] * 3 if kind == "stuck" else [spin] * 3
+threads = [threading.Thread(target=w, args=(seconds,)) for w in work]
+for t in threads:
+    t.start()
+print("go", flush=True)
+for t in threads:
+    t.join()
+"""
+
+
+@pytest.mark.truth
+def test_busiest_thread_tells_a_stuck_thread_from_shared_work(cpu_probe):
+    """max_thread_oncpu_us (what the per-thread cpu_pinned rule reads): with one of four
+    threads spinning it carries the whole process's CPU; with three threads taking turns
+    on the GIL no thread carries more than about half of it. Checked against each
+    thread's own utime+stime in /proc/<pid>/task/<tid>/stat over the same run."""
+    probe = cpu_probe()
+    for kind in ("stuck", "shared"):
+        poll(probe)
+        child = subprocess.Popen([sys.executable, "-c", THREADS, kind, "3"], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "go"
+        tids = os.listdir(f"/proc/{child.pid}/task")
+        time.sleep(2.5)
+        per_thread = {}
+        for tid in tids:   # the threads' own accounts, read while they live
+            f = Path(f"/proc/{child.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            per_thread[tid] = (int(f[11]) + int(f[12])) / TICK
+        rows = of(poll(probe), child.pid)
+        child.wait(timeout=30)
+        assert rows, f"no process_cpu point for the {kind} process"
+        oncpu, busiest = rows[0]["oncpu_us"], rows[0]["max_thread_oncpu_us"]
+        share = max(per_thread.values()) / max(sum(per_thread.values()), 1e-9)
+        assert oncpu > 1_000_000, rows   # it ran over a second of CPU in the interval
+        if kind == "stuck":
+            assert share > 0.95, per_thread
+            assert busiest >= 0.95 * oncpu, rows
+        else:
+            assert share < 0.6, per_thread
+            assert busiest <= 0.6 * oncpu, rows
+        assert busiest <= oncpu
