@@ -540,7 +540,7 @@ static __always_inline int ssl_return(struct user_regs_t *ctx)
         return 0;
     struct ssl_args_t s = *sp;
     ssl_calls.delete(&tid);
-    long ret = ctx->ax;
+    int ret = (int)ctx->ax;  /* an int: the upper half of rax is not sign-extended (-1 reads 4294967295) */
     u64 moved = 0;
     if (s.out_len) {
         if (ret != 1 || sonde_read_user(&moved, sizeof(moved), (const void *)s.out_len))

@@ -72,6 +72,10 @@ Limits:
   requests they carried are `unanswered` or not seen;
 - a request's duration runs from the syscall holding its first byte to the one
   holding its response's last, as the process sees it (not the wire);
+- a program that execs into a match (by name or executable) is opted in, and its
+  libssl probed, when the agent sees the exec, tens of milliseconds later: what it
+  says before is not seen (a TLS connection's ciphertext shows as `undetected`).
+  Processes forked by an opted-in one are covered at once by the kernel;
 - not captured: io_uring, sendmmsg/recvmmsg, splice, kTLS, UNIX sockets, UDP;
   HTTP/2 and HTTP/3; an fd replaced by dup2() or closed by close_range() keeps its
   old connection until the process exits;
@@ -107,6 +111,8 @@ RARE_HOOKS = (("sched_process_exec", "l7_exec"), ("sched_process_fork", "l7_fork
               ("sched_process_exit", "l7_exit"))
 SSL_PROBES = (("SSL_read", "ssl_read_enter"), ("SSL_write", "ssl_write_enter"),
               ("SSL_read_ex", "ssl_read_ex_enter"), ("SSL_write_ex", "ssl_write_ex_enter"))
+LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/usr/lib")
+LIBSSL_NAMES = ("libssl.so.3", "libssl.so.1.1")
 CAPTURE_FIELDS = ("unanswered", "orphan_responses", "lost_events", "desyncs", "truncated", "aborted", "undetected")
 STATUS_FIELDS = {c: f"status_{c}" for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
 UNKNOWN = "unknown"
@@ -443,7 +449,12 @@ class L7Decoder:
         self._prev_stats = (0, 0, 0)
         self.opted: dict[int, bytes] = {}       # tgid -> comm when opted in
         self.names: dict[int, bytes] = {}       # tgid -> comm, kept after exit for the last points
-        self.tls: dict[int, list[tuple[str, str]]] = {}  # tgid -> uprobes attached (path, symbol)
+        self.tls: dict[int, dict[tuple, list]] = {}  # tgid -> {libssl inode: uprobes attached (path, symbol, ret)}
+        # libssl files opted-in processes map (host paths), and the distribution's own
+        self.libssl_seen: set[str] = {f"{d}/{n}" for d in LIB_DIRS for n in LIBSSL_NAMES
+                                      if os.path.exists(f"{d}/{n}")}
+        self._exports: dict[tuple, bool] = {}
+        self._symbols: dict[tuple, tuple[bytes, int] | None] = {}
         self.tracked: dict[tuple[int, int], Tracked] = {}
         self.by_tgid: dict[int, set[int]] = defaultdict(set)
         self.acc: dict[tuple, Agg] = {}
@@ -623,9 +634,11 @@ class L7Decoder:
                 self.opted[tgid] = self.names[tgid] = comm
                 self._detach_tls(tgid)  # a new program: new libraries
                 if self.tls_wanted:
-                    self._attach_tls(tgid)
+                    self._attach_tls(tgid, guess=True)
             else:
                 self._opt_in(tgid, comm)
+                if self.tls_wanted:
+                    self._attach_tls(tgid, guess=True)  # its libraries are not mapped yet
         elif tgid in self.opted:
             self._opt_out(tgid)
 
@@ -634,7 +647,7 @@ class L7Decoder:
         if tgid not in self.opted:
             self.opted[tgid] = self.names[tgid] = comm
             if self.tls_wanted:
-                self._attach_tls(tgid)
+                self._attach_tls(tgid)  # a fork maps what its parent maps
 
     def _gone(self, tgid: int, ts: int) -> None:
         # the kernel has cleared the bit; this event comes after all of the process's own
@@ -666,9 +679,8 @@ class L7Decoder:
                 for fd in list(self.by_tgid.get(tgid, ())):
                     self._end((tgid, fd), self.tracked[(tgid, fd)], ts)
         if self.tls_wanted:
-            for tgid in self.opted:
-                if tgid not in self.tls:
-                    self._attach_tls(tgid)
+            for tgid in list(self.opted):  # libraries loaded since (dlopen)
+                self._attach_tls(tgid)
         self._hooks()
 
     def _hooks(self) -> None:
@@ -696,7 +708,12 @@ class L7Decoder:
 
     # --- TLS -----------------------------------------------------------------------------
 
-    def _attach_tls(self, tgid: int) -> None:
+    def _attach_tls(self, tgid: int, guess: bool = False) -> None:
+        """Uprobes on every libssl (or executable exporting SSL_read) of the process not
+        yet probed for it. With guess (a new program, at its exec), also on the libssl
+        files other processes map and the distribution's own: a uprobe attached by file and pid before the
+        process maps the library is installed when it does, so a client that talks TLS
+        right after its exec is caught from its first call."""
         maps = _read(f"{self.proc}/{tgid}/maps")
         if maps is None:
             return
@@ -704,34 +721,76 @@ class L7Decoder:
             exe = os.readlink(f"{self.proc}/{tgid}/exe").removesuffix(" (deleted)")
         except OSError:
             exe = None
-        done = []
-        for path in ssl_objects(maps.decode(errors="replace"), exe):
-            target = f"{self.proc}/{tgid}/root{path}" if os.path.exists(f"{self.proc}/{tgid}/root{path}") else path
-            if not exports_ssl(target):
+        root = f"{self.proc}/{tgid}/root"
+        paths = [root + p if os.path.exists(root + p) else p for p in ssl_objects(maps.decode(errors="replace"), exe)]
+        if guess and os.path.realpath(root) == "/":
+            paths += sorted(self.libssl_seen)
+        done = self.tls.setdefault(tgid, {})
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
                 continue
+            inode = (st.st_dev, st.st_ino)
+            if inode in done or not self._exports_ssl(path, st):
+                continue
+            probes = []
             for sym, fn in SSL_PROBES:
+                where = self._symbol(path, inode, sym)
+                if where is None:  # a symbol this OpenSSL lacks (the _ex forms before 1.1.1)
+                    continue
                 try:
-                    self.bpf.attach_uprobe(name=target.encode(), sym=sym.encode(), fn_name=fn.encode(), pid=tgid)
-                    done.append((target, sym, False))
-                    self.bpf.attach_uretprobe(name=target.encode(), sym=sym.encode(), fn_name=b"ssl_return_probe",
-                                              pid=tgid)
-                    done.append((target, sym, True))
-                except Exception as e:  # bcc raises bare Exception: a symbol this OpenSSL lacks (_ex before 1.1.1)
-                    log.debug("l7: no uprobe on %s:%s for pid %d: %s", target, sym, tgid, e)
-        self.tls[tgid] = done
-        if done:
-            log.info("l7: libssl uprobes on pid %d (%s)", tgid, ", ".join(sorted({p for p, _, _ in done})))
+                    probes.append(self._uprobe(where, fn.encode(), tgid, ret=False))
+                    probes.append(self._uprobe(where, b"ssl_return_probe", tgid, ret=True))
+                except OSError as e:
+                    log.warning("l7: no uprobe on %s:%s for pid %d: %s", path, sym, tgid, e)
+            done[inode] = probes
+            if probes:
+                log.info("l7: libssl uprobes on pid %d (%s)", tgid, path)
+                if "/libssl.so" in path and not path.startswith(root):
+                    self.libssl_seen.add(path)
+
+    def _symbol(self, path: str, inode: tuple, sym: str) -> tuple[bytes, int] | None:
+        """(file, offset) of a function, resolved once per library file: bcc's own
+        resolution reads the symbol table on every attach, which took ~1.5 s for the
+        eight probes of a process (the process's first TLS requests went by meanwhile)."""
+        from bcc import BPF
+        key = (inode, sym)
+        if key not in self._symbols:
+            try:
+                self._symbols[key] = BPF._check_path_symbol(path.encode(), sym.encode(), None, -1)
+            except Exception:  # bcc raises bare Exception for a symbol it cannot find
+                self._symbols[key] = None
+        return self._symbols[key]
+
+    def _uprobe(self, where: tuple[bytes, int], fn: bytes, pid: int, ret: bool) -> bytes:
+        """Attach fn at (file, offset) for pid: what bcc's attach_uprobe does after its
+        symbol lookup (bcc's own helpers, so its cleanup() closes these too)."""
+        from bcc import BPF
+        from bcc.libbcc import lib
+        path, offset = where
+        prog = self.bpf.load_func(fn, BPF.KPROBE)
+        ev_name = self.bpf._get_uprobe_evname(b"r" if ret else b"p", path, offset, pid)
+        fd = lib.bpf_attach_uprobe(prog.fd, 1 if ret else 0, ev_name, path, offset, pid)
+        if fd < 0:
+            raise OSError(f"the kernel refused a uprobe at {path.decode()}+{offset:#x}")
+        self.bpf._add_uprobe_fd(ev_name, fd)
+        return ev_name
+
+    def _exports_ssl(self, path: str, st: os.stat_result) -> bool:
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if key not in self._exports:
+            self._exports[key] = exports_ssl(path)
+        return self._exports[key]
 
     def _detach_tls(self, tgid: int, gone: bool = False) -> None:
-        for path, sym, ret in self.tls.pop(tgid, ()):
-            try:
-                if ret:
-                    self.bpf.detach_uretprobe(name=path.encode(), sym=sym.encode(), pid=tgid)
-                else:
-                    self.bpf.detach_uprobe(name=path.encode(), sym=sym.encode(), pid=tgid)
-            except Exception as e:
-                if not gone:
-                    log.debug("l7: uprobe %s:%s of pid %d not detached: %s", path, sym, tgid, e)
+        for probes in self.tls.pop(tgid, {}).values():
+            for ev_name in probes:
+                try:
+                    self.bpf.detach_uprobe_event(ev_name)
+                except Exception as e:  # bcc raises bare Exception
+                    if not gone:
+                        log.debug("l7: uprobe %s of pid %d not detached: %s", ev_name, tgid, e)
 
     # --- polling -------------------------------------------------------------------------
 
@@ -752,7 +811,7 @@ class L7Decoder:
                 else:
                     self.names.pop(tgid, None)
             opted, tracked, attached = len(self.opted), len(self.tracked), self.attached
-            tls = sum(1 for v in self.tls.values() if v)
+            tls = sum(1 for v in self.tls.values() if any(v.values()))
             events, self.events = self.events, 0
         try:
             points = self._red(ts, acc, names) + self._capture(ts, capture, names)

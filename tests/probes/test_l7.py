@@ -268,7 +268,7 @@ HELLO = """
 """
 
 
-def paced(tmp: Path, script: Path | None = None, ms: int = 1, stop_after: int = 600) -> str:
+def paced(tmp: Path, script: Path | None = None, ms: int = 1, stop_after: int = 600, first_ms: int = 0) -> str:
     """A wrk script: `script` (e.g. wrk's own pipeline.lua) unchanged, then a wait of `ms`
     before each write of a connection (a rate the agent's parser keeps up with on a
     shared 2-core machine, so nothing is lost), and each thread stops after
@@ -278,7 +278,8 @@ def paced(tmp: Path, script: Path | None = None, ms: int = 1, stop_after: int = 
     answered by the server but never read)."""
     path = tmp / f"paced-{uuid.uuid4().hex[:6]}.lua"
     path.write_text((f'dofile("{script}")\n' if script else "")
-                    + f"delay = function() return {ms} end\n"
+                    + f"local first = {first_ms}\n"
+                    + f"delay = function() local d = first; first = 0; return d > 0 and d or {ms} end\n"
                     + "local done = 0\n"
                     + f"response = function() done = done + 1; if done >= {stop_after} then wrk.thread:stop() end end\n")
     return str(path)
@@ -943,3 +944,51 @@ def test_mariadb_bad_sql_is_an_error(l7, mariadb, influx, influx_db):
     rows = red(influx, influx_db)
     assert ops(rows, db.pids(), "server", "errors") == {"SELECT": 3}
     assert sum(int(r["errors"]) for r in rows if r["role"] == "client") == 3
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+def self_signed(d: Path) -> tuple[Path, Path]:
+    need(shutil.which("openssl") is not None, "openssl")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    os.chmod(key, 0o644)  # read by servers that drop root (PostgreSQL as postgres)
+    return cert, key
+
+
+def test_https_counts_equal_wrk_and_nginx_through_libssl(l7, influx, influx_db):
+    """nginx with TLS under wrk over https, both opted in: libssl's SSL_read/SSL_write
+    give the plaintext (uprobes per process), the fd coming from the socket call inside
+    them; the requests equal wrk's count and nginx's log exactly, as in plain HTTP, and
+    the handshake's ciphertext is counted as nothing."""
+    tls_dir = l7.tmp / "tls"
+    tls_dir.mkdir()
+    cert, key = self_signed(tls_dir)
+    ng = l7.nginx(f"""
+    server {{
+        listen 127.0.0.1:PORT ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{ default_type text/plain; return 200 "hello\\n"; }}
+    }}
+""")
+    l7.start_agent(ports=[ng.port])
+    # wrk's first request waits 300 ms: the agent attaches its uprobes when it sees wrk's
+    # exec, some tens of milliseconds later, and plaintext before that is not seen
+    ln = l7.launch([wrk_binary(l7.tmp), f"-t{WRK_THREADS}", f"-c{WRK_THREADS}", "-d8s", "-s",
+                    paced(l7.tmp, first_ms=300), f"https://127.0.0.1:{ng.port}/"])
+    l7.opted(ng.pids() | {ln.pid})
+    dec = l7.agent.probes["l7"].decoder
+    assert all(any(dec.tls.get(pid, {}).values()) for pid in ng.pids()), "libssl uprobes not attached to nginx"
+    out = ln.run()
+    wrk_requests, wrk_bad = wrk_counts(out)
+    assert wrk_requests == WRK_THREADS * WRK_EACH and wrk_bad == 0, out
+    assert l7.settle()["lost_events"] == 0
+    rows = red(influx, influx_db)
+    assert total(rows, pid=ln.pid, role="client", port=ng.port, protocol="http", op="GET") == wrk_requests
+    nginx_rows = [r for r in rows if int(r["pid"]) in ng.pids()]
+    assert {(r["role"], r["port"], r["protocol"], r["op"]) for r in nginx_rows} == \
+        {("server", str(ng.port), "http", "GET")}
+    assert total(nginx_rows) == len(ng.log()) == wrk_requests
+    assert {int(r["pid"]) for r in rows} <= ng.pids() | {ln.pid}
