@@ -92,6 +92,7 @@ def cmd_run(args) -> int:
 
     name_this_process()  # before any thread starts: the alert rules leave the agent's own sockets out
     cfg = config_mod.load(args.config)
+    _preflight(cfg, config_mod.source_name(args.config))
     _setup_logging(cfg.log_level, args.debug)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,7 +105,51 @@ def cmd_run(args) -> int:
     return 0
 
 
-def check_problems(cfg) -> list[str]:
+def thresholds_problem(cfg, where: str) -> str | None:
+    """A thresholds file (alerts.thresholds) the alert rules cannot be built from."""
+    import yaml
+
+    from sonde.ingest import plugins
+
+    path = cfg.alerts.thresholds
+    if path is None or not cfg.alerts.enabled:
+        return None
+    fix = "fix it, or set alerts.thresholds: null for the shipped rules"
+    try:
+        if not isinstance(yaml.safe_load(path.read_text()), dict):
+            raise ValueError("the top level must be a mapping of rule names")
+        plugins.load("alert_rules").load(path)
+    except OSError as e:
+        return f"config {where}: alerts.thresholds: cannot read {path} ({e.strerror}); {fix}"
+    except UnicodeDecodeError:
+        return f"config {where}: alerts.thresholds: {path} is not UTF-8 text; {fix}"
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        return f"config {where}: alerts.thresholds: {path} is not valid YAML{at}; {fix}"
+    except KeyError as e:
+        return f"config {where}: alerts.thresholds: {path} has no rule or key {e}; {fix}"
+    except (TypeError, ValueError, AttributeError) as e:
+        return f"config {where}: alerts.thresholds: {path}: {str(e).splitlines()[0]}; {fix}"
+    return None
+
+
+def _preflight(cfg, where: str) -> None:
+    """What `sonde run` needs from the config before anything starts, each as the
+    one-line error naming the key: a usable state_dir, real proc and sys roots, a
+    thresholds file the rules can be built from, a readable secret file."""
+    config_mod.prepare_state_dir(cfg, where)
+    problems = config_mod.path_problems(cfg, where)
+    problems += filter(None, [thresholds_problem(cfg, where)])
+    if problems:
+        raise SondeError(problems[0])
+    if cfg.influxdb.api == "v1":  # a secret file named but unreadable is refused now, not at the first write
+        cfg.influxdb.password()
+    elif cfg.influxdb.api == "v2":
+        cfg.influxdb.token()
+
+
+def check_problems(cfg, where: str = "(built-in defaults)") -> list[str]:
     """Every problem `sonde check` finds, one line each."""
     from sonde.ingest.runtime.agent import effective_sink_config
     from sonde.ingest.runtime.probe import discover, kernel_problems
@@ -112,6 +157,12 @@ def check_problems(cfg) -> list[str]:
     from sonde.ingest.output.sinks import make_sink
 
     problems = []
+    try:
+        config_mod.prepare_state_dir(cfg, where)
+    except SondeError as e:
+        problems += e.args
+    problems += config_mod.path_problems(cfg, where)
+    problems += filter(None, [thresholds_problem(cfg, where)])
     if os.geteuid() != 0:
         problems.append("agent: not running as root; loading BPF programs needs root (CAP_BPF, CAP_PERFMON)")
     try:
@@ -131,6 +182,10 @@ def check_problems(cfg) -> list[str]:
         if not cfg.embedded.binary.exists():
             problems.append(f"embedded: {cfg.embedded.binary} not found; install Debian's influxdb package")
     else:
+        try:  # a secret file that cannot be used is named whether or not the server answers
+            cfg.influxdb.password() if cfg.influxdb.api == "v1" else cfg.influxdb.token()
+        except SondeError as e:
+            return problems + list(e.args)
         sink = make_sink(effective_sink_config(cfg))
         try:
             problems += sink.check()
@@ -149,7 +204,7 @@ def cmd_check(args) -> int:
     if args.secret_file:
         key = "token_file" if cfg.influxdb.api == "v2" else "password_file"
         cfg = cfg.model_copy(update={"influxdb": cfg.influxdb.model_copy(update={key: Path(args.secret_file)})})
-    problems = check_problems(cfg)
+    problems = check_problems(cfg, config_mod.source_name(args.config))
     for line in problems:
         print(line, file=sys.stderr)
     if not problems:
@@ -162,8 +217,11 @@ def _readme_only(args, command: str, update) -> bool:
     if args.readme:
         try:
             update(Path(args.readme))
-        except (OSError, ValueError) as e:
-            raise SondeError(f"{command}: {e}")
+        except OSError as e:
+            raise SondeError(f"{command}: --readme {args.readme}: cannot update it ({e.strerror}); "
+                             f"give the README.md to regenerate")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SondeError(f"{command}: --readme {args.readme}: {str(e).splitlines()[0]}")
     if not args.out and not args.readme:
         raise SondeError(f"{command}: give --out DIR (and/or --readme FILE)")
     return bool(args.out)
@@ -362,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PROBLEM
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # a file or directory the command line or config named
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sonde: error: {where}{e.strerror or e}; check that path and its permissions", file=sys.stderr)
+        return EXIT_PROBLEM
     except Exception as e:  # a bug: still one line unless asked for the traceback
         if args.debug:
             raise

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from sonde.ingest.errors import ConfigError
 
@@ -20,7 +22,30 @@ TOKEN_ENV = "SONDE_INFLUXDB_TOKEN"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Floats are finite (an interval of .inf or .nan is refused here, not by the scheduler).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _nonempty_path(v):
+    if isinstance(v, str) and not v.strip():
+        raise ValueError("must be a path, not empty")
+    return v
+
+
+def _http_url(v: str) -> str:
+    """An http(s) URL with a host and a valid port, or a ValueError saying which part is wrong."""
+    if not (v.startswith("http://") or v.startswith("https://")):
+        raise ValueError("must start with http:// or https://")
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    if not parts.hostname:
+        raise ValueError("has no host; e.g. http://127.0.0.1:8086")
+    if any(c.isspace() for c in v):
+        raise ValueError("contains white space")
+    return v.rstrip("/")
 
 
 class Paths(_Strict):
@@ -29,12 +54,14 @@ class Paths(_Strict):
     tracefs: Path = Path("/sys/kernel/tracing")
     sys: Path = Path("/sys")
 
+    _nonempty = field_validator("proc", "tracefs", "sys", mode="before")(classmethod(lambda cls, v: _nonempty_path(v)))
+
 
 class InfluxDB(_Strict):
     api: Literal["embedded", "v1", "v2"] = "embedded"
     url: str = "http://127.0.0.1:8086"
     # v1 (InfluxDB 1.x /write)
-    database: str = "sonde"
+    database: str = Field("sonde", min_length=1)
     retention_policy: str = ""
     username: str = ""
     password_file: Path | None = None
@@ -48,9 +75,19 @@ class InfluxDB(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not (v.startswith("http://") or v.startswith("https://")):
-            raise ValueError(f"must start with http:// or https:// (got {v!r})")
-        return v.rstrip("/")
+        return _http_url(v)
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, v: str) -> str:
+        if any(c == '"' or c == "\\" or ord(c) < 32 for c in v):
+            raise ValueError("must not contain a double quote, a backslash or a control character")
+        return v
+
+    @field_validator("password_file", "token_file", mode="before")
+    @classmethod
+    def _files(cls, v):
+        return _nonempty_path(v)
 
     def password(self) -> SecretStr | None:
         return _secret(self.password_file, PASSWORD_ENV, "influxdb.password_file")
@@ -64,6 +101,13 @@ class Embedded(_Strict):
     binary: Path = Path("/usr/bin/influxd")
     http_port: int = Field(8086, gt=0, lt=65536)
     rpc_port: int = Field(8088, gt=0, lt=65536)
+
+    @model_validator(mode="after")
+    def _two_ports(self):
+        if self.http_port == self.rpc_port:
+            raise ValueError(f"http_port and rpc_port are both {self.http_port}; the embedded InfluxDB needs two "
+                             f"different ports")
+        return self
 
 
 class Spool(_Strict):
@@ -145,6 +189,16 @@ class Alerts(_Strict):
     webhook_url: str | None = None
     thresholds: Path | None = None  # default: alerts/thresholds.yaml shipped with Sonde
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        return None if v is None else _http_url(v)
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _thresholds(cls, v):
+        return _nonempty_path(v)
+
 
 class Config(_Strict):
     host: str = Field(default_factory=socket.gethostname, min_length=1)
@@ -161,6 +215,11 @@ class Config(_Strict):
     cardinality: Cardinality = Cardinality()
     alerts: Alerts = Alerts()
     probes: dict[str, ProbeConfig] = {}
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _state_dir(cls, v):
+        return _nonempty_path(v)
 
     def probe(self, name: str) -> ProbeConfig:
         return self.probes.get(name, ProbeConfig())
@@ -187,13 +246,18 @@ class Config(_Strict):
         return out
 
 
-
 def _secret(path: Path | None, env: str, key: str) -> SecretStr | None:
     if path is not None:
         try:
-            return SecretStr(path.read_text().strip())
+            secret = path.read_text().strip()
         except OSError as e:
             raise ConfigError(f"{key}: cannot read {path}: {e.strerror}; create it (mode 0600) or unset the key")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{key}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                              f"write the secret as plain text")
+        if not secret:
+            raise ConfigError(f"{key}: {path} is empty; write the secret in it, or unset the key")
+        return SecretStr(secret)
     if os.environ.get(env):
         return SecretStr(os.environ[env])
     return None
@@ -212,7 +276,7 @@ def _problem(err: dict) -> str:
         return f"{where}: unknown key{hint}"
     got = err.get("input")
     got_s = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-    return f"{where}: {err['msg']}{got_s}"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}{got_s}"
 
 
 def parse(text: str, origin: str = "<config>") -> Config:
@@ -222,7 +286,12 @@ def parse(text: str, origin: str = "<config>") -> Config:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow (a NUL, a control byte)
+            at = f"character {e.position + 1}: "
+            ch = chr(e.character) if isinstance(e.character, int) else str(e.character)
+            problem = f"the character U+{ord(ch):04X} is not allowed in YAML text"
+        else:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config {origin}: {at}invalid YAML: {problem}")
     if data is None:
         data = {}
@@ -243,6 +312,45 @@ def load(path: str | Path | None) -> Config:
         text = p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"config {p}: no such file; pass an existing file with -c, or omit -c for the embedded default")
+    except IsADirectoryError:
+        raise ConfigError(f"config {p}: is a directory; pass the YAML file itself with -c")
     except OSError as e:
-        raise ConfigError(f"config {p}: cannot read: {e.strerror}")
+        raise ConfigError(f"config {p}: cannot read: {e.strerror}; check the path and its permissions")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          f"save it as UTF-8")
     return parse(text, str(p))
+
+
+def source_name(path: str | Path | None) -> str:
+    """How errors name where a config came from."""
+    return str(path) if path is not None else "(built-in defaults)"
+
+
+_STATE_FIX = "set state_dir to a writable directory (default /var/lib/sonde)"
+
+
+def prepare_state_dir(cfg: Config, where: str) -> None:
+    """Create state_dir if needed and prove it is a writable directory, or raise the
+    one-line ConfigError that names it (the spool and the embedded InfluxDB live there)."""
+    d = cfg.state_dir
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"config {where}: state_dir: {d} exists and is not a directory; {_STATE_FIX}")
+    except OSError as e:
+        raise ConfigError(f"config {where}: state_dir: cannot use {d} ({e.strerror}); {_STATE_FIX}")
+
+
+def path_problems(cfg: Config, where: str) -> list[str]:
+    """The injectable roots that do not look like what they name, one line each."""
+    out = []
+    if not (cfg.paths.proc / "self/stat").exists():
+        out.append(f"config {where}: paths.proc: {cfg.paths.proc} is not a mounted procfs (no self/stat); "
+                   f"set it to /proc or unset it")
+    if not (cfg.paths.sys / "kernel").is_dir():
+        out.append(f"config {where}: paths.sys: {cfg.paths.sys} is not a mounted sysfs (no kernel/); "
+                   f"set it to /sys or unset it")
+    return out

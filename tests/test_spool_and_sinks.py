@@ -4,12 +4,14 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections import Counter
 
 import pytest
 
 from conftest import REPO, free_port, make_config, need, select, start_influx, transfer, wait_until
 from sonde.ingest.runtime.agent import Agent
 from sonde.ingest.output.embedded import InfluxServer
+from sonde.ingest.output.lineproto import encode
 from sonde.ingest.output.spool import Spool
 
 pytestmark = [pytest.mark.skeleton]
@@ -57,6 +59,7 @@ def test_outage_then_recovery_loses_nothing(bpf_ready, tmp_path):
         server.stop()
 
 
+@pytest.mark.truth
 def test_tiny_spool_drop_counter_is_exact(bpf_ready, tmp_path):
     port = free_port()  # nothing listens here until the end of the test
     cfg = make_config(tmp_path, "spool:\n  max_points: 5\n", api="v1", url=f"http://127.0.0.1:{port}", database="sonde")
@@ -64,18 +67,24 @@ def test_tiny_spool_drop_counter_is_exact(bpf_ready, tmp_path):
     server = None
     try:
         produced = 0
+        last = []
         for i in range(4):
             transfer(tmp_path, 1000 + i, f"sonde-tiny{i}", "sonde-tinyrx")
-            produced += len(agent.poll())
+            last = agent.poll()
+            produced += len(last)
         assert agent.spool.dropped_total() == produced - 5
         assert len(agent.spool) == 5
+        # the 5 kept are the newest: the last 5 of the last poll, in order
+        assert len(last) >= 5
+        newest = last[-5:]
+        assert [line for _, line in agent.spool.peek(10)] == [encode(p) for p in newest]
         server = InfluxServer(tmp_path / "influx", port, free_port()).start()
         server.query('CREATE DATABASE "sonde"')
         wait_until(lambda: len(agent.spool) == 0, timeout=30, what="spool drained")
-        # exactly the 5 newest points arrived: the last poll's
+        # exactly those 5 arrived
         res = server.query("SELECT * FROM /.*/", db="sonde")["results"][0]
-        total = sum(len(series["values"]) for series in res.get("series", []))
-        assert total == 5
+        arrived = Counter((series["name"], row[0]) for series in res.get("series", []) for row in series["values"])
+        assert arrived == Counter((p.measurement, p.ts_ns) for p in newest)
     finally:
         agent.stop()
         if server:
