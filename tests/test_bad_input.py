@@ -98,6 +98,12 @@ CONFIG_CASES = [
     ("probe-map-entries", "probes:\n  tcp:\n    map_entries: 8\n", ["probes.tcp.map_entries"]),
     ("probe-max-processes", "probes:\n  tcp:\n    max_processes: 0\n", ["probes.tcp.max_processes"]),
     ("probe-max-peers", "probes:\n  tcp:\n    max_peers: 0\n", ["probes.tcp.max_peers"]),
+    ("l7-process-long", "probes:\n  l7:\n    processes: [a-name-longer-than-15]\n", ["probes.l7.processes"]),
+    ("l7-executable-relative", "probes:\n  l7:\n    executables: [nginx]\n", ["probes.l7.executables"]),
+    ("l7-port", "probes:\n  l7:\n    ports: [70000]\n", ["probes.l7.ports"]),
+    ("l7-cgroup", "probes:\n  l7:\n    cgroups: [relative/path]\n", ["probes.l7.cgroups"]),
+    ("l7-tls", "probes:\n  l7:\n    tls: maybe\n", ["probes.l7.tls"]),
+    ("l7-on-tcp", "probes:\n  tcp:\n    ports: [80]\n", ["probes.tcp.ports", "unknown key"]),
 ]
 
 
@@ -171,6 +177,13 @@ ARG_CASES = [
                             "2026-01-01T00:00:00Z"], ["window is empty"]),
     ("backtrack-config", ["backtrack", "-c", "{tmp}/binary"], ["binary", "not UTF-8"]),
     ("topology-config", ["topology", "-c", "{tmp}/absent.yaml"], ["absent.yaml", "no such file"]),
+    ("profile-nobody", ["profile", "--seconds", "1", "--out", "{tmp}/p"], ["--pid", "--process", "required"]),
+    ("profile-pid", ["profile", "--pid", "999999999", "--seconds", "1", "--out", "{tmp}/p"], ["no process", "999999999"]),
+    ("profile-process", ["profile", "--process", "no-such-proc", "--seconds", "1", "--out", "{tmp}/p"],
+     ["no-such-proc"]),
+    ("profile-seconds", ["profile", "--pid", "1", "--seconds", "-1", "--out", "{tmp}/p"], ["--seconds"]),
+    ("profile-hz", ["profile", "--pid", "1", "--seconds", "1", "--hz", "0", "--out", "{tmp}/p"], ["--hz"]),
+    ("profile-out", ["profile", "--pid", "1", "--seconds", "0.5", "--out", "/proc/nope"], ["/proc/nope"]),
 ]
 
 
