@@ -974,10 +974,10 @@ def test_https_counts_equal_wrk_and_nginx_through_libssl(l7, influx, influx_db):
     }}
 """)
     l7.start_agent(ports=[ng.port])
-    # wrk's first request waits 300 ms: the agent attaches its uprobes when it sees wrk's
+X: the agent attaches its uprobes when it sees wrk's
     # exec, some tens of milliseconds later, and plaintext before that is not seen
     ln = l7.launch([wrk_binary(l7.tmp), f"-t{WRK_THREADS}", f"-c{WRK_THREADS}", "-d8s", "-s",
-                    paced(l7.tmp, first_ms=300), f"https://127.0.0.1:{ng.port}/"])
+                    paced(l7.tmp, first_ms=1000), f"https://127.0.0.1:{ng.port}/"])
     l7.opted(ng.pids() | {ln.pid})
     dec = l7.agent.probes["l7"].decoder
     assert all(any(dec.tls.get(pid, {}).values()) for pid in ng.pids()), "libssl uprobes not attached to nginx"
