@@ -974,7 +974,7 @@ def test_https_counts_equal_wrk_and_nginx_through_libssl(l7, influx, influx_db):
     }}
 """)
     l7.start_agent(ports=[ng.port])
-X: the agent attaches its uprobes when it sees wrk's
+    # wrk's first request waits 1 s: the agent attaches its uprobes when it sees wrk's
     # exec, some tens of milliseconds later, and plaintext before that is not seen
     ln = l7.launch([wrk_binary(l7.tmp), f"-t{WRK_THREADS}", f"-c{WRK_THREADS}", "-d8s", "-s",
                     paced(l7.tmp, first_ms=1000), f"https://127.0.0.1:{ng.port}/"])
