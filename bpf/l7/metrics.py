@@ -80,6 +80,9 @@ L7_PROBE = Measurement(
               "Events the kernel dropped this interval because the ring buffer was full (the agent fell behind)."),
         Field("captured_bytes", "int", "bytes", "Payload prefix bytes copied this interval (never written out)."),
         Field("tls_processes", "int", "processes", "Opted-in processes with libssl uprobes attached."),
+        Field("throttled_seconds", "float", "seconds",
+              "Time the parser waited this interval because it had used its CPU budget "
+              "(probes.l7.cpu_percent); events the kernel could not hold meanwhile are lost_events."),
     ),
 )
 

@@ -65,9 +65,17 @@ process that becomes a configured program is opted in without waiting for a poll
 Connections open before the opt-in are picked up at their next read or write, the
 protocol detected from the bytes.
 
+Cost: the parser runs in the agent, in Python, at some 10-20 us per read or write
+(a keep-alive HTTP request and its response are two events per process). It is held
+to `probes.l7.cpu_percent` of one core (25 by default, in 100 ms windows); past it
+the ring buffer fills and the kernel drops events, counted. So an opted-in server at
+tens of thousands of requests per second costs its host at most that much of a core
+for parsing, plus the kernel programs, and its counts are then partial
+(`l7_probe.lost_events` and `throttled_seconds` say so), never guessed.
+
 Limits:
-- what the agent cannot parse in time is lost, never guessed: under a load the
-  agent cannot keep up with, the ring buffer fills, the events dropped are counted
+- what the agent cannot parse in time is lost, never guessed: under a load past
+  the CPU budget the ring buffer fills, the events dropped are counted
   (`l7_probe.lost_events`, per connection in `l7_capture.lost_events`), and the
   requests they carried are `unanswered` or not seen;
 - a request's duration runs from the syscall holding its first byte to the one
@@ -89,6 +97,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -116,6 +125,7 @@ LIBSSL_NAMES = ("libssl.so.3", "libssl.so.1.1")
 CAPTURE_FIELDS = ("unanswered", "orphan_responses", "lost_events", "desyncs", "truncated", "aborted", "undetected")
 STATUS_FIELDS = {c: f"status_{c}" for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
 UNKNOWN = "unknown"
+BUDGET_WINDOW = 0.1  # seconds: the parser's CPU budget (probes.l7.cpu_percent) is kept per window
 # Protocols whose parser needs every message head of a response, however long: the
 # kernel copies up to 32 KiB of each of their reads and writes (HTTP: 4 KiB, bodies
 # are skipped by length).
@@ -474,6 +484,10 @@ class L7Decoder:
         for tp, fn in RARE_HOOKS:
             self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self._budget_s = BUDGET_WINDOW * getattr(self.settings, "cpu_percent", 25.0) / 100
+        self._window_start, self._window_cpu = time.monotonic(), time.thread_time()
+        self._over_budget = False
+        self.throttled_ns = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._consume, name="sonde-l7", daemon=True)
         self._thread.start()
@@ -483,12 +497,26 @@ class L7Decoder:
     # --- the consumer thread -------------------------------------------------------------
 
     def _consume(self) -> None:
+        """Take events until stopped, within the CPU budget: in each 100 ms window the
+        parser may use `cpu_percent` of it; past that it waits for the next window
+        while the kernel holds events in the ring buffer, and drops (and counts) what
+        does not fit. Without the cap a load the parser cannot follow would have the
+        agent take a whole core from the workload."""
         while not self._stop.is_set():
+            now = time.monotonic()
+            if now - self._window_start >= BUDGET_WINDOW:
+                self._window_start, self._window_cpu = now, time.thread_time()
             try:
                 self.bpf.ring_buffer_poll(100)
-            except Exception:
+            except Exception:  # bcc raises bare Exception; a callback's -1 (budget spent) is not one
                 log.exception("l7: ring buffer poll failed")
                 self._stop.wait(1)
+            if self._over_budget:
+                self._over_budget = False
+                rest = self._window_start + BUDGET_WINDOW - time.monotonic()
+                if rest > 0:
+                    self.throttled_ns += int(rest * 1e9)
+                    self._stop.wait(rest)
 
     def _on_event(self, _ctx, data, size) -> int:
         try:
@@ -513,6 +541,9 @@ class L7Decoder:
                     self._gone(tgid, ts)
         except Exception:
             log.exception("l7: event not handled")
+        if time.thread_time() - self._window_cpu > self._budget_s:
+            self._over_budget = True
+            return -1  # libbpf stops taking records (this one is taken) until the next poll
         return 0
 
     def _data(self, ts, tgid, fd, direction, flags, family, lport, rport, raddr, prefix, true_len, lost) -> None:
@@ -813,6 +844,7 @@ class L7Decoder:
             opted, tracked, attached = len(self.opted), len(self.tracked), self.attached
             tls = sum(1 for v in self.tls.values() if any(v.values()))
             events, self.events = self.events, 0
+            throttled, self.throttled_ns = self.throttled_ns, 0
         try:
             points = self._red(ts, acc, names) + self._capture(ts, capture, names)
         except Exception:
@@ -828,7 +860,8 @@ class L7Decoder:
         lost, sent, nbytes = self._stats_delta()
         points.append(Point("l7_probe", {"host": self.host}, {
             "opted_in_processes": opted, "hooks_attached": int(attached), "tracked_connections": tracked,
-            "events": sent, "lost_events": lost, "captured_bytes": nbytes, "tls_processes": tls}, ts))
+            "events": sent, "lost_events": lost, "captured_bytes": nbytes, "tls_processes": tls,
+            "throttled_seconds": throttled / 1e9}, ts))
         return points, opted + tracked
 
     def _stats_total(self) -> tuple[int, int, int]:
@@ -949,7 +982,6 @@ class L7Decoder:
 
 
 def _now_ns() -> int:
-    import time
     return time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
 
 

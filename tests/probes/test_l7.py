@@ -192,8 +192,11 @@ class L7Env:
         self.servers.append(ng)
         return ng
 
-    def start_agent(self, ports=(), executables=(), processes=()):
+    def start_agent(self, ports=(), executables=(), processes=(), cpu_percent: float = 100):
+        # The exactness tests let the parser use a whole core (their loads are paced);
+        # the default budget (25 %) is tested on its own below.
         extra = ("probes:\n  l7:\n    enabled: true\n"
+                 f"    cpu_percent: {cpu_percent}\n"
                  f"    ports: {json.dumps(list(ports))}\n    cgroups: {json.dumps([self.cgroup.path])}\n"
                  f"    executables: {json.dumps(list(executables))}\n    processes: {json.dumps(list(processes))}\n")
         self.agent = self.make_agent("l7", extra=extra)
@@ -992,3 +995,33 @@ def test_https_counts_equal_wrk_and_nginx_through_libssl(l7, influx, influx_db):
         {("server", str(ng.port), "http", "GET")}
     assert total(nginx_rows) == len(ng.log()) == wrk_requests
     assert {int(r["pid"]) for r in rows} <= ng.pids() | {ln.pid}
+
+
+def thread_cpu_seconds(tid: int) -> float:
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_parser_keeps_to_its_cpu_budget_and_counts_what_it_drops(l7, influx, influx_db):
+    """nginx opted in under wrk at full speed (far more than a tenth of a core can
+    parse), with probes.l7.cpu_percent 10: the agent's parser thread uses about a
+    tenth of a core (the kernel's own accounting of the thread), waits the rest
+    (throttled_seconds), and the events the ring buffer could not hold meanwhile are
+    counted as lost, in l7_probe and per process in l7_capture: nothing is silent."""
+    ng = l7.nginx(HELLO)
+    l7.start_agent(ports=[ng.port], cpu_percent=10)
+    l7.opted(ng.pids())
+    dec = l7.agent.probes["l7"].decoder
+    tid = dec._thread.native_id
+    cpu0, t0 = thread_cpu_seconds(tid), time.monotonic()
+    need(shutil.which("wrk") is not None, "wrk not installed")
+    subprocess.run(["wrk", "-t2", "-c20", "-d4s", f"http://127.0.0.1:{ng.port}/"], check=True, capture_output=True)
+    share = (thread_cpu_seconds(tid) - cpu0) / (time.monotonic() - t0)
+    points = l7.agent.poll(["l7"])
+    probe = next(p for p in points if p.measurement == "l7_probe").fields
+    assert share < 0.2, f"the parser used {share:.0%} of a core against a budget of 10 %"
+    assert probe["throttled_seconds"] > 1 and probe["lost_events"] > 1000, probe
+    l7.settle()  # the parser hands each connection its losses as it reaches them in the backlog
+    caps = capture_rows(influx, influx_db)
+    lost_per_process = sum(int(r["sum_lost_events"] or 0) for r in caps if int(r["pid"]) in ng.pids())
+    assert lost_per_process > 0, caps
