@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import drain, free_port, need, select, wait_until
 
@@ -1025,3 +1027,63 @@ def test_parser_keeps_to_its_cpu_budget_and_counts_what_it_drops(l7, influx, inf
     caps = capture_rows(influx, influx_db)
     lost_per_process = sum(int(r["sum_lost_events"] or 0) for r in caps if int(r["pid"]) in ng.pids())
     assert lost_per_process > 0, caps
+
+
+# --- hostile bytes -------------------------------------------------------------------------
+
+
+class _FakeTable(dict):
+    Key = Leaf = staticmethod(lambda v: v)
+
+
+def bare_decoder():
+    """The agent side of the probe without a kernel: events are handed to _data as the
+    ring buffer would, points built as a poll would."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from sonde.bpf.l7.probe import L7Decoder
+    from sonde.ingest.config import L7ProbeConfig
+    from sonde.ingest.runtime.cardinality import SeriesBudget
+
+    dec = L7Decoder.__new__(L7Decoder)
+    dec.probe = SimpleNamespace(settings=L7ProbeConfig(max_peers=3, max_processes=3),
+                                budget=SeriesBudget(100_000, 3600))
+    dec.host, dec.tracked, dec.by_tgid = "h", {}, defaultdict(set)
+    dec.acc, dec.capture, dec.kcaps = {}, {}, _FakeTable()
+    return dec
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(3, 6), st.sampled_from(["in", "out"]),
+                          st.one_of(st.binary(max_size=200),
+                                    st.sampled_from([b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 503 x\r\nContent-Length: 0\r\n\r\n",
+                                                     b"*1\r\n$4\r\nPING\r\n", b"-ERR x\r\n", b"+OK\r\n"])),
+                          st.integers(0, 5000), st.integers(0, 3)), max_size=40))
+def test_hostile_bytes_never_crash_and_make_only_declared_points(events):
+    """Any bytes in any order, on several processes and connections, with losses: the
+    agent's side neither raises nor writes a point the catalog does not declare, with
+    every declared tag, an op from its protocol's closed set and numeric ports."""
+    from sonde.bpf.l7.protocols.pairing import OPS, PROTOCOLS
+    from sonde.ingest.runtime import catalog
+
+    dec = bare_decoder()
+    ts = 1
+    for tgid, fd, direction, data, extra, lost in events:
+        ts += 1000
+        dec._data(ts, tgid, fd, direction, 0, socket.AF_INET, 80, 40000 + fd, bytes([127, 0, 0, 1]) + bytes(12),
+                  data, len(data) + extra, lost)
+    for key, t in list(dec.tracked.items()):
+        dec._end(key, t, ts + 1)
+    names = {tgid: b"p\xff%d" % tgid for tgid in range(1, 5)}
+    points = dec._red(ts, dec.acc, names) + dec._capture(ts, dec.capture, names)
+    for p in points:
+        m = catalog.MEASUREMENTS[p.measurement]
+        catalog.validate_point(p.measurement, p.tags, p.fields)
+        assert set(p.tags) == m.tag_names, p
+        if "op" in p.tags:
+            assert p.tags["protocol"] in PROTOCOLS and p.tags["op"] in OPS[p.tags["protocol"]], p
+            assert p.tags["role"] in ("client", "server") and p.tags["port"] in ("80", "40003", "40004", "40005",
+                                                                               "40006", "other"), p
+        else:
+            assert p.tags["protocol"] in PROTOCOLS + ("unknown",), p
