@@ -215,8 +215,6 @@ static __always_inline void addr_of(struct bpf_sock_ops *s, u8 *addr, int local)
     }
 }
 
-/* The owner of an accepted socket no process has claimed yet: the listener's
- * owner (written by the agent from its dumps), on this address or the wildcard. */
 /* The flow a tracked connection counts to, and its owner's comm where it has one. */
 static __always_inline void flow_of(const struct conn_t *c, struct flow_key *fk, char *comm)
 {
@@ -229,6 +227,8 @@ static __always_inline void flow_of(const struct conn_t *c, struct flow_key *fk,
         __builtin_memcpy(comm, c->comm, SONDE_COMM_LEN);
 }
 
+/* The owner of an accepted socket no process has claimed yet: the listener's
+ * owner (written by the agent from its dumps), on this address or the wildcard. */
 static __always_inline void listener_owner(struct bpf_sock_ops *s, struct flow_key *fk, char *comm)
 {
     struct listen_key lk = {.port = (u16)s->local_port, .family = (u16)s->family};
