@@ -43,7 +43,9 @@ an empty regular tracepoint on a loaded machine). Nine enter and nine exit
 programs would also be eighteen attachments against two. With nginx and wrk on one
 host a keep-alive request makes ~8 syscalls, so the two raw programs cost each
 process that is not opted in about 16 program runs of a few instructions per
-request; bench/l7_ab.py measures it.
+request. bench/l7_hooks.py measures the designs per syscall, bench/l7_ab.py the
+issue's cases per request (nothing opted in; nginx; an idle redis beside nginx;
+redis-benchmark).
 
 Parsing is in the agent (bpf/l7/protocols/: pure functions of bytes): each
 connection's events go to a `Connection`, which pairs requests with responses in a
