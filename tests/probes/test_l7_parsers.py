@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpf.l7.protocols import http, pairing, sql
-from bpf.l7.protocols.pairing import OPS, PROTOCOLS, STATUS_CLASSES, Connection, Exchange, detect
+from sonde.bpf.l7.protocols import http, pairing, sql
+from sonde.bpf.l7.protocols.pairing import OPS, PROTOCOLS, STATUS_CLASSES, Connection, Exchange, detect
 
 pytestmark = pytest.mark.l7
 
