@@ -160,4 +160,5 @@ def test_readme_config_reference_parses():
     block = re.search(r"## Config reference.*?```yaml\n(.*?)```", text, re.S).group(1)
     cfg = config.parse(block, "README.md")
     assert set(cfg.probes) <= set(discover())
-    assert cfg == config.Config(host="web-1", probes={name: config.ProbeConfig() for name in cfg.probes}), "README's config reference must list the defaults"
+    defaults = {name: config._PROBE_CONFIGS.get(name, config.ProbeConfig)() for name in cfg.probes}
+    assert cfg == config.Config(host="web-1", probes=defaults), "README's config reference must list the defaults"
