@@ -279,3 +279,11 @@ def drain(agent) -> None:
     agent.poll()
     wait_until(lambda: len(agent.spool) == 0, what="spool drained")
 
+
+def spinner(seconds: float, cpu: int | None = None) -> subprocess.Popen:
+    """A process that spins `seconds` (on CPU `cpu` if given), then waits for stdin to close."""
+    code = f"import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass\nimport sys; sys.stdin.read()"
+    cmd = [sys.executable, "-c", code]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE)

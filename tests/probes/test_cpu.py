@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import drain, make_config, select
+from conftest import drain, make_config, select, spinner
 
 from sonde.bpf.cpu.probe import ZERO, fold, parse_schedstat, parse_stat, parse_switches
 from sonde.ingest.runtime.probe import LoadedProbe, discover
@@ -281,13 +281,6 @@ def agent_for(agents):
 
 flush = drain
 
-
-def spinner(seconds: float, cpu: int | None = None) -> subprocess.Popen:
-    code = f"import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass\nimport sys; sys.stdin.read()"
-    cmd = [sys.executable, "-c", code]
-    if cpu is not None:
-        cmd = ["taskset", "-c", str(cpu)] + cmd
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import drain, make_config, select, wait_until
+from conftest import drain, make_config, select, spinner, wait_until
 
 
 # --- from test_infra.py ---------------------------------------------------------
@@ -21,13 +21,6 @@ def agent_for(agents):
 
 flush = drain
 
-
-def spinner(seconds: float, cpu: int | None = None) -> subprocess.Popen:
-    code = f"import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass\nimport sys; sys.stdin.read()"
-    cmd = [sys.executable, "-c", code]
-    if cpu is not None:
-        cmd = ["taskset", "-c", str(cpu)] + cmd
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE)
 
 
 @pytest.mark.infra
