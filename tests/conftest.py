@@ -287,3 +287,17 @@ def spinner(seconds: float, cpu: int | None = None) -> subprocess.Popen:
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu)] + cmd
     return subprocess.Popen(cmd, stdin=subprocess.PIPE)
+
+
+def children(pid: int) -> set[int]:
+    """Processes whose parent is pid, from /proc (no name matching: other nginx run on this host)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(d.name))
+    return out

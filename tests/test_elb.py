@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Child, free_port, make_config, need, select, sh, transfer, wait_for_file, wait_until
+from conftest import REPO, Child, children, free_port, make_config, need, select, sh, transfer, wait_for_file, wait_until
 from sonde.ingest.runtime.agent import Agent
 
 pytestmark = [pytest.mark.elb]
@@ -77,20 +77,6 @@ while time.time() < end:
     time.sleep(0.005)
 print(json.dumps({"ok": ok, "failed": failed, "done": done}))
 """
-
-
-def children(pid: int) -> set[int]:
-    """Processes whose parent is pid, from /proc (no name matching: other nginx run on this host)."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.add(int(d.name))
-    return out
 
 
 def connections_by_worker(ss: str) -> dict[int, int]:

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import drain, free_port, need, select, wait_until
+from conftest import children, drain, free_port, need, select, wait_until
 
 pytestmark = [pytest.mark.l7]
 
@@ -57,19 +57,6 @@ http {{
 
 
 # --- the tests' own servers and clients ------------------------------------------------------
-
-def process_children(pid: int) -> set[int]:
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.add(int(d.name))
-    return out
-
 
 def wait_port(port: int, timeout: float = 20) -> None:
     def up():
@@ -100,7 +87,7 @@ class Nginx:
             raise AssertionError(f"nginx did not start: {(self.dir / 'error.log').read_text()[-2000:]}")
 
     def pids(self) -> set[int]:
-        return {self.proc.pid} | process_children(self.proc.pid)
+        return {self.proc.pid} | children(self.proc.pid)
 
     def log(self) -> list[list[str]]:
         """Access-log lines (status, completion, method), once nginx has written them all."""
@@ -748,7 +735,7 @@ class Postgres:
 def descendants_of(pid: int) -> set[int]:
     out, todo = set(), [pid]
     while todo:
-        kids = process_children(todo.pop())
+        kids = children(todo.pop())
         todo += list(kids - out)
         out |= kids
     return out
