@@ -487,7 +487,7 @@ class L7Decoder:
             self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
         self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._budget_s = BUDGET_WINDOW * getattr(self.settings, "cpu_percent", 25.0) / 100
-        self._window_start, self._window_cpu = time.monotonic(), time.thread_time()
+        self._window_start = self._window_cpu = 0.0  # set by the consumer thread: its own CPU clock
         self._over_budget = False
         self.throttled_ns = 0
         self._stop = threading.Event()
@@ -503,7 +503,12 @@ class L7Decoder:
         parser may use `cpu_percent` of it; past that it waits for the next window
         while the kernel holds events in the ring buffer, and drops (and counts) what
         does not fit. Without the cap a load the parser cannot follow would have the
-        agent take a whole core from the workload."""
+        agent take a whole core from the workload. The window's CPU is read here, in
+        this thread: time.thread_time() is the calling thread's clock, and a start taken
+        in another thread (one that had used more CPU) kept the budget from ever being
+        reached, so a saturated ring buffer held the parser in one poll that never
+        returned."""
+        self._window_start, self._window_cpu = time.monotonic(), time.thread_time()
         while not self._stop.is_set():
             now = time.monotonic()
             if now - self._window_start >= BUDGET_WINDOW:
