@@ -137,3 +137,61 @@ def test_kill_9_then_restart_delivers_spooled_points(bpf_ready, tmp_path):
                     p.wait()
         if server:
             server.stop()
+
+
+def _fill(directory):
+    """Fill the file system under directory to the last byte; returns the filler."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (1 << 16, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.truth
+def test_a_full_disk_under_the_spool_loses_no_poll(bpf_ready, tmp_path):
+    """The spool's file system fills up (a real tmpfs, filled to its last byte): a poll's
+    deltas are already taken when its points are spooled, so the failed write keeps
+    them in memory, and once there is room again they are written and delivered.
+    The bytes moved during the outage arrive exactly, counted by the test's own sender."""
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "sonde-test-full", str(state)], check=True)
+    agent = server = None
+    try:
+        server = start_influx(tmp_path / "influx")
+        server.query('CREATE DATABASE "sonde"')
+        cfg = make_config(tmp_path, api="v1", url=server.url, database="sonde")
+        agent = Agent(cfg, only=["tcp"], max_backoff=0.3).start(deliver=False)  # spooled, not sent, till the end
+        agent.poll()
+        filler = _fill(state)
+        sizes = [123_457, 7_001]
+        pids = []
+        for i, n in enumerate(sizes):
+            pids.append(transfer(tmp_path, n, f"sonde-full{i}", "sonde-fullrx")[0])
+            agent.poll()
+            assert agent._held, "the spool write did not fail: the test's disk was not full"
+        held = len(agent._held)
+        filler.unlink()
+        points = agent.poll()
+        assert not agent._held
+        queued = next(p for p in points if p.measurement == "sonde_spool").fields["queued_points"]
+        assert queued >= held
+        agent.deliverer.start()
+        wait_until(lambda: len(agent.spool) == 0, timeout=30, what="spool drained")
+        for pid, n in zip(pids, sizes):
+            rows = select(server, "sonde", f"SELECT sum(tx_bytes) FROM tcp_traffic WHERE pid='{pid}'")
+            assert rows and rows[0]["sum"] == n, (pid, n, rows)
+    finally:
+        if agent:
+            agent.stop()
+        if server:
+            server.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)

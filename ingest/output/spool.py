@@ -48,7 +48,10 @@ class Spool:
                         "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (dropped,))
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                try:
+                    cur.execute("ROLLBACK")
+                except sqlite3.Error:  # SQLite may have rolled back itself (a full disk)
+                    pass
                 raise
             self._count = count - dropped
             return dropped

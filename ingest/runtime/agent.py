@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -60,6 +61,7 @@ class Agent:
         self.sink = None
         self.deliverer: Deliverer | None = None
         self._spool_dropped = 0
+        self._held: list[str] = []  # lines a failed spool write left in memory, oldest first
         self._analysis = None
         self.budget = SeriesBudget(config.cardinality.max_series, config.cardinality.window_hours * 3600)
 
@@ -137,16 +139,35 @@ class Agent:
                 points.extend(new)
                 points.append(self_point)
             points.append(self._spool_point(ts))
-            self._spool_dropped += self.spool.put([encode(p) for p in points])
-            if self.deliverer:
-                self.deliverer.wake.set()
+            self._spool([encode(p) for p in points])
             return points
+
+    def _spool(self, lines: list[str]) -> None:
+        """Append to the spool. A failed write (a full disk, an I/O error) keeps the lines
+        in memory, in order, and the next write takes them first: a poll's deltas are
+        already committed when its points are spooled, so nothing else has them. What is
+        held stays within the spool's own bound, the oldest dropped and counted."""
+        lines = self._held + lines
+        try:
+            self._spool_dropped += self.spool.put(lines)
+        except (sqlite3.Error, OSError) as e:
+            over = max(0, len(lines) - self.spool.max_points)
+            self._held, self._spool_dropped = lines[over:], self._spool_dropped + over
+            log.error("spool %s: write failed (%s); %d points held in memory until a write succeeds",
+                      self.spool.path, e, len(self._held))
+        else:
+            if self._held:
+                log.warning("spool %s: written again; the %d points held in memory are in it",
+                            self.spool.path, len(self._held))
+            self._held = []
+        if self.deliverer:
+            self.deliverer.wake.set()
 
     def _spool_point(self, ts: int) -> Point:
         written, rejected, errors = self.deliverer.take_counts() if self.deliverer else (0, 0, 0)
         dropped, self._spool_dropped = self._spool_dropped, 0
         p = Point("sonde_spool", {"host": self.config.host}, {
-            "queued_points": len(self.spool),
+            "queued_points": len(self.spool) + len(self._held),
             "dropped_points": dropped,
             "written_points": written,
             "rejected_points": rejected,
@@ -166,9 +187,8 @@ class Agent:
         points = self.analysis().evaluate(now_ms or int(time.time() * 1000))
         for p in points:
             catalog.validate_point(p.measurement, p.tags, p.fields)
-        self.spool.put([encode(p) for p in points])
-        if self.deliverer:
-            self.deliverer.wake.set()
+        with self._poll_lock:
+            self._spool([encode(p) for p in points])
         return points
 
     def run_forever(self, stop: threading.Event) -> None:

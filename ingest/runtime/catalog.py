@@ -162,7 +162,7 @@ SONDE_SPOOL = Measurement(
     source="agent",
     tags=(HOST,),
     fields=(
-        Field("queued_points", "int", "points", "Points waiting in the spool for delivery."),
+        Field("queued_points", "int", "points", "Points waiting for delivery: in the spool, and any a failed spool write holds in memory."),
         Field("dropped_points", "int", "points",
               "Oldest points dropped this interval because the spool was past its bound. " + INTERVAL_NOTE),
         Field("written_points", "int", "points", "Points the sink accepted this interval."),
