@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--database", default="sonde", help="InfluxDB database (default %(default)s)")
     dash.add_argument("--dashboards-path", metavar="DIR",
                       help="where Grafana will find the JSON, for the provider file (default: --out)")
+    dash.add_argument("--interval", metavar="SECONDS",
+                      help="the agents' poll interval (their interval_seconds; default: the config's default): "
+                           "each panel's minimum interval holds whole polls")
     for name, helptext in (("backtrack", "report what happened in a past window, from stored metrics"),
                            ("topology", "the process <-> endpoint graph of a past window, as JSON or SVG")):
         bt = sub.add_parser(name, help=helptext)
@@ -234,9 +237,18 @@ def cmd_dashboards(args) -> int:
 
     if not _readme_only(args, "dashboards", house.update_readme):
         return 0
+    poll_s = house.DEFAULT_POLL_S
+    if args.interval is not None:
+        try:
+            poll_s = float(args.interval)
+        except ValueError:
+            poll_s = float("nan")
+        if not 0.001 <= poll_s <= 86400:
+            raise SondeError(f"dashboards: --interval {args.interval!r} is not a poll interval in seconds "
+                             f"(0.001 to 86400)")
     out = Path(args.out)
     try:
-        written = house.write_all(out)
+        written = house.write_all(out, poll_s)
         written += provisioning.write(out / "provisioning", args.dashboards_path or str(out.resolve()),
                                       args.datasource_url, args.database)
     except OSError as e:

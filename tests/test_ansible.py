@@ -475,15 +475,20 @@ def test_dashboards_playbook_provisions_grafana_dirs(deployed):
              " && systemctl daemon-reload && systemctl start grafana-server && groupadd -f grafana")
     grafana_pw = "grafana-READ-S3CRET"
     extra = ["-e", "sonde_grafana_influxdb_url=http://influx.example:8086", "-e", "sonde_grafana_influxdb_database=fleet",
-             "-e", "sonde_grafana_influxdb_user=grafana", "-e", f"sonde_grafana_influxdb_password={grafana_pw}"]
+             "-e", "sonde_grafana_influxdb_user=grafana", "-e", f"sonde_grafana_influxdb_password={grafana_pw}",
+             "-e", "sonde_grafana_poll_interval_seconds=30"]
     grafana_before = host.ssh("systemctl show -p InvocationID --value grafana-server").stdout.strip()
     play = rollout.play("dashboards.yml", "--diff", *extra)
     assert play.clean, play.out[-4000:]
     listing = host.ssh("ls /var/lib/grafana/dashboards/sonde").stdout.split()
     assert {"host.json", "network.json", "loadbalancer.json", "disk.json", "agent.json"} <= set(listing)
+    intervals = set()
     for name in listing:
         dashboard = json.loads(host.ssh(f"cat /var/lib/grafana/dashboards/sonde/{name}").stdout)
         assert dashboard["panels"], name
+        intervals |= {p["interval"] for p in dashboard["panels"] if "interval" in p}
+    # 30 s polls: every interval Grafana picks from 30 s up (1m, 2m, 5m, ...) holds whole polls
+    assert intervals == {"30s"}, intervals
     provider = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/dashboards/sonde.yaml").stdout)
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/sonde"
     datasource = yaml.safe_load(host.ssh("cat /etc/grafana/provisioning/datasources/sonde.yaml").stdout)

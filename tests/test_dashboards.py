@@ -82,6 +82,21 @@ def test_sonde_dashboards_writes_json_and_provisioning(tmp_path):
     assert (prov / "datasources/sonde.yaml").exists() and (prov / "dashboards/sonde.yaml").exists()
 
 
+@pytest.mark.truth
+def test_sonde_dashboards_interval_follows_the_agents_poll(tmp_path):
+    """Agents polling every 30 s: `--interval 30` gives panels whose minimum interval
+    is 30 s (Grafana's larger intervals 1m, 2m, 5m ... all hold whole 30 s polls),
+    where the default (10 s polls) gives 20 s."""
+    for arg, want in ((["--interval", "30"], {"30s"}), ([], {"20s"}), (["--interval", "2.5"], {"2500ms"})):
+        out = tmp_path / (arg[-1] if arg else "default")
+        r = subprocess.run([str(REPO / ".venv/bin/sonde"), "dashboards", "--out", str(out), *arg],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        got = {p["interval"] for f in out.glob("*.json") for p in json.loads(f.read_text())["panels"]
+               if "interval" in p}
+        assert got == want, (arg, got)
+
+
 def test_min_interval_holds_whole_polls():
     """Every interval Grafana can pick at or above a panel's min interval is a whole
     number of polls (Grafana's 15 s would hold one 10 s poll and two by turns)."""
