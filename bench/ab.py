@@ -224,8 +224,9 @@ class AgentRun:
     """One `sonde run` with a fresh state dir and free loopback ports for its embedded InfluxDB."""
 
     def __init__(self, root: Path, sonde: list[str], probes: list[str], interval: float,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, extra: dict | None = None):
         self.dir = root
+        self.extra = extra or {}
         self.sonde = sonde
         self.env = env
         self.probes = probes
@@ -248,6 +249,7 @@ class AgentRun:
             "state_dir": str(self.dir / "state"),
             "interval_seconds": self.interval,
             "embedded": {"http_port": self.http_port, "rpc_port": self.rpc_port},
+            **self.extra,
         }
         (self.dir / "sonde.yaml").write_text(json.dumps(cfg, indent=2) + "\n")
         err = open(self.stderr_path, "wb")

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""A/B cost of a resident agent on nginx under wrk, with the arms seconds apart.
+
+    .venv/bin/python bench/resident_ab.py --name always_on_resident --probe tcp --probe cpu --probe block_io --probe oom
+    .venv/bin/python bench/resident_ab.py --name l7_nothing_opted_resident --probe l7 \
+        --config '{"probes": {"l7": {"enabled": true, "processes": ["no-such-process"]}}}'
+
+`ab.py` starts a whole agent per agent run (compiling its probes takes seconds), so
+its arms are ~20 s apart, and this machine drifts more than that: one `ab.py` run saw
+baselines from 110k to 131k req/s, ten times a 1 % bar. Here one `sonde run` is
+started once and the arms alternate every `--window` seconds:
+
+- agent (A): the agent and its embedded influxd running (SIGCONT);
+- baseline (B): both stopped (SIGSTOP): their threads never run.
+
+Both arms have the agent's BPF programs attached (a stopped process keeps them), so the
+A/B difference is what the agent and influxd do in user space (polls, delivery,
+wakeups, their cache footprint). What the programs cost is counted exactly instead:
+bpf_stats' run time per request, over the agent runs, as a share of the machine's busy
+CPU time per request (`bpf_cost_pct`). `total_loss_pct` = the A/B loss + that share.
+Two things this leaves out, both said in the result: a regular tracepoint's record
+filling and the dispatch of each run are not in run_time_ns (nothing per request
+here when `bpf_runs_per_request` is ~0), and polls missed while stopped run as soon
+as the agent continues, so agent runs hold more polls than a steady agent would (the
+A/B loss errs high).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import ab  # noqa: E402
+import stats as bstats  # noqa: E402
+
+from sonde.ingest.runtime import bpfinfo  # noqa: E402
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        os.kill(pid, sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--probe", action="append", default=[], metavar="NAME")
+    ap.add_argument("--config", default="{}", help="more agent config, as JSON (merged at the top level)")
+    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--window", type=float, default=3.0, help="seconds of wrk per run (default 3)")
+    ap.add_argument("--interval", type=float, default=10.0, help="agent interval_seconds (default 10)")
+    ap.add_argument("--close", action="store_true", help="a new connection per request")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    extra = json.loads(args.config)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
+    orders = ab.pair_orders(args.pairs, "random", seed)
+    out = args.out or (ab.RESULTS_DIR / f"{args.name}.json")
+    stats_fd = bpfinfo.enable_stats()
+    sonde_bin = Path(sys.executable).parent / "sonde"
+    sonde = [str(sonde_bin)] if sonde_bin.exists() else [sys.executable, "-m", "sonde.ingest.cli"]
+    tmp = Path(tempfile.mkdtemp(prefix="sonde-resident-ab-"))
+    nginx = ab.Nginx(tmp).start()
+    run = ab.AgentRun(tmp / "agent", sonde, args.probe, args.interval, extra=extra)
+    runs = {"baseline": [], "agent": []}
+    cpu_req = {"baseline": [], "agent": []}
+    agent_cpu, influxd_cpu, bpf_runs_req, bpf_ns_req = [], [], [], []
+    stopped = False
+    try:
+        run.start()
+        procs = [run.proc.pid] + ([run.influxd_pid] if run.influxd_pid else [])
+        held = ab.held_prog_ids(run.proc.pid)  # the agent's programs: others' (tests, tools) are not its cost
+        wrk = ["wrk", "-t2", "-c50", *(["-H", "Connection: close"] if args.close else []),
+               f"-d{args.window:g}s", nginx.url]
+        ab.run_wrk(wrk, args.window)  # warm-up, not recorded
+        for i, order in enumerate(orders):
+            for arm in order:
+                name = "agent" if arm == "A" else "baseline"
+                if arm == "B" and not stopped:
+                    signal_all(procs, signal.SIGSTOP)
+                    stopped = True
+                elif arm == "A" and stopped:
+                    signal_all(procs, signal.SIGCONT)
+                    stopped = False
+                rps, st, _ = ab.run_wrk(wrk, args.window, {"agent": run.proc.pid, "influxd": run.influxd_pid},
+                                        nginx_pid=nginx.proc.pid, bpf=stats_fd >= 0)
+                runs[name].append(rps)
+                cpu_req[name].append(st["window"]["cpu_us_per_request"])
+                if arm == "A":
+                    agent_cpu.append(st.get("agent", {}).get("cpu_pct") or 0.0)
+                    influxd_cpu.append(st.get("influxd", {}).get("cpu_pct") or 0.0)
+                    if "bpf" in st and st["window"]["requests"]:
+                        before, after = st["bpf"]["snap"]
+                        mine = ab.bpf_delta({k: v for k, v in before.items() if k in held},
+                                            {k: v for k, v in after.items() if k in held})
+                        bpf_runs_req.append(sum(v[0] for v in mine.values()) / st["window"]["requests"])
+                        bpf_ns_req.append(sum(v[1] for v in mine.values()) / st["window"]["requests"])
+                ab.log(f"pair {i + 1}/{len(orders)} {name:8s}: {rps:9.0f} req/s, "
+                       f"{st['window']['cpu_us_per_request']} CPU µs/req, other {st['system']['other_cpu_pct']} %")
+        if run.proc.poll() is not None:
+            raise ab.BenchError(f"the agent exited during the runs: {ab.tail(run.stderr_path, 20)}")
+    finally:
+        if stopped and run.proc and run.proc.poll() is None:
+            signal_all([p for p in [run.proc.pid, run.influxd_pid] if p], signal.SIGCONT)
+        loaded = run.loaded_probes() if run.proc else []
+        problems = run.log_problems() if run.stderr_path.exists() else []
+        run.stop()
+        nginx.stop()
+    res = bstats.loss(runs["baseline"], runs["agent"])
+    cpu = bstats.loss(cpu_req["baseline"], cpu_req["agent"], higher_is_better=False)
+    ns_med = statistics.median(bpf_ns_req) if bpf_ns_req else None
+    cpu_med = statistics.median(cpu_req["agent"])
+    bpf_pct = ns_med / (cpu_med * 1000) * 100 if ns_med is not None else None
+    result = {
+        "name": args.name,
+        "command": ab.the_command(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "runs": args.pairs,
+        "unit": "req/s",
+        "mode": "resident" + ("_close" if args.close else ""),
+        "what": (f"nginx (2 workers) saturated by wrk -t2 -c50 on the same cores "
+                 f"({'a new connection per request' if args.close else 'keep-alive'}), {args.window:g} s per run; "
+                 f"one `sonde run` ({', '.join(loaded) or 'no probe'}), running in agent runs and stopped "
+                 f"(SIGSTOP, with its influxd) in baseline runs, its BPF programs attached in both; "
+                 f"{args.pairs} pairs, arm order shuffled (balanced, seeded); loss_pct = A/B drop in req/s, "
+                 f"bpf_cost_pct = the programs' run time per request over the busy CPU per request, "
+                 f"total_loss_pct = their sum"),
+        "baseline_median": round(statistics.median(runs["baseline"]), 2),
+        "agent_median": round(statistics.median(runs["agent"]), 2),
+        "loss_pct": round(res["loss_pct"], 2),
+        "loss_pct_ci95": [round(x, 2) for x in res["loss_pct_ci95"]],
+        "cpu_per_request_increase_pct": round(cpu["loss_pct"], 2),
+        "cpu_per_request_increase_pct_ci95": [round(x, 2) for x in cpu["loss_pct_ci95"]],
+        "bpf_runs_per_request": round(statistics.median(bpf_runs_req), 4) if bpf_runs_req else None,
+        "bpf_ns_per_request": round(ns_med, 2) if ns_med is not None else None,
+        "bpf_cost_pct": round(bpf_pct, 3) if bpf_pct is not None else None,
+        "total_loss_pct": round(res["loss_pct"] + (bpf_pct or 0), 2),
+        "total_loss_pct_ci95_hi": round(res["loss_pct_ci95"][1] + (bpf_pct or 0), 2),
+        "agent_cpu_pct_median": round(statistics.median(agent_cpu), 2) if agent_cpu else None,
+        "influxd_cpu_pct_median": round(statistics.median(influxd_cpu), 2) if influxd_cpu else None,
+        "pair_ratios": [round(x, 5) for x in res["pair_ratios"]],
+        "order": "".join(orders),
+        "order_seed": seed,
+        "baseline_runs": runs["baseline"],
+        "agent_runs": runs["agent"],
+        "probes_loaded": loaded,
+        "agent_log_problems": problems[:20],
+        "agent_source": ab.source_description(),
+        "warnings": ["a regular tracepoint's record filling and each run's dispatch are not in bpf_ns_per_request",
+                     "polls missed while the agent was stopped run when it continues: agent runs hold more polls "
+                     "than a steady agent would"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    ab.log(f"A/B loss {result['loss_pct']} % {result['loss_pct_ci95']}, BPF {result['bpf_cost_pct']} %, "
+           f"total {result['total_loss_pct']} %; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
