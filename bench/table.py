@@ -58,6 +58,9 @@ def _loss(data: dict) -> str:
     loss = data.get("loss_pct")
     if not _is_num(loss):
         return _cell(loss)
+    if _is_num(data.get("total_loss_pct")) and _is_num(data.get("bpf_cost_pct")):  # bench/resident_ab.py
+        return (f"{data['total_loss_pct']:.2f}: A/B {loss:.2f}{_interval(data.get('loss_pct_ci95'))} "
+                f"+ BPF {data['bpf_cost_pct']:.3f}")
     return f"{loss:.2f}{_interval(data.get('loss_pct_ci95'))}"
 
 
@@ -67,6 +70,9 @@ def _bpf(data: dict) -> str:
     if _is_num(data.get("bpf_ns_per_request")):
         return (f"{_num(data.get('bpf_runs_per_request'), 4)} runs, {_num(data['bpf_ns_per_request'], 1)} ns "
                 f"per request")
+    if _is_num(data.get("bpf_ns_per_run")) and _is_num(data.get("samples_per_second")):  # bench/profile_ab.py
+        return (f"{_num(data['samples_per_second'], 1)} samples/s, {_num(data['bpf_ns_per_run'], 0)} ns per "
+                f"sample; poll {_num(data.get('poll_cpu_pct_of_machine'), 3)} % of the machine")
     arm = data.get("agent_arm")
     ns, runs = data.get("bpf_ns_per_event"), data.get("bpf_runs_per_event")
     if arm and isinstance(ns, dict) and _is_num(ns.get(arm)):
