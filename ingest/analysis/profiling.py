@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import subprocess
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ from pathlib import Path
 
 from sonde.bpf.profile import python as pyframes
 from sonde.bpf.profile import symbols
+from sonde.bpf.profile.jvm import PFP, is_jvm, jvm_perf_map, preserves_frame_pointers
 from sonde.bpf.profile.probe import PROBE, StackRow, StackSampler, Symbolizer
 from sonde.ingest import config as config_mod
 from sonde.ingest.analysis import flamegraph
@@ -33,7 +32,6 @@ from sonde.ingest.runtime.probe import LoadedProbe, ensure_tracefs
 MAX_SECONDS = 3600
 POLL_SECONDS = 1.0
 JIT_REFRESH_SECONDS = 10.0
-PFP = "-XX:+PreserveFramePointer"
 
 
 @dataclass
@@ -97,67 +95,6 @@ def targets(proc: Path, pid: int | None, process: str | None) -> list[int]:
     if not found:
         raise SondeError(f"profile: no running process is called {process!r} (by comm, executable or argv[0])")
     return found
-
-
-# --- JVMs ---------------------------------------------------------------------------
-
-
-def is_jvm(proc: Path, pid: int) -> bool:
-    try:
-        return "/libjvm.so" in (Path(proc) / str(pid) / "maps").read_text()
-    except OSError:
-        return False
-
-
-def preserves_frame_pointers(proc: Path, pid: int) -> bool:
-    """Whether the JVM was started with -XX:+PreserveFramePointer (argv or the
-    JAVA_TOOL_OPTIONS / JDK_JAVA_OPTIONS it read); the last of +/- wins, as in the JVM."""
-    words = []
-    try:
-        words += (Path(proc) / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        pass
-    try:
-        for var in (Path(proc) / str(pid) / "environ").read_bytes().decode(errors="replace").split("\0"):
-            if var.startswith(("JAVA_TOOL_OPTIONS=", "JDK_JAVA_OPTIONS=")):
-                words = var.split("=", 1)[1].split() + words
-    except OSError:
-        pass
-    flags = [w for w in words if w in (PFP, "-XX:-PreserveFramePointer")]
-    return bool(flags) and flags[-1] == PFP
-
-
-def jvm_perf_map(proc: Path, pid: int) -> tuple[symbols.SymbolTable | None, str]:
-    """Ask the JVM to write its perf map (`jcmd PID Compiler.perfmap`) and read it.
-    Returns (table or None, a note when it failed)."""
-    exe_dir = None
-    try:
-        exe_dir = Path(os.readlink(Path(proc) / str(pid) / "exe")).parent
-    except OSError:
-        pass
-    jcmd = exe_dir / "jcmd" if exe_dir and (exe_dir / "jcmd").exists() else shutil.which("jcmd")
-    if not jcmd:
-        return None, f"pid {pid}: jcmd not found (install the JDK's jcmd): JIT frames are unnamed"
-    try:
-        r = subprocess.run([str(jcmd), str(pid), "Compiler.perfmap"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"pid {pid}: jcmd Compiler.perfmap failed ({e}): JIT frames are unnamed"
-    if r.returncode != 0:
-        why = (r.stderr or r.stdout).strip().splitlines()
-        return None, f"pid {pid}: jcmd Compiler.perfmap failed ({why[-1] if why else r.returncode}): JIT frames are unnamed"
-    # The JVM writes /tmp/perf-<its own pid>.map in its own mount namespace.
-    nspid = pid
-    try:
-        for line in (Path(proc) / str(pid) / "status").read_text().splitlines():
-            if line.startswith("NSpid:"):
-                nspid = int(line.split()[-1])
-    except OSError:
-        pass
-    path = Path(proc) / str(pid) / "root" / "tmp" / f"perf-{nspid}.map"
-    try:
-        return symbols.parse_perf_map(path.read_text()), ""
-    except OSError as e:
-        return None, f"pid {pid}: cannot read {path} ({e.strerror}): JIT frames are unnamed"
 
 
 # --- the session ---------------------------------------------------------------------
