@@ -37,17 +37,20 @@ from __future__ import annotations
 import os
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sonde.ingest.runtime import btf
 
 from sonde.ingest.runtime import hist
-from sonde.ingest.runtime.delta import DeltaTracker
+from sonde.ingest.runtime import keys
+from sonde.ingest.runtime.decode import Context
+from sonde.ingest.runtime.delta import defer, since
 from sonde.ingest.errors import ProbeError
 from sonde.ingest.output.lineproto import Point, printable_name
 from sonde.ingest.runtime.probe import Probe
 
-OPS = {0: "read", 1: "write", 2: "sync_write", 3: "flush", 4: "discard", 5: "other"}
+OPS = keys.StaticMap({0: "read", 1: "write", 2: "sync_write", 3: "flush", 4: "discard", 5: "other"}, "other")
 KINDS = ("block_queue_latency", "block_device_latency", "block_total_latency")  # LAT_* order in the C
 COUNTERS = ("requests", "bytes", "errors", "untimed", "unsplit")
 SLOTS = hist.SLOTS
@@ -57,9 +60,7 @@ IO_VALUES = struct.Struct(f"<{len(COUNTERS) + 3 + 3 * SLOTS}Q")
 RQF_IO_STAT_DEFINE = 13
 
 
-def split_dev(dev: int) -> tuple[int, int]:
-    """The kernel's internal dev_t: major in the top 12 bits, minor in the low 20."""
-    return dev >> 20, dev & 0xFFFFF
+split_dev = keys.majorminor  # block_io's key is the kernel's internal dev_t
 
 
 def disk_name(sys_root: Path, dev: int) -> str:
@@ -163,16 +164,66 @@ def parse_diskstats(text: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class State:
+    io: dict          # (dev, op) -> the counters of block_io's entry at the last read
+    diskstats: dict   # /proc/diskstats at the last read: name -> (requests, io_ticks ms)
+    at_ns: int        # when it was read (monotonic)
+
+
+def decode(rows: list, disks: dict[int, str], diskstats: dict, whole: set[str] | None, at_ns: int,
+           state: State, ctx: Context) -> tuple[list[Point], State]:
+    """Pure: rows (dev, op, summed values of struct io_t) of `block_io`, the disks'
+    names by dev_t, /proc/diskstats as parsed, the whole disks (/sys/block; None: every
+    disk in diskstats) and when diskstats was read -> points and the next state."""
+    io = dict(state.io)
+    # per (whole disk, op): a disk's partitions are separate entries in the kernel
+    per_disk: dict[tuple[str, int], list[int]] = {}
+    for dev, op, values in rows:
+        values = tuple(values)
+        d = since(state.io.get((dev, op)), values)
+        io[(dev, op)] = values
+        if any(d):
+            acc = per_disk.setdefault((disks.get(dev) or "%d:%d" % keys.majorminor(dev), op), [0] * len(d))
+            for i, x in enumerate(d):
+                acc[i] += x
+    points: list[Point] = []
+    for (disk, op), d in sorted(per_disk.items()):
+        tags = {"host": ctx.host, "disk": disk, "op": OPS(op)}
+        points.append(Point("block_io", tags, dict(zip(COUNTERS, d)), ctx.ts))
+        sums, slots = d[len(COUNTERS):len(COUNTERS) + 3], d[len(COUNTERS) + 3:]
+        for kind, name in enumerate(KINDS):
+            buckets = {s: c for s, c in enumerate(slots[kind * SLOTS:(kind + 1) * SLOTS]) if c}
+            if buckets:
+                points += hist.points(name, tags, buckets, sums[kind] // 1000, ctx.ts)
+    points += disk_busy(diskstats, whole, at_ns, state, ctx)
+    return points, State(io, diskstats, at_ns)
+
+
+def disk_busy(stats: dict, whole: set[str] | None, at_ns: int, state: State, ctx: Context) -> list[Point]:
+    """Every whole disk that has done I/O, every interval, from the kernel's io_ticks."""
+    interval_ns = at_ns - state.at_ns
+    prev = state.diskstats
+    whole = set(stats) if whole is None else whole
+    points = []
+    for name, (ios, ticks) in sorted(stats.items()):
+        if name not in whole or name not in prev or not (ios or ticks) or interval_ns <= 0:
+            continue
+        busy_ms = max(ticks - prev[name][1], 0)
+        points.append(Point("disk_busy", {"host": ctx.host, "disk": printable_name(name)}, {
+            "busy_us": busy_ms * 1000, "util_pct": min(100.0, busy_ms * 1e6 / interval_ns * 100),
+            "interval_us": interval_ns // 1000}, ctx.ts))
+    return points
+
+
 class BlockDecoder:
     def __init__(self, probe):
         self.probe = probe
-        self.host = probe.config.host
         self.sys_root = Path(probe.config.paths.sys)
         self.proc_root = Path(probe.config.paths.proc)
         self.io = probe.table("block_io")
-        self.io_d = DeltaTracker()
         self.names: dict[int, str] = {}
-        self.stats, self.stats_at = self._diskstats(), time.monotonic_ns()
+        self.state = State({}, self._diskstats(), time.monotonic_ns())
 
     def disk(self, dev: int) -> str:
         if dev not in self.names:
@@ -189,46 +240,17 @@ class BlockDecoder:
             return {}
 
     def poll(self, ts: int) -> tuple[list[Point], int]:
-        rows = self.io.items()
-        # per (whole disk, op): a disk's partitions are separate entries in the kernel
-        per_disk: dict[tuple[str, int], list[int]] = {}
-        for k, per_cpu in rows:
-            values = tuple(sum(col) for col in zip(*(IO_VALUES.unpack(bytes(leaf)) for leaf in per_cpu)))
-            d = self.io_d.delta((k.dev, k.op), values)
-            if any(d):
-                acc = per_disk.setdefault((self.disk(k.dev), k.op), [0] * len(d))
-                for i, x in enumerate(d):
-                    acc[i] += x
-        points: list[Point] = []
-        for (disk, op), d in sorted(per_disk.items()):
-            tags = {"host": self.host, "disk": disk, "op": OPS.get(op, "other")}
-            points.append(Point("block_io", tags, dict(zip(COUNTERS, d)), ts))
-            sums, slots = d[len(COUNTERS):len(COUNTERS) + 3], d[len(COUNTERS) + 3:]
-            for kind, name in enumerate(KINDS):
-                buckets = {s: c for s, c in enumerate(slots[kind * SLOTS:(kind + 1) * SLOTS]) if c}
-                if buckets:
-                    points += hist.points(name, tags, buckets, sums[kind] // 1000, ts)
-        points += self._disk_busy(ts)
-        return points, len(rows)
-
-    def _disk_busy(self, ts: int) -> list[Point]:
-        """Every whole disk that has done I/O, every interval, from the kernel's io_ticks."""
-        now, stats = time.monotonic_ns(), self._diskstats()
-        interval_ns = now - self.stats_at
-        prev, self.stats, self.stats_at = self.stats, stats, now
+        rows = [(k.dev, k.op, tuple(sum(col) for col in zip(*(IO_VALUES.unpack(bytes(leaf)) for leaf in per_cpu))))
+                for k, per_cpu in self.io.items()]
+        disks = {dev: self.disk(dev) for dev in {dev for dev, _, _ in rows}}
+        at_ns, stats = time.monotonic_ns(), self._diskstats()
         try:
             whole = set(os.listdir(self.sys_root / "block"))
         except OSError:
-            whole = set(stats)
-        points = []
-        for name, (ios, ticks) in sorted(stats.items()):
-            if name not in whole or name not in prev or not (ios or ticks) or interval_ns <= 0:
-                continue
-            busy_ms = max(ticks - prev[name][1], 0)
-            points.append(Point("disk_busy", {"host": self.host, "disk": printable_name(name)}, {
-                "busy_us": busy_ms * 1000, "util_pct": min(100.0, busy_ms * 1e6 / interval_ns * 100),
-                "interval_us": interval_ns // 1000}, ts))
-        return points
+            whole = None
+        points, new = decode(rows, disks, stats, whole, at_ns, self.state, self.probe.context(ts))
+        defer(lambda: setattr(self, "state", new))
+        return points, len(rows)
 
 
 PROBE = Probe(

@@ -28,7 +28,8 @@ from __future__ import annotations
 from sonde.ingest.errors import ProbeError
 from sonde.ingest.runtime import btf, hist
 from sonde.ingest.runtime.cardinality import OTHER, fold
-from sonde.ingest.runtime.delta import DeltaTracker
+from sonde.ingest.runtime.decode import Context
+from sonde.ingest.runtime.delta import defer, since
 from sonde.ingest.output.lineproto import Point
 from sonde.ingest.runtime.probe import Probe
 
@@ -67,6 +68,45 @@ def kernel_cflags(sys_root) -> list[str]:
     return [f"-D{k}={v}" for k, v in layout(b).items()]
 
 
+def decode(rows: list, prev: dict, ctx: Context) -> tuple[list[Point], dict]:
+    """Pure: rows (tgid, name, exited, (rq_lat_sum_us, *slots)) of `proc_rq` and the
+    previous reads (tgid -> that tuple) -> points and the next state."""
+    new = dict(prev)
+    procs = []  # (tgid, name, sum_us delta, buckets)
+    for tgid, name, exited, now in rows:
+        now = tuple(now)
+        d = since(prev.get(tgid), now)
+        buckets = {s: c for s, c in enumerate(d[1:]) if c}
+        # A read can catch an observation's sum before its bucket (microseconds
+        # apart): such a sum waits for its bucket, in the next poll.
+        if not buckets and not exited:
+            continue
+        new[tgid] = now
+        if buckets:
+            procs.append((tgid, name, d[0], buckets))
+    for tgid, _, exited, _ in rows:
+        if exited:
+            new.pop(tgid, None)
+
+    def admit(row) -> bool:
+        tgid, name, _, buckets = row
+        return ctx.budget.admit({("process_runq_latency", str(tgid), name)} | {
+            ("process_runq_latency_hist", str(tgid), name, hist.le(s)) for s in buckets})
+
+    keep, rest = fold(procs, ctx.max_processes, lambda r: r[2], admit)
+    points = []
+    for tgid, name, sum_us, buckets in keep:
+        points += hist.points("process_runq_latency", {"host": ctx.host, "pid": str(tgid), "comm": name},
+                              buckets, sum_us, ctx.ts)
+    if rest:
+        merged: dict[int, int] = {}
+        for _, _, _, buckets in rest:
+            hist.merge(merged, buckets)
+        points += hist.points("process_runq_latency", {"host": ctx.host, "pid": OTHER, "comm": OTHER},
+                              merged, sum(r[2] for r in rest), ctx.ts)
+    return points, new
+
+
 class SchedDecoder:
     """One map, `proc_rq`: per process its wait sum, count and exp2 slots in one value.
     One read gives each process's buckets together with its sum, so no bucket can
@@ -75,47 +115,21 @@ class SchedDecoder:
 
     def __init__(self, probe):
         self.probe = probe
-        self.host = probe.config.host
         self.procs = probe.table("proc_rq")
-        self.deltas = DeltaTracker()
+        self.prev: dict[int, tuple] = {}
 
     def poll(self, ts: int) -> tuple[list[Point], int]:
         raw, dead = self.probe.read_process_map(self.procs)
-        rows = []  # (tgid, kernel comm, sum_us delta, buckets)
+        rows = []
         for tgid, v in raw:
             now = (v.rq_lat_sum_us, *v.slots)
-            d = self.deltas.peek(tgid, now)
-            buckets = {s: c for s, c in enumerate(d[1:]) if c}
-            # A read can catch an observation's sum before its bucket (microseconds
-            # apart): such a sum waits for its bucket, in the next poll.
-            if not buckets and tgid not in dead:
-                continue
-            self.deltas.delta(tgid, now)
-            if buckets:
-                rows.append((tgid, bytes(v.comm).split(b"\0", 1)[0], d[0], buckets))
-
-        def admit(row) -> bool:
-            tgid, kcomm, _, buckets = row
-            name = self.probe.process_name(tgid, kcomm, exited=tgid in dead)
-            return self.probe.budget.admit({("process_runq_latency", str(tgid), name)} | {
-                ("process_runq_latency_hist", str(tgid), name, hist.le(s)) for s in buckets})
-
-        keep, rest = fold(rows, self.probe.settings.max_processes, lambda r: r[2], admit)
-        points = []
-        for tgid, kcomm, sum_us, buckets in keep:
-            name = self.probe.process_name(tgid, kcomm, exited=tgid in dead)
-            tags = {"host": self.host, "pid": str(tgid), "comm": name}
-            points += hist.points("process_runq_latency", tags, buckets, sum_us, ts)
-        if rest:
-            merged: dict[int, int] = {}
-            for _, _, _, buckets in rest:
-                hist.merge(merged, buckets)
-            points += hist.points("process_runq_latency", {"host": self.host, "pid": OTHER, "comm": OTHER},
-                                  merged, sum(r[2] for r in rest), ts)
-
-        self.probe.reclaim(self.procs, dead)  # once these points are handed over
-        for tgid in dead:
-            self.deltas.forget(tgid)
+            exited = tgid in dead
+            # named only when it has something new (a /proc read per changed process)
+            name = self.probe.process_name(tgid, bytes(v.comm), exited) if now != self.prev.get(tgid) else ""
+            rows.append((tgid, name, exited, now))
+        points, new = decode(rows, self.prev, self.probe.context(ts))
+        defer(lambda: setattr(self, "prev", new))  # once these points are handed over
+        self.probe.reclaim(self.procs, dead)
         return points, len(raw)
 
 

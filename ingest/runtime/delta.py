@@ -59,6 +59,15 @@ def defer(step) -> None:
         iv.deferred.append(step)
 
 
+def since(prev: tuple | None, values: tuple) -> tuple:
+    """values minus the previous read. A counter below its previous read means the
+    entry was deleted and re-created (pid reuse, our own reclaim), so the whole value
+    is new; so is everything when there is no previous read."""
+    if prev is None or any(v < p for v, p in zip(values, prev)):
+        return tuple(values)
+    return tuple(v - p for v, p in zip(values, prev))
+
+
 class DeltaTracker:
     def __init__(self):
         self._prev: dict = {}
@@ -92,16 +101,11 @@ class DeltaTracker:
         self._note(key)
         prev = self._prev.get(key)
         self._prev[key] = values
-        if prev is None or any(v < p for v, p in zip(values, prev)):
-            return values
-        return tuple(v - p for v, p in zip(values, prev))
+        return since(prev, values)
 
     def peek(self, key, values: tuple[int, ...]) -> tuple[int, ...]:
         """What delta() would return, without taking it: the counts stay for a later poll."""
-        prev = self._prev.get(key)
-        if prev is None or any(v < p for v, p in zip(values, prev)):
-            return values
-        return tuple(v - p for v, p in zip(values, prev))
+        return since(self._prev.get(key), values)
 
     def forget(self, key) -> None:
         if key in self._prev:

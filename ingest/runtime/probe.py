@@ -5,14 +5,16 @@ A probe is a folder, bpf/<name>/: `<name>.bpf.c` (bcc C), `probe.py`, which defi
 `metrics.py` (its catalog entries). The runtime finds probes by that layout, so adding
 one edits nothing central.
 
-Regular decoding is declared (`CounterMap`); the runtime turns cumulative kernel
+Regular decoding is declared (`CounterMap`, in decode.py); the runtime turns cumulative kernel
 counters into per-interval deltas, adds process tags, folds processes past the
 top-N limit into `other` (totals stay exact), and reclaims entries of exited
 processes after their last delta is written, so maps stay bounded.
 
-A poll is one interval (`delta.interval()`): if it raises, every delta it took is
-undone and the deletions it planned are not made, so the next poll counts the same
-events again and the interval is not lost. A point that breaks the catalog contract
+A poll is one interval (`delta.interval()`): read rows, decode them with a pure
+function of rows and previous state (decode.py), and commit the new state once the
+whole poll has succeeded. If it raises, nothing is committed and the deletions it
+planned are not made, so the next poll counts the same events again and the
+interval is not lost. A point that breaks the catalog contract
 (undeclared, or another probe's measurement) is dropped alone, logged, and makes
 `poll_success` 0.
 """
@@ -34,27 +36,14 @@ from sonde.ingest.config import Config
 from sonde.ingest.errors import CatalogError, ProbeError, SondeError
 from sonde.ingest.output.lineproto import Point, printable_name
 from sonde.ingest.runtime.bpfinfo import recursion_misses, run_stats
-from sonde.ingest.runtime.cardinality import OTHER, SeriesBudget, fold
-from sonde.ingest.runtime.delta import DeltaTracker, defer, interval
+from sonde.ingest.runtime.cardinality import SeriesBudget
+from sonde.ingest.runtime.decode import Context, CounterMap
+from sonde.ingest.runtime.delta import defer, interval
 from sonde.ingest.runtime.procfs import Procfs
 
 log = logging.getLogger("sonde.probe")
 BPF_DIR = Path(bpf_pkg.__file__).parent
 DROPS_MAP = "sonde_drops"  # optional per-probe PERCPU_ARRAY[1]: events lost to a full map
-
-
-@dataclass(frozen=True)
-class CounterMap:
-    """A BPF hash map of cumulative counters keyed by process.
-
-    `map` is both the BPF map's name and the catalog measurement's name.
-    `fields` maps catalog field -> member of the value struct.
-    """
-    map: str
-    fields: dict[str, str]
-    tgid: str = "tgid"            # key member (or the key itself when "") holding the process id
-    comm: str = "comm"            # value member holding the kernel comm, for exited processes
-    rank_by: tuple[str, ...] = ()  # fields whose sum ranks processes for the top-N fold
 
 
 @dataclass(frozen=True)
@@ -231,7 +220,7 @@ class LoadedProbe:
         self.procfs = Procfs(config.paths.proc)
         self.settings = config.probe(spec.name)
         self.budget = budget or SeriesBudget(config.cardinality.max_series, config.cardinality.window_hours * 3600)
-        self._deltas = {m.map: DeltaTracker() for m in spec.maps}
+        self._prev: dict[str, dict] = {m.map: {} for m in spec.maps}  # counter map -> tgid -> values read
         self._prev_drops = 0
         self._prev_misses = 0
         self._refused_logged: set[str] = set()
@@ -427,49 +416,40 @@ class LoadedProbe:
         name = None if exited else self.procfs.comm(tgid)
         return printable_name(name if name is not None else kernel_comm)
 
+    def context(self, ts_ns: int) -> Context:
+        """What this probe's decode needs besides its rows and state."""
+        return Context(self.config.host, ts_ns, self.settings.max_processes,
+                       getattr(self.settings, "max_peers", 20), self.budget)
+
     def _poll_counter_map(self, m: CounterMap, ts_ns: int) -> tuple[list[Point], int]:
+        """Read (kernel, /proc) -> `m.decode` (pure) -> commit once the poll succeeds."""
         table = self.table(m.map)
         members = list(m.fields.values())
-        deltas = self._deltas[m.map]
-        rows = []  # (ctypes key, tgid, values, leaf)
+        prev = self._prev[m.map]
+        read = []  # (ctypes key, tgid, values, leaf)
         for key, leaf in table.items():
             tgid = int(getattr(key, m.tgid) if m.tgid else key.value)
-            rows.append((key, tgid, _sum_members(leaf, members), leaf))
+            read.append((key, tgid, tuple(_sum_members(leaf, members)), leaf))
 
         # Exited processes: confirm death first, then read their final values, then
         # delete. A process dead before the re-read cannot add to its entry.
-        dead = [(key, tgid) for key, tgid, _, _ in rows if not self.procfs.alive(tgid)]
+        dead = [(key, tgid) for key, tgid, _, _ in read if not self.procfs.alive(tgid)]
         final = {}
         for key, tgid in dead:
             try:
                 leaf = table[key]
             except KeyError:
                 continue
-            final[tgid] = (_sum_members(leaf, members), leaf)
+            final[tgid] = (tuple(_sum_members(leaf, members)), leaf)
 
-        per_process = []
-        for key, tgid, values, leaf in rows:
-            if tgid in final:
+        rows = []  # (tgid, name, values, exited): named only when its counters moved
+        for key, tgid, values, leaf in read:
+            exited = tgid in final
+            if exited:
                 values, leaf = final[tgid]
-            d = deltas.delta(tgid, tuple(values))
-            if any(d):
-                name = self.process_name(tgid, _kernel_comm(leaf, m.comm), exited=tgid in final)
-                per_process.append((str(tgid), name, dict(zip(m.fields, d))))
-
+            name = self.process_name(tgid, _kernel_comm(leaf, m.comm), exited) if values != prev.get(tgid) else ""
+            rows.append((tgid, name, values, exited))
+        points, new = m.decode(rows, prev, self.context(ts_ns))
+        defer(lambda: self._prev.__setitem__(m.map, new))
         self.delete_later(table, [key for key, _ in dead])
-        deltas.keep_only(tgid for _, tgid, _, _ in rows if tgid not in final)
-        return self._fold(m, per_process, ts_ns), len(rows) - len(dead)
-
-    def _fold(self, m: CounterMap, per_process, ts_ns: int) -> list[Point]:
-        """Keep the top-N processes by activity, within the series budget; sum the
-        rest into pid=other, comm=other so totals stay exact."""
-        rank = m.rank_by or tuple(m.fields)
-        keep, rest = fold(per_process, self.settings.max_processes, lambda r: sum(r[2][f] for f in rank),
-                          lambda r: self.budget.admit({(m.map, r[0], r[1])}))
-        host = self.config.host
-        points = [Point(m.map, {"host": host, "pid": pid, "comm": name}, fields, ts_ns) for pid, name, fields in keep]
-        if rest:
-            folded = {f: sum(r[2][f] for r in rest) for f in m.fields}
-            self.budget.admit({(m.map, OTHER, OTHER)}, force=True)
-            points.append(Point(m.map, {"host": host, "pid": OTHER, "comm": OTHER}, folded, ts_ns))
-        return points
+        return points, len(read) - len(dead)
