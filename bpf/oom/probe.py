@@ -34,6 +34,7 @@ from pathlib import Path
 from sonde.ingest.errors import SondeError
 from sonde.ingest.output.lineproto import Point, printable_name
 from sonde.ingest.runtime import btf
+from sonde.ingest.runtime.decode import Context
 from sonde.ingest.runtime.delta import defer
 from sonde.ingest.runtime.probe import Probe
 
@@ -105,6 +106,33 @@ def cgroup_dirs(root: Path) -> dict[int, str]:
     return out
 
 
+def kill_point(kill: dict, cgroup: str, ts: int, last_ts: dict[str, int], host: str) -> tuple[Point, dict]:
+    """Pure: one kill (pid, comm as the kernel's bytes, memory in KiB) as its
+    `oom_kill` point at the kill's time, and the next {comm: last time written}. Two
+    kills of one name at one time would overwrite each other: the second goes 1 ns later."""
+    comm = printable_name(kill["comm"])
+    if ts <= last_ts.get(comm, 0):
+        ts = last_ts[comm] + 1
+    last_ts = dict(last_ts)
+    last_ts[comm] = ts
+    if len(last_ts) > 4096:
+        last_ts = {comm: ts}
+    return Point("oom_kill", {"host": host, "comm": comm}, {
+        "pid": kill["pid"], "cgroup": cgroup,
+        "anon_rss_bytes": kill["anon_rss_kb"] * 1024, "file_rss_bytes": kill["file_rss_kb"] * 1024,
+        "total_vm_bytes": kill["total_vm_kb"] * 1024}, ts), last_ts
+
+
+def decode(events: list[Point], lost: int, kills_total: int, prev_kills: int, ctx: Context) -> tuple[list[Point], int]:
+    """Pure: the kills' points gathered since the last poll, the events the perf buffer
+    lost, and the kernel's cumulative kill counter -> the points and the next counter."""
+    kills = kills_total - prev_kills
+    out = list(events)
+    if kills or lost:
+        out.append(Point("oom_kills", {"host": ctx.host}, {"kills": kills, "lost_events": lost}, ctx.ts))
+    return out, kills_total
+
+
 class OomDecoder:
     def __init__(self, probe):
         self.probe = probe
@@ -173,36 +201,26 @@ class OomDecoder:
     def _on_event(self, cpu, data, size) -> None:
         e = self.table.event(data)
         cgroup = self.cgroup_name(self._memcg_id(int(e.pid), int(e.ktime_ns)))
-        comm = printable_name(bytes(e.comm))
         # the kill's own time, so kills of one name in one interval stay apart
         ts = time.time_ns() - (time.monotonic_ns() - int(e.ktime_ns))
-        point = Point("oom_kill", {"host": self.host, "comm": comm}, {
-            "pid": int(e.pid), "cgroup": cgroup,
-            "anon_rss_bytes": e.anon_rss_kb * 1024, "file_rss_bytes": e.file_rss_kb * 1024,
-            "total_vm_bytes": e.total_vm_kb * 1024}, ts)
-        log.warning("OOM kill: pid %d (%s) in cgroup %s", e.pid, comm, cgroup)
+        kill = {"pid": int(e.pid), "comm": bytes(e.comm), "anon_rss_kb": int(e.anon_rss_kb),
+                "file_rss_kb": int(e.file_rss_kb), "total_vm_kb": int(e.total_vm_kb)}
         with self.lock:
-            if ts <= self.last_ts.get(comm, 0):  # same series and time would overwrite: 1 ns later
-                point.ts_ns = ts = self.last_ts[comm] + 1
-            self.last_ts[comm] = ts
-            if len(self.last_ts) > 4096:
-                self.last_ts = {comm: ts}
+            point, self.last_ts = kill_point(kill, cgroup, ts, self.last_ts, self.host)
             self.events.append(point)
+        log.warning("OOM kill: pid %d (%s) in cgroup %s", e.pid, point.tags["comm"], cgroup)
 
     def poll(self, ts: int) -> tuple[list[Point], int]:
         with self.lock:
             events, lost = list(self.events), self.lost
         total = int(self.probe.table("oom_kills")[0].value)
-        kills = total - self.prev_kills
-        out = list(events)
-        if kills or lost:
-            out.append(Point("oom_kills", {"host": self.host}, {"kills": kills, "lost_events": lost}, ts))
+        out, kills = decode(events, lost, total, self.prev_kills, self.probe.context(ts))
 
         def taken():  # only once the points are handed over
             with self.lock:
                 del self.events[:len(events)]
                 self.lost -= lost
-            self.prev_kills = total
+            self.prev_kills = kills
         defer(taken)
         return out, 0
 

@@ -313,37 +313,21 @@ class ProfileDecoder:
         for tgid, rows in by_tgid.items():
             alive = self.probe.procfs.alive(tgid)
             name = self.probe.process_name(tgid, rows[0].comm, exited=not alive)
-            procs.append((tgid, name, rows))
-        ranks = [str(r) for r in range(1, TOP_STACKS + 1)]
-
-        def admit(p) -> bool:
-            tgid, name, _ = p
-            return self.probe.budget.admit({("profile_samples", str(tgid), name)} |
-                                           {("profile_stack", str(tgid), name, r) for r in ranks})
-
-        keep, rest = fold(procs, self.probe.settings.max_processes, lambda p: sum(r.count for r in p[2]), admit)
-        points = []
+            procs.append((tgid, name, [(r.count, r) for r in rows]))
+        ctx = self.probe.context(ts)
+        keep, rest = choose(procs, ctx)
+        symbolised = []
         for tgid, name, rows in keep:
             if tgid not in self.checked:
                 self._python(tgid)
-            tags = {"host": self.host, "pid": str(tgid), "comm": name}
-            total = sum(r.count for r in rows)
             try:
-                merged, truncated, lost = self._stacks(tgid, rows)
+                stacks = self._stacks(tgid, [r for _, r in rows])
             except Exception:  # the counts are cleared already: a symbolisation bug must not lose them
                 log.exception("profile: cannot symbolise the stacks of pid %d", tgid)
-                merged, truncated, lost = {("[stacks not symbolised: see the agent's log]",): [total, True]}, total, 0
-            points.append(Point("profile_samples", tags, {
-                "samples": total, "stacks": len(merged), "truncated_samples": truncated, "lost_samples": lost}, ts))
-            top = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP_STACKS]
-            for rank, (frames, (n, trunc)) in enumerate(top, 1):
-                points.append(Point("profile_stack", dict(tags, rank=str(rank)), {
-                    "samples": n, "share_pct": round(100.0 * n / total, 2), "function": leaf_function(frames),
-                    "frames": folded_text(frames), "truncated": int(trunc)}, ts))
-        if rest:
-            points.append(Point("profile_samples", {"host": self.host, "pid": OTHER, "comm": OTHER}, {
-                "samples": sum(r.count for p in rest for r in p[2]),
-                "stacks": sum(len(p[2]) for p in rest)}, ts))
+                stacks = [(sum(n for n, _ in rows), ("[stacks not symbolised: see the agent's log]",),
+                           "not symbolised", False)]
+            symbolised.append((tgid, name, stacks))
+        points = decode(symbolised, rest, ctx)
         # What is known of a process (its maps, its Python state) lasts while it lives,
         # not only while it is among the busiest.
         live = {t for t in set(self.symbolizer.processes) | self.checked if self.probe.procfs.alive(t)}
@@ -353,21 +337,55 @@ class ProfileDecoder:
         self.checked &= live
         return points, len(taken.on_cpu)
 
-    def _stacks(self, tgid: int, rows: list[StackRow]) -> tuple[dict[tuple[str, ...], list], int, int]:
-        """{frames: [samples, truncated]}, truncated samples, lost samples."""
-        merged: dict[tuple[str, ...], list] = {}
-        truncated = lost = 0
+    def _stacks(self, tgid: int, rows: list[StackRow]) -> list[tuple]:
+        """(samples, frames, why truncated or "", lost) per row, symbolised."""
         known = tgid in self.symbolizer.processes
         ps = self.symbolizer.process(tgid)   # a new one reads its maps now
         if known:
             ps.refresh()
-        for row in rows:
-            frames, why, was_lost = self.symbolizer.frames(row)
-            truncated += row.count if why else 0
-            lost += row.count if was_lost else 0
-            entry = merged.setdefault(frames, [0, bool(why)])
-            entry[0] += row.count
-        return merged, truncated, lost
+        return [(row.count, *self.symbolizer.frames(row)) for row in rows]
+
+
+RANKS = tuple(str(r) for r in range(1, TOP_STACKS + 1))
+
+
+def choose(procs: list, ctx) -> tuple[list, list]:
+    """The processes (tgid, name, [(samples, row)]) that keep their own series: the
+    busiest that the series budget admits; the rest are written as pid=other."""
+    def admit(p) -> bool:
+        tgid, name, _ = p
+        return ctx.budget.admit({("profile_samples", str(tgid), name)} |
+                                {("profile_stack", str(tgid), name, r) for r in RANKS})
+    return fold(procs, ctx.max_processes, lambda p: sum(n for n, _ in p[2]), admit)
+
+
+def decode(keep: list, rest: list, ctx) -> list[Point]:
+    """Pure: the kept processes with their symbolised stacks, (tgid, name, [(samples,
+    frames root first, why truncated or "", lost)]), and the rest, (tgid, name,
+    [(samples, row)]) -> profile_samples per process and its top stacks."""
+    points = []
+    for tgid, name, stacks in keep:
+        tags = {"host": ctx.host, "pid": str(tgid), "comm": name}
+        total = sum(n for n, _, _, _ in stacks)
+        merged: dict[tuple[str, ...], list] = {}
+        truncated = lost = 0
+        for n, frames, why, was_lost in stacks:
+            frames = tuple(frames)
+            truncated += n if why else 0
+            lost += n if was_lost else 0
+            merged.setdefault(frames, [0, bool(why)])[0] += n
+        points.append(Point("profile_samples", tags, {
+            "samples": total, "stacks": len(merged), "truncated_samples": truncated, "lost_samples": lost}, ctx.ts))
+        top = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0]))[:TOP_STACKS]
+        for rank, (frames, (n, trunc)) in enumerate(top, 1):
+            points.append(Point("profile_stack", dict(tags, rank=str(rank)), {
+                "samples": n, "share_pct": round(100.0 * n / total, 2), "function": leaf_function(frames),
+                "frames": folded_text(frames), "truncated": int(trunc)}, ctx.ts))
+    if rest:
+        points.append(Point("profile_samples", {"host": ctx.host, "pid": OTHER, "comm": OTHER}, {
+            "samples": sum(n for p in rest for n, _ in p[2]),
+            "stacks": sum(len(p[2]) for p in rest)}, ctx.ts))
+    return points
 
 
 PROBE = Probe(
