@@ -56,12 +56,14 @@ bpf_get_ns_current_pid_tgid (5.7), CONFIG_SCHED_INFO for run-queue wait.
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
 
-from sonde.ingest.runtime import cardinality
+from sonde.ingest.runtime import cardinality, keys
 from sonde.ingest.runtime.cardinality import OTHER
+from sonde.ingest.runtime.delta import defer
 from sonde.ingest.errors import ProbeError
 from sonde.ingest.output.lineproto import Point, printable_name
 from sonde.ingest.runtime.probe import Probe
@@ -139,9 +141,9 @@ def fold(rows: list, n: int, admit) -> tuple[list, tuple | None]:
 class _Thread:
     __slots__ = ("counters", "gone")
 
-    def __init__(self, counters: tuple):
+    def __init__(self, counters: tuple, gone: int = 0):
         self.counters = counters  # cpu_ns here is schedstat's run time, stale by the running slice
-        self.gone = 0  # polls since it left /proc with no exit record yet: its CPU is in the process clock
+        self.gone = gone  # polls since it left /proc with no exit record yet: its CPU is in the process clock
 
 
 @dataclass
@@ -160,15 +162,199 @@ class _Proc:
     pending_busiest: int = 0  # ns: the most one exited thread ran after the last read
 
 
+@dataclass(frozen=True)
+class State:
+    """What the next poll starts from. A _Proc in a State is never changed: decode
+    works on copies of the ones it touches."""
+    procs: dict = field(default_factory=dict)  # tgid -> _Proc
+    gen: int = 0
+    last_ts: int = 0
+
+
+ZOMBIE = "zombie"  # a thread read: its exit record is counted, it is still listed
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One listed process as read from /proc. clock: its CPU clock (None: it vanished).
+    tasks: tid -> counters (cpu_ns, runq_ns, runq_waits, voluntary, involuntary), its
+    run time alone when that has not moved since the last read, None when it went
+    between the listing and the read, or ZOMBIE; tasks is None when nothing was read
+    (its clock has not moved, or its task listing failed). start: its start time,
+    read when the state needs it. comm: /proc's name, read when tasks were."""
+    start: int | None = None
+    clock: int | None = None
+    tasks: dict | None = None
+    comm: bytes | None = None
+
+
+def _own(procs: dict, tgid: int) -> _Proc:
+    """The process's _Proc, copied into `procs` (a new state's) before it is changed."""
+    p = copy.copy(procs[tgid])
+    procs[tgid] = p
+    return p
+
+
+def current(p: _Proc, gen: int, start: int | None) -> bool:
+    """Whether a pid listed at poll `gen` is still the process `p`: listed at the last
+    poll, and not a reused pid (its start time is read once its main thread has exited)."""
+    if 0 <= p.listed < gen - 1:
+        return False  # gone at the last poll: this is another process
+    return not (p.leader_exited and start is not None and p.start is not None and start != p.start)
+
+
+def apply_exits(procs: dict, records: list, gen: int) -> dict:
+    """Pure: the exit records (tid, tgid, comm, final counters) added to the processes'
+    pending counts. Returns the new processes (procs is not changed)."""
+    procs = dict(procs)
+    for tid, tgid, comm, final in records:
+        if tgid in procs:
+            p = _own(procs, tgid)
+        else:
+            p = procs[tgid] = _Proc(created=gen)
+        p.threads = dict(p.threads)
+        t = p.threads.pop(tid, None)
+        d = since(final, t.counters if t else None)
+        if t is not None and t.gone:
+            d = (0,) + d[1:]
+        p.pending = add(p.pending, d)
+        p.pending_busiest = max(p.pending_busiest, d[0])
+        p.dead_tids = p.dead_tids | {tid}
+        if tid == tgid:
+            p.leader_exited = True
+            p.comm = comm
+        elif not p.comm:
+            p.comm = comm
+    return procs
+
+
+def advance(p: _Proc, s: Sample) -> tuple | None:
+    """Pure on a copy: what a listed process did since its last read (None: nothing
+    read), with p moved to this read."""
+    if s.clock is None or s.tasks is None:
+        return None
+    live = ZERO
+    busiest = 0
+    threads = {}
+    dead_tids = set(p.dead_tids)
+    for tid, t in s.tasks.items():
+        if t == ZOMBIE:
+            continue  # exited (its record is counted), still listed as a zombie
+        dead_tids.discard(tid)  # a live thread under that id again
+        old = p.threads.get(tid)
+        if t is None:  # gone since the listing: its CPU is in the process clock
+            if old is not None:
+                threads[tid] = _Thread(old.counters, 1)
+            continue
+        if isinstance(t, int):
+            threads[tid] = _Thread(old.counters)  # it has not run since the last read: no switch either
+            continue
+        delta = since(t, old.counters if old else None)
+        live = add(live, delta)
+        busiest = max(busiest, delta[0])
+        threads[tid] = _Thread(t)
+    for tid, t in p.threads.items():
+        # Gone from /proc, exit record not drained yet: keep it for the record,
+        # whose CPU is already in the process clock.
+        if tid not in threads and tid not in s.tasks and t.gone < GRACE_POLLS:
+            threads[tid] = _Thread(t.counters, t.gone + 1)
+    p.threads = threads
+    p.dead_tids = dead_tids & set(s.tasks)
+    cpu = s.clock - p.clock if p.clock is not None else s.clock
+    d = (max(cpu, 0),) + add(live, p.pending)[1:]
+    p.clock, p.pending = s.clock, ZERO
+    p.busiest, p.pending_busiest = min(max(busiest, p.pending_busiest), d[0]), 0
+    return d
+
+
+def baseline(samples: dict[int, Sample], ts: int) -> State:
+    """Pure: the state after reading every process once (the first poll reports only
+    what happens after it)."""
+    procs = {}
+    for tgid, s in samples.items():
+        p = procs[tgid] = _Proc(listed=0, start=s.start)
+        advance(p, s)
+    return State(procs, 0, ts)
+
+
+def decode(records: list, samples: dict[int, Sample], state: State, ctx) -> tuple[list[Point], State]:
+    """Pure: exit records drained from the ring, every listed process's Sample (in the
+    order /proc listed them) and the previous state -> process_cpu points and the next
+    state."""
+    interval_ns = max(ctx.ts - state.last_ts, 1)
+    gen = state.gen + 1
+    procs = apply_exits(state.procs, records, gen)
+    rows = []  # (tgid, name, counters)
+    busiest: dict[int, int] = {}  # tgid -> ns its busiest thread ran this interval
+
+    def retire(tgid: int, keep: bool = False) -> None:
+        """Report what a gone process's threads did after the last read (their exit
+        records), under the name it had; forget it once late records can no longer come."""
+        p = procs[tgid]
+        if any(p.pending):
+            rows.append((tgid, printable_name(p.comm or p.last_comm), p.pending))
+            busiest[tgid] = min(p.pending_busiest, p.pending[0])
+            p = _own(procs, tgid)
+            p.pending, p.pending_busiest = ZERO, 0
+        if not keep:
+            del procs[tgid]
+
+    for tgid, s in samples.items():
+        if tgid in procs and not current(procs[tgid], gen, s.start):
+            retire(tgid)  # gone at the last poll, or its pid was reused since
+        if tgid in procs:
+            p = _own(procs, tgid)
+            p.leader_exited = False
+        else:
+            p = procs[tgid] = _Proc(created=gen)
+        if p.start is None:
+            p.start = s.start
+        p.listed = gen
+        d = advance(p, s)
+        if d and any(d):
+            p.last_comm = s.comm if s.comm is not None else (p.comm or p.last_comm)
+            rows.append((tgid, printable_name(p.last_comm), d))
+            busiest[tgid] = p.busiest
+
+    for tgid, p in list(procs.items()):
+        if p.listed != gen:
+            retire(tgid, keep=gen - max(p.listed, p.created) < GRACE_POLLS)
+    return points(ctx, rows, interval_ns, busiest), State(procs, gen, ctx.ts)
+
+
+def points(ctx, rows: list, interval_ns: int, busiest: dict[int, int]) -> list[Point]:
+    kept, other = fold(rows, ctx.max_processes, lambda pid, name: ctx.budget.admit({("process_cpu", str(pid), name)}))
+    out = [_point(ctx, str(pid), name, d, interval_ns, busiest.get(pid, 0)) for pid, name, d in kept]
+    if other is not None:
+        ctx.budget.admit({("process_cpu", OTHER, OTHER)}, force=True)
+        kept_pids = {pid for pid, _, _ in kept}
+        most = max((busiest.get(pid, 0) for pid, _, _ in rows if pid not in kept_pids), default=0)
+        out.append(_point(ctx, OTHER, OTHER, other, interval_ns, most))
+    return out
+
+
+def _point(ctx, pid: str, name: str, d: tuple, interval_ns: int, busiest_ns: int) -> Point:
+    cpu_ns, runq_ns, runq_waits, voluntary, involuntary = d
+    return Point("process_cpu", {"host": ctx.host, "pid": pid, "comm": name}, {
+        "oncpu_us": cpu_ns // 1000,
+        "cpu_pct": cpu_ns / interval_ns * 100,
+        "interval_us": interval_ns // 1000,
+        "voluntary_switches": voluntary,
+        "involuntary_switches": involuntary,
+        "runq_wait_us": runq_ns // 1000,
+        "runq_waits": runq_waits,
+        "max_thread_oncpu_us": busiest_ns // 1000,
+    }, ctx.ts)
+
+
 class CpuDecoder:
+    """The poll: drain the exit records, read /proc where the state says something
+    may have moved, `decode` (pure), commit once the poll has succeeded."""
+
     def __init__(self, probe):
         self.probe = probe
-        self.host = probe.config.host
         self.root = str(probe.config.paths.proc)
-        self.procs: dict[int, _Proc] = {}
-        self.records: list = []
-        self.busiest: dict[int, int] = {}  # tgid -> ns its busiest thread ran this interval (this poll's rows)
-        self.gen = 0
+        self.records: list = []  # drained from the ring, not yet taken by a successful poll
         self._check_namespace()
         self.ring = probe.table("exits")  # keep the table: bcc frees its ring buffer with it
         self.ring.open_ring_buffer(self._on_record)
@@ -195,21 +381,17 @@ class CpuDecoder:
         st = os.stat(f"{self.root}/self/ns/pid")
         table = self.probe.table("pidns")
         leaf = table.Leaf()
-        # the kernel compares its own dev_t encoding, MKDEV(major, minor) = major << 20 | minor
-        leaf.dev = (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
+        leaf.dev = keys.kernel_dev(os.major(st.st_dev), os.minor(st.st_dev))  # the kernel's dev_t encoding
         leaf.ino = st.st_ino
         table[table.Key(0)] = leaf
 
     def _baseline(self) -> None:
         """Read every process once, so the first poll reports only what happens after load.
         Exit records that arrive meanwhile belong before the baseline and are dropped."""
-        for tgid in self._pids():
-            p = self.procs[tgid] = _Proc(listed=self.gen)
-            p.start = self._start(tgid)
-            self._read(tgid, p)
+        self.state = baseline({tgid: self._sample(tgid, None, self._start(tgid)) for tgid in self._pids()},
+                              time.time_ns())
         self.probe.bpf.ring_buffer_consume()
         self.records = []
-        self.last_ts = time.time_ns()
 
     # --- reading ---
 
@@ -237,166 +419,67 @@ class CpuDecoder:
         text = self._text(f"{self.root}/{tgid}/task/{tid}/stat")
         return text is None or parse_stat(text)[0] in ("Z", "X")
 
-    def _read(self, tgid: int, p: _Proc) -> tuple | None:
-        """Read a listed process; return what it did since the last read, or None
-        when it did nothing (or vanished meanwhile: its exit records come next poll)."""
+    def _sample(self, tgid: int, p: _Proc | None, start: int | None) -> Sample:
+        """Read a listed process, as far as its previous read `p` says anything may
+        have moved: only its clock when that has not, and a thread's status only when
+        its run time has moved."""
         try:
             clock = process_clock(tgid)
         except OSError:
-            return None
-        if p.clock is not None and clock == p.clock and p.pending == ZERO:
-            return None  # it has not run: no thread can have switched, waited or been born
+            return Sample(start)
+        if p is not None and p.clock is not None and clock == p.clock and p.pending == ZERO:
+            return Sample(start, clock)  # it has not run: no thread can have switched, waited or been born
         task = f"{self.root}/{tgid}/task"
         try:
             names = os.listdir(task)
         except OSError:
-            return None
-        live = ZERO
-        busiest = 0
-        threads = {}
-        listed = set()
+            return Sample(start, clock)
+        tasks: dict = {}
         for name in names:
             tid = int(name)
-            listed.add(tid)
-            if tid in p.dead_tids:
-                if self._thread_dead(tgid, tid):
-                    continue  # exited (its record is counted), still listed as a zombie
-                p.dead_tids.discard(tid)  # a live thread under that id again
-            old = p.threads.get(tid)
+            if p is not None and tid in p.dead_tids and self._thread_dead(tgid, tid):
+                tasks[tid] = ZOMBIE
+                continue
+            old = p.threads.get(tid) if p is not None else None
             sched = self._text(f"{task}/{tid}/schedstat")
-            if sched is None:  # gone since the listing: its CPU is in the process clock
-                if old is not None:
-                    old.gone = 1
-                    threads[tid] = old
+            if sched is None:
+                tasks[tid] = None
                 continue
             runtime, run_delay, pcount = parse_schedstat(sched)
             if old is not None and runtime == old.counters[0]:
-                old.gone = 0
-                threads[tid] = old  # it has not run since the last read: no switch either
+                tasks[tid] = runtime
                 continue
             status = self._text(f"{task}/{tid}/status")
-            if status is None:
-                if old is not None:
-                    old.gone = 1
-                    threads[tid] = old
-                continue
-            counters = (runtime, run_delay, pcount) + parse_switches(status)
-            delta = since(counters, old.counters if old else None)
-            live = add(live, delta)
-            busiest = max(busiest, delta[0])
-            threads[tid] = _Thread(counters)
-        for tid, t in p.threads.items():
-            # Gone from /proc, exit record not drained yet: keep it for the record,
-            # whose CPU is already in the process clock.
-            if tid not in threads and tid not in listed and t.gone < GRACE_POLLS:
-                t.gone += 1
-                threads[tid] = t
-        p.threads = threads
-        p.dead_tids &= listed
-        cpu = clock - p.clock if p.clock is not None else clock
-        d = (max(cpu, 0),) + add(live, p.pending)[1:]
-        p.clock, p.pending = clock, ZERO
-        p.busiest, p.pending_busiest = min(max(busiest, p.pending_busiest), d[0]), 0
-        return d
+            tasks[tid] = None if status is None else (runtime, run_delay, pcount) + parse_switches(status)
+        comm = self._text(f"{self.root}/{tgid}/comm")
+        return Sample(start, clock, tasks,
+                      comm.encode("utf-8", "surrogateescape").removesuffix(b"\n") if comm else None)
 
     def _on_record(self, ctx, data, size) -> None:
         e = self.ring.event(data)
         self.records.append((e.tid, e.tgid, bytes(e.comm).split(b"\0", 1)[0],
                              (e.cpu_ns, e.runq_ns, e.runq_waits, e.voluntary, e.involuntary)))
 
-    def _exited(self, tid: int, tgid: int, comm: bytes, final: tuple) -> None:
-        p = self.procs.get(tgid)
-        if p is None:
-            p = self.procs[tgid] = _Proc(created=self.gen)
-        t = p.threads.pop(tid, None)
-        d = since(final, t.counters if t else None)
-        if t is not None and t.gone:
-            d = (0,) + d[1:]
-        p.pending = add(p.pending, d)
-        p.pending_busiest = max(p.pending_busiest, d[0])
-        p.dead_tids.add(tid)
-        if tid == tgid:
-            p.leader_exited = True
-            p.comm = comm
-        elif not p.comm:
-            p.comm = comm
-
     # --- polling ---
 
     def poll(self, ts: int) -> tuple[list[Point], int]:
-        interval_ns = max(ts - self.last_ts, 1)
-        self.last_ts = ts
-        self.gen += 1
         self.probe.bpf.ring_buffer_consume()
-        records, self.records = self.records, []
-        for tid, tgid, comm, final in records:
-            self._exited(tid, tgid, comm, final)
-
-        rows = []  # (tgid, name, counters)
-        self.busiest = {}
+        records = list(self.records)
+        gen = self.state.gen + 1
+        procs = apply_exits(self.state.procs, records, gen)  # what the reads below compare with
+        samples = {}
         for tgid in self._pids():
-            p = self.procs.get(tgid)
-            if p is not None and p.listed >= 0 and p.listed < self.gen - 1:
-                self._retire(tgid, p, rows)  # gone at the last poll: this is another process
-                p = None
-            if p is not None and p.leader_exited:
-                p.leader_exited = False
-                start = self._start(tgid)
-                if start is not None and p.start is not None and start != p.start:
-                    self._retire(tgid, p, rows)  # its pid was reused since the last poll
-                    p = None
-            if p is None:
-                p = self.procs[tgid] = _Proc(created=self.gen)
-            if p.start is None:
-                p.start = self._start(tgid)
-            p.listed = self.gen
-            d = self._read(tgid, p)
-            if d and any(d):
-                comm = self._text(f"{self.root}/{tgid}/comm")
-                p.last_comm = (comm.encode("utf-8", "surrogateescape").removesuffix(b"\n") if comm else
-                               p.comm or p.last_comm)
-                rows.append((tgid, printable_name(p.last_comm), d))
-                self.busiest[tgid] = p.busiest
+            p = procs.get(tgid)
+            start = self._start(tgid) if p is None or p.leader_exited or p.start is None or \
+                not current(p, gen, None) else None
+            samples[tgid] = self._sample(tgid, p if p is not None and current(p, gen, start) else None, start)
+        points, new = decode(records, samples, self.state, self.probe.context(ts))
 
-        for tgid, p in list(self.procs.items()):
-            if p.listed != self.gen:
-                self._retire(tgid, p, rows, keep=self.gen - max(p.listed, p.created) < GRACE_POLLS)
-        return self._points(ts, rows, interval_ns), len(self.procs)
-
-    def _retire(self, tgid: int, p: _Proc, rows: list, keep: bool = False) -> None:
-        """Report what a gone process's threads did after the last read (their exit
-        records), under the name it had; forget it once late records can no longer come."""
-        if any(p.pending):
-            rows.append((tgid, printable_name(p.comm or p.last_comm), p.pending))
-            self.busiest[tgid] = min(p.pending_busiest, p.pending[0])
-            p.pending, p.pending_busiest = ZERO, 0
-        if not keep:
-            del self.procs[tgid]
-
-    def _points(self, ts: int, rows: list, interval_ns: int) -> list[Point]:
-        budget = self.probe.budget
-        kept, other = fold(rows, self.probe.settings.max_processes,
-                           lambda pid, name: budget.admit({("process_cpu", str(pid), name)}))
-        points = [self._point(ts, str(pid), name, d, interval_ns, self.busiest.get(pid, 0)) for pid, name, d in kept]
-        if other is not None:
-            budget.admit({("process_cpu", OTHER, OTHER)}, force=True)
-            kept_pids = {pid for pid, _, _ in kept}
-            busiest = max((self.busiest.get(pid, 0) for pid, _, _ in rows if pid not in kept_pids), default=0)
-            points.append(self._point(ts, OTHER, OTHER, other, interval_ns, busiest))
-        return points
-
-    def _point(self, ts: int, pid: str, name: str, d: tuple, interval_ns: int, busiest_ns: int) -> Point:
-        cpu_ns, runq_ns, runq_waits, voluntary, involuntary = d
-        return Point("process_cpu", {"host": self.host, "pid": pid, "comm": name}, {
-            "oncpu_us": cpu_ns // 1000,
-            "cpu_pct": cpu_ns / interval_ns * 100,
-            "interval_us": interval_ns // 1000,
-            "voluntary_switches": voluntary,
-            "involuntary_switches": involuntary,
-            "runq_wait_us": runq_ns // 1000,
-            "runq_waits": runq_waits,
-            "max_thread_oncpu_us": busiest_ns // 1000,
-        }, ts)
+        def commit() -> None:
+            self.state = new
+            del self.records[:len(records)]
+        defer(commit)  # once these points are handed over
+        return points, len(new.procs)
 
 
 def kernel_offsets(sys_root) -> list[str]:
