@@ -39,27 +39,27 @@ Limits:
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sonde.ingest.runtime import hist
+from sonde.ingest.runtime import hist, keys
 from sonde.ingest.runtime.bpfinfo import detach_by_name
 from sonde.ingest.runtime.bpfmap import pop, read_all
-from sonde.ingest.runtime.delta import DeltaTracker
+from sonde.ingest.runtime.decode import Context
+from sonde.ingest.runtime.delta import defer, since
 from sonde.ingest.runtime.cardinality import OTHER, top_n
-from sonde.ingest.output.lineproto import Point
+from sonde.ingest.output.lineproto import Point, printable_name
 from sonde.ingest.runtime.probe import Probe
 from sonde.ingest.runtime import sockdiag
 
 log = logging.getLogger("sonde.tcp")
 
-ROLES = {0: "unknown", 1: "client", 2: "server"}
+ROLES = keys.StaticMap({0: "unknown", 1: "client", 2: "server"}, "unknown")
 STATES = sockdiag.STATE_NAMES
-HISTS = {0: "tcp_connect_latency", 1: "tcp_srtt", 2: "tcp_lifetime"}
+HISTS = keys.StaticMap({0: "tcp_connect_latency", 1: "tcp_srtt", 2: "tcp_lifetime"})
 VOLUME = ("tx_bytes", "rx_bytes", "rx_segments", "tx_segments", "retransmits")
 EVENTS = ("tx_unacked_bytes", "active_opens", "passive_opens", "connect_refused", "connect_timeouts", "closes",
           "resets_sent", "resets_received")
@@ -76,15 +76,6 @@ AGG_MEMBERS = {"tx_bytes": "tx_bytes", "rx_bytes": "rx_bytes", "rx_segments": "s
 UNATTRIBUTED = b"[unattributed]"
 UNOWNED_RETRY = 6
 CGROUP2_CANDIDATES = ("fs/cgroup/unified", "fs/cgroup")
-
-
-def peer_name(family: int, addr: bytes) -> str:
-    if family == 2:
-        return str(ipaddress.IPv4Address(addr[:4]))
-    if family == 10:
-        ip = ipaddress.IPv6Address(addr[:16])
-        return str(ip.ipv4_mapped or ip)
-    return "unknown"
 
 
 def reset_reasons(format_text: str) -> dict[int, str]:
@@ -146,15 +137,347 @@ class Flow:
             hist.merge(self.hists.setdefault(kind, {}), b)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Known:
-    """A live socket the agent has read: its flow and what it has reported so far."""
+    """A socket the agent has read or marked: its flow and what it has reported so far."""
     fk: tuple
     base: tuple[int, ...]
     flagged: bool        # opened under the agent: its final counters arrive in closed_seen
     client: bool
     comm: bytes = b""    # the owner's name when first seen, for when it has exited since
     misses: int = 0
+    opening: bool = False  # an accepted socket whose open is not written yet (the kernel leaves it to us)
+
+
+ZERO = (0,) * len(VOLUME)
+NO_FLOW = (0, 0, 0, 0, bytes(16))  # the flow of a closed socket the agent never read
+
+
+@dataclass
+class Rows:
+    """What one poll read from the kernel and /proc, decoded by `decode`.
+
+    agg, hists, reasons: (key, kernel comm, cumulative values) of the flow, histogram
+    and reset-reason maps; `*_popped`: entries this poll took out (lookup-and-delete)
+    with their final values (None: already gone); `*_carried`: those an earlier poll
+    took out and then failed, decoded first. closed: (cookie, final VOLUME counters)
+    from closed_seen. socks: (cookie, state, VOLUME counters, (rtt_us, snd_cwnd,
+    snd_wnd, rcv_wnd)) of live sockets the agent knows; present: the cookies of every
+    live socket with tcp_info; states: (owner, state) of the other sockets. comms: the
+    /proc name of each process the rows name, None once it has exited. A histogram
+    row's comm is its flow's name in tcp_agg (a flow may be created after that map's
+    read)."""
+    closed: list = field(default_factory=list)
+    agg: list = field(default_factory=list)
+    agg_popped: list = field(default_factory=list)
+    agg_carried: list = field(default_factory=list)
+    hists: list = field(default_factory=list)
+    hists_popped: list = field(default_factory=list)
+    hists_carried: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)
+    reasons_popped: list = field(default_factory=list)
+    reasons_carried: list = field(default_factory=list)
+    socks: list = field(default_factory=list)
+    present: set = field(default_factory=set)
+    states: list = field(default_factory=list)
+    comms: dict = field(default_factory=dict)
+    reason_names: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class State:
+    agg: dict = field(default_factory=dict)       # flow key -> tcp_agg values at the last read
+    hists: dict = field(default_factory=dict)     # (flow key, kind_slot) -> count at the last read
+    reasons: dict = field(default_factory=dict)   # (tgid, reason) -> resets at the last read
+    known: dict = field(default_factory=dict)     # cookie -> Known
+    debt: dict = field(default_factory=dict)      # flow -> counts written ahead of its final count
+
+
+def _deltas(new: dict, carried: list, live: list, popped: list) -> list:
+    """(key, comm, delta) of the rows of one map, updating `new` (the last reads).
+    Entries taken out give their final values against the last read, and the key is
+    forgotten; those an earlier, failed poll took out come before this poll's read."""
+    out = []
+    for key, comm, values in carried:
+        prev = new.pop(key, None)
+        if values is not None:
+            out.append((key, comm, since(prev, values)))
+    for key, comm, values in live:
+        out.append((key, comm, since(new.get(key), values)))
+        new[key] = values
+    for key, comm, values in popped:
+        prev = new.pop(key, None)
+        if values is not None:
+            out.append((key, comm, since(prev, values)))
+    return out
+
+
+def decode(rows: Rows, state: State, ctx: Context) -> tuple[list[Point], State]:
+    """Pure: one poll's rows and the previous state -> the probe's points and the next state."""
+    flows: dict[tuple, Flow] = {}
+
+    def flow(fk: tuple, comm: bytes) -> Flow:
+        f = flows.get(fk)
+        if f is None:
+            tgid, role, family, port, addr = fk
+            f = flows[fk] = Flow(tgid, comm or UNATTRIBUTED, ROLES(role), keys.address(family, addr),
+                                 str(port), dict.fromkeys(COUNTERS, 0), dict.fromkeys(SUMS, 0))
+        elif comm and f.comm == UNATTRIBUTED:
+            f.comm = comm
+        return f
+
+    known = dict(state.known)
+    # 1. Final counters of sockets the agent had read, less what it already wrote.
+    for cookie, final in rows.closed:
+        st = known.pop(cookie, None)
+        f = flow(st.fk if st else NO_FLOW, st.comm if st else b"")
+        for name, a, b in zip(VOLUME, final, st.base if st else ZERO):
+            f.counters[name] += a - b  # below 0 when a poll caught the socket mid-transition
+        if st is not None and st.opening:
+            f.counters["passive_opens"] += 1
+
+    # 2. What the kernel summed per flow (events, and sockets no dump saw).
+    dead = {t for t, c in rows.comms.items() if c is None}
+    agg = dict(state.agg)
+    members = list(AGG_MEMBERS)
+    for fk, comm, d in _deltas(agg, rows.agg_carried, rows.agg, rows.agg_popped):
+        d = dict(zip(members, d))
+        if not any(d.values()):
+            continue
+        f = flow(fk, comm)
+        f.exited = fk[0] in dead
+        for c in COUNTERS:
+            f.counters[c] += d[c]
+        for sname in ("connect_sum_us", "lifetime_sum_us", "srtt_sum_us"):
+            f.sums[sname] += d[sname]
+    hists = dict(state.hists)
+    for (fk, kind_slot), comm, (d,) in _deltas(hists, rows.hists_carried, rows.hists, rows.hists_popped):
+        if d:
+            f = flows.get(fk) or flow(fk, comm)
+            b = f.hists.setdefault(HISTS(kind_slot >> 8), {})
+            b[kind_slot & 0xFF] = b.get(kind_slot & 0xFF, 0) + d
+
+    # 3. Live sockets.
+    states: list[tuple[int, int]] = list(rows.states)
+    samples: dict[tuple, tuple[bytes, list]] = {}
+    for cookie, sock_state, now, sample in rows.socks:
+        st = known[cookie]
+        base = st.base
+        if now != base:
+            counters = flow(st.fk, st.comm).counters
+            for name, a, b in zip(VOLUME, now, base):
+                if a > b:
+                    counters[name] += a - b
+            base = tuple(max(a, b) for a, b in zip(now, base))
+        known[cookie] = replace(st, base=base, misses=0)
+        samples.setdefault(st.fk, (st.comm, []))[1].append(sample)
+        states.append((st.fk[0], sock_state))
+    for fk, (comm, socks_of_flow) in samples.items():
+        _sample(flow(fk, comm), socks_of_flow)
+    for cookie, st in list(known.items()):
+        if st.opening:  # its first sight: the kernel leaves the open to the agent
+            flow(st.fk, st.comm).counters["passive_opens"] += 1
+            known[cookie] = st = replace(st, opening=False)
+        if cookie not in rows.present:
+            # Opened under the agent: its final counters come through closed_seen at
+            # the next poll. Older sockets end here (no state callback was set).
+            if not st.flagged or st.misses + 1 > 3:
+                del known[cookie]
+            else:
+                known[cookie] = replace(st, misses=st.misses + 1)
+
+    # A final count below what the polls wrote (a socket read mid-transition, off
+    # by a SYN or FIN) is taken from the flow's later intervals, never written as
+    # a negative delta: totals stay exact.
+    debt = dict(state.debt)
+    for fk, f in flows.items():
+        owed = debt.pop(fk, None)
+        for i, name in enumerate(VOLUME):
+            v = f.counters[name] + (owed[i] if owed else 0)
+            if v < 0:
+                debt.setdefault(fk, [0] * len(VOLUME))[i] = v
+                v = 0
+            f.counters[name] = v
+    debt = {fk: tuple(v) for fk, v in debt.items()}
+
+    def name(tgid: int, kernel_comm: bytes, exited: bool = False) -> str:
+        return printable_name((None if exited else rows.comms.get(tgid)) or kernel_comm)
+
+    points, kept = _emit(ctx, [f for f in flows.values() if any(f.counters.values()) or f.hists or f.window], name)
+    points += _traffic(ctx, points)
+    points += _states(ctx, states, kept, name)
+    reasons = dict(state.reasons)
+    points += _resets(ctx, _deltas(reasons, rows.reasons_carried, rows.reasons, rows.reasons_popped), kept, dead, name,
+                      rows.reason_names)
+    return points, State(agg, hists, reasons, known, debt)
+
+
+def _sample(f: Flow, socks: list) -> None:
+    """One sample per live socket of the flow: rtt, cwnd and windows from tcp_info."""
+    srtt, cwnd, swnd, rwnd = (list(c) for c in zip(*socks))
+    f.sums["wnd_samples"] += len(socks)
+    f.sums["srtt_sum_us"] += sum(srtt)
+    f.sums["snd_cwnd_sum"] += sum(cwnd)
+    f.sums["snd_wnd_sum"] += sum(swnd)
+    f.sums["rcv_wnd_sum"] += sum(rwnd)
+    f.window.update(srtt_max_us=max(srtt), snd_cwnd_min=min(cwnd), snd_wnd_min=min(swnd), rcv_wnd_min=min(rwnd),
+                    srtt_last_us=srtt[-1], snd_cwnd_last=cwnd[-1], snd_wnd_last=swnd[-1],
+                    rcv_wnd_last=rwnd[-1])
+    b = f.hists.setdefault("tcp_srtt", {})
+    for v in srtt:
+        slot = hist.slot_of(v)
+        b[slot] = b.get(slot, 0) + 1
+
+
+def _traffic(ctx: Context, points: list[Point]) -> list[Point]:
+    """tcp_traffic: the flows' bytes summed per process (after folding, so its
+    pids are the flows' pids)."""
+    per: dict[tuple, list[int]] = {}
+    for p in points:
+        if p.measurement == "tcp_flow":
+            acc = per.setdefault((p.tags["pid"], p.tags["comm"]), [0, 0])
+            acc[0] += p.fields["tx_bytes"]
+            acc[1] += p.fields["rx_bytes"]
+    return [Point("tcp_traffic", {"host": ctx.host, "pid": pid, "comm": comm},
+                  {"tx_bytes": tx, "rx_bytes": rx}, ctx.ts)
+            for (pid, comm), (tx, rx) in per.items() if tx or rx]
+
+
+def _emit(ctx: Context, flows: list[Flow], name) -> tuple[list[Point], set[int]]:
+    """Top-N processes, top-M peers each, within the host's series budget: the points
+    and the processes that kept series of their own.
+
+    What does not fit folds first into the process's own `peer=other` flow, and
+    when that does not fit either, into `pid=other`: the only series admitted
+    past the budget, a fixed set per role. Counter totals stay exact."""
+    budget = ctx.budget
+    by_proc: dict[int, list[Flow]] = {}
+    for f in flows:
+        by_proc.setdefault(f.tgid, []).append(f)
+    keep, rest = top_n(list(by_proc.items()), ctx.max_processes,
+                       lambda p: (sum(f.weight[0] for f in p[1]), sum(f.weight[1] for f in p[1])))
+    out: list[Flow] = []
+    global_other: dict[str, Flow] = {}
+    kept_tgids = set()
+    for tgid, fl in keep:
+        comm = name(tgid, fl[0].comm, fl[0].exited) if tgid else "[unattributed]"
+        top, tail = top_n(fl, ctx.max_peers, lambda f: f.weight)
+        for f in top:
+            f.comm = comm
+            if budget.admit(_series(ctx, f)):
+                out.append(f)
+                kept_tgids.add(tgid)
+            else:
+                tail.append(f)
+        folded: dict[str, Flow] = {}
+        for f in tail:
+            _fold_into(folded, f, str(tgid), comm)
+        for f in folded.values():
+            if budget.admit(_series(ctx, f)):
+                out.append(f)
+                kept_tgids.add(tgid)
+            else:
+                _fold_into(global_other, f, OTHER, OTHER)
+    for tgid, fl in rest:
+        for f in fl:
+            _fold_into(global_other, f, OTHER, OTHER)
+    for f in global_other.values():
+        budget.admit(_series(ctx, f), force=True)
+        out.append(f)
+    points = []
+    for f in out:
+        points += _points(ctx, f)
+    return points, kept_tgids
+
+
+def _fold_into(acc: dict[str, Flow], f: Flow, pid: str, name: str) -> None:
+    key = f.role
+    if key not in acc:
+        acc[key] = Flow(0, name, f.role, OTHER, OTHER, dict.fromkeys(f.counters, 0), dict.fromkeys(f.sums, 0),
+                        pid=pid)
+    acc[key].merge(f)
+
+
+def _tags(ctx: Context, f: Flow) -> dict[str, str]:
+    pid = f.pid or str(f.tgid)
+    return {"host": ctx.host, "pid": pid, "comm": f.comm, "role": f.role, "peer": f.peer, "port": f.port}
+
+
+def _series(ctx: Context, f: Flow) -> set[tuple]:
+    t = tuple(sorted(_tags(ctx, f).items()))
+    series = {("tcp_flow", t)}
+    if f.window:
+        series.add(("tcp_window", t))
+    for name, b in f.hists.items():
+        series.add((name, t))
+        series |= {(name + "_hist", t, hist.le(s)) for s in b}
+    return series
+
+
+def _points(ctx: Context, f: Flow) -> list[Point]:
+    tags = _tags(ctx, f)
+    ts = ctx.ts
+    pts = []
+    if any(f.counters.values()):
+        pts.append(Point("tcp_flow", tags, dict(f.counters), ts))
+    n = f.sums["wnd_samples"]
+    w = f.window
+    if n and "srtt_max_us" in w:
+        pts.append(Point("tcp_window", tags, {
+            "samples": n,
+            "srtt_max_us": w["srtt_max_us"], "srtt_mean_us": f.sums["srtt_sum_us"] / n,
+            "srtt_last_us": w["srtt_last_us"],
+            "snd_cwnd_min": w["snd_cwnd_min"], "snd_cwnd_mean": f.sums["snd_cwnd_sum"] / n,
+            "snd_cwnd_last": w["snd_cwnd_last"],
+            "snd_wnd_min_bytes": w["snd_wnd_min"], "snd_wnd_mean_bytes": f.sums["snd_wnd_sum"] / n,
+            "snd_wnd_last_bytes": w["snd_wnd_last"],
+            "rcv_wnd_min_bytes": w["rcv_wnd_min"], "rcv_wnd_mean_bytes": f.sums["rcv_wnd_sum"] / n,
+            "rcv_wnd_last_bytes": w["rcv_wnd_last"],
+        }, ts))
+    sums = {"tcp_srtt": f.sums["srtt_sum_us"], "tcp_connect_latency": f.sums["connect_sum_us"],
+            "tcp_lifetime": f.sums["lifetime_sum_us"]}
+    maxes = {"tcp_srtt": w.get("srtt_max_us"), "tcp_connect_latency": w.get("connect_max_us"),
+             "tcp_lifetime": w.get("lifetime_max_us")}
+    for name, b in f.hists.items():
+        # a max is None when its slot rolled over mid-poll: the top bucket bounds it
+        pts += hist.points(name, tags, b, sums[name], ts, maxes[name])
+    return pts
+
+
+def _states(ctx: Context, states: list[tuple[int, int]], kept: set[int], name) -> list[Point]:
+    counts: dict[tuple, int] = {}
+    for tgid, state in states:
+        key = (tgid if tgid in kept or tgid == 0 else OTHER, STATES.get(state, str(state)))
+        counts[key] = counts.get(key, 0) + 1
+    merged: dict[tuple, int] = {}
+    for (tgid, state), c in counts.items():
+        if tgid == OTHER:
+            pid, comm = OTHER, OTHER
+        elif tgid == 0:
+            pid, comm = "0", "[unattributed]"
+        else:
+            pid, comm = str(tgid), name(tgid, b"")
+        if pid != OTHER and not ctx.budget.admit({("tcp_states", pid, comm, state)}):
+            pid, comm = OTHER, OTHER
+        merged[(pid, comm, state)] = merged.get((pid, comm, state), 0) + c
+    return [Point("tcp_states", {"host": ctx.host, "pid": pid, "comm": comm, "state": state},
+                  {"sockets": c}, ctx.ts) for (pid, comm, state), c in merged.items()]
+
+
+def _resets(ctx: Context, deltas: list, kept: set[int], dead: set[int], name, reason_names: dict) -> list[Point]:
+    merged: dict[tuple, int] = {}  # several folded processes may share pid=other and a reason
+    for (tgid, reason), kcomm, (d,) in deltas:
+        if not d:
+            continue
+        is_kept = tgid in kept or tgid == 0
+        pid = str(tgid) if is_kept else OTHER
+        comm = (name(tgid, kcomm, tgid in dead) if is_kept and tgid else ("[unattributed]" if is_kept else OTHER))
+        reason = reason_names.get(reason, str(reason))
+        if pid != OTHER and not ctx.budget.admit({("tcp_resets_sent", pid, comm, reason)}):
+            pid, comm = OTHER, OTHER
+        merged[(pid, comm, reason)] = merged.get((pid, comm, reason), 0) + d
+    return [Point("tcp_resets_sent", {"host": ctx.host, "pid": pid, "comm": comm, "reason": reason},
+                  {"resets": d}, ctx.ts) for (pid, comm, reason), d in merged.items()]
 
 
 def _netns(proc: Path) -> dict[int, str]:
@@ -193,10 +516,12 @@ def _socket_owners(proc: Path) -> dict[int, int]:
 
 
 class TcpDecoder:
+    """The tcp probe's poll: `read` (maps, the sock_diag dump, /proc), `decode` (pure),
+    and the new state committed once the whole poll has succeeded."""
+
     def __init__(self, probe):
         from bcc import BPF, BPFAttachType
         self.probe = probe
-        self.host = probe.config.host
         self.proc = Path(probe.config.paths.proc)
         b = probe.bpf
         self.agg = probe.table("tcp_agg")
@@ -206,13 +531,12 @@ class TcpDecoder:
         self.closed_seen = probe.table("closed_seen")
         self.listeners = probe.table("listeners")
         self.reasons_map = probe.table("tcp_reset_reason")
-        self.agg_deltas = DeltaTracker()
-        self.hist_deltas = DeltaTracker()
-        self.reason_deltas = DeltaTracker()
         fmt = probe.config.paths.tracefs / "events/tcp/tcp_send_reset/format"
         self.reason_names = reset_reasons(fmt.read_text()) if fmt.exists() else {}
-        self.known: dict[int, Known] = {}
-        self.debt: dict[tuple, list[int]] = {}  # flow -> counts written ahead of its final count
+        self.state = State()
+        # Entries a poll took out of the maps (lookup-and-delete) before it failed: the
+        # next poll decodes them first. Emptied when a poll succeeds.
+        self.carried: tuple[list, list, list] = ([], [], [])
         self.diag: dict[int, sockdiag.DiagSocket] = {}
         self.own_netns = int(os.readlink("/proc/self/ns/net")[5:-1])
         self.listener_cache: dict[tuple, tuple] = {}
@@ -220,7 +544,6 @@ class TcpDecoder:
         self.unowned: dict[int, int] = {}   # inode -> poll of the scan that did not find it
         self.polls = 0
         self._scanned = False
-        self.first_poll = True
         self._attached: list[tuple[int, int, int]] = []
         cg = cgroup2_root(probe.config.paths.sys)
         self.cgroup_fd = os.open(cg, os.O_RDONLY)
@@ -261,120 +584,91 @@ class TcpDecoder:
     # --- the poll --------------------------------------------------------------------
 
     def poll(self, ts: int) -> tuple[list[Point], int]:
-        flows: dict[tuple, Flow] = {}
+        rows = self.read()
+        points, new = decode(rows, self.state, self.probe.context(ts))
 
-        def flow(fk: tuple, comm: bytes) -> Flow:
-            f = flows.get(fk)
-            if f is None:
-                tgid, role, family, port, addr = fk
-                f = flows[fk] = Flow(tgid, comm or UNATTRIBUTED, ROLES.get(role, "unknown"), peer_name(family, addr),
-                                     str(port), dict.fromkeys(COUNTERS, 0), dict.fromkeys(SUMS, 0))
-            elif comm and f.comm == UNATTRIBUTED:
-                f.comm = comm
-            return f
+        def commit() -> None:
+            self.state = new
+            self.carried = ([], [], [])
+        defer(commit)  # once these points are handed over
+        return points, len(rows.agg) + len(rows.hists) + len(new.known)
 
-        # 1. Final counters of sockets the agent had read, less what it already wrote.
+    def read(self) -> Rows:
+        """One poll's rows. What it changes in the kernel is either undone by nothing
+        (marking a socket seen: `state.known` records it at once) or kept for the next
+        poll should this one fail (entries taken out: `carried`; closed_seen entries
+        are deleted only once the poll has succeeded)."""
+        state = self.state
+        rows = Rows(reason_names=self.reason_names)
+        rows.agg_carried, rows.hists_carried, rows.reasons_carried = (list(c) for c in self.carried)
+
+        # 1. Final counters of closed sockets the agent had read.
+        closed_keys = []
         for k, v in read_all(self.closed_seen):
             cookie = int(k.value if hasattr(k, "value") else k)
-            final = (v.tx_bytes, v.rx_bytes, v.segs_in, v.segs_out, v.retrans)
-            st = self.known.pop(cookie, None)
-            base = st.base if st else (0,) * len(VOLUME)
-            fk = st.fk if st else (0, 0, 0, 0, bytes(16))
-            f = flow(fk, st.comm if st else b"")
-            for name, a, b in zip(VOLUME, final, base):
-                f.counters[name] += a - b  # below 0 when a poll caught the socket mid-transition
-            try:
-                del self.closed_seen[self.closed_seen.Key(cookie)]
-            except KeyError:
-                pass
+            rows.closed.append((cookie, (v.tx_bytes, v.rx_bytes, v.segs_in, v.segs_out, v.retrans)))
+            closed_keys.append(self.closed_seen.Key(cookie))
+        self.probe.delete_later(self.closed_seen, closed_keys)
 
-        # 2. What the kernel summed per flow (events, and sockets no dump saw):
-        # cumulative entries, read as deltas. An entry idle for a whole interval is
-        # taken out (lookup-and-delete), counting anything added since the read, so
-        # a map holds at most two intervals' flows; no program can still be adding to
-        # an entry nothing touched for an interval, and the maps are not preallocated,
-        # so a deleted entry is never reused under a late writer.
-        members = list(AGG_MEMBERS)
-        raw = read_all(self.agg)
-        dead = {t for t in {k.tgid for k, _ in raw if k.tgid} if not self.probe.procfs.alive(t)}
+        # 2. What the kernel summed per flow: cumulative entries, read as deltas. An
+        # entry idle for a whole interval is taken out (lookup-and-delete), counting
+        # anything added since the read, so a map holds at most two intervals' flows;
+        # no program can still be adding to an entry nothing touched for an interval,
+        # and the maps are not preallocated, so a deleted entry is never reused under a
+        # late writer.
+        members = list(AGG_MEMBERS.values())
+        rows.agg, rows.agg_popped, _ = self._read_map(
+            self.agg, state.agg, rows.agg_carried,
+            lambda k, v: (self._fk(k), bytes(v.comm).split(b"\0", 1)[0], tuple(getattr(v, m) for m in members)))
+        comms = {fk: comm for fk, comm, _ in rows.agg}
 
-        def add_agg(k, v, values) -> None:
-            d = dict(zip(members, values))
-            if not any(d.values()):
-                return
-            f = flow(self._fk(k), bytes(v.comm).split(b"\0", 1)[0])
-            f.exited = k.tgid in dead
-            for c in COUNTERS:
-                f.counters[c] += d[c]
-            for sname in ("connect_sum_us", "lifetime_sum_us", "srtt_sum_us"):
-                f.sums[sname] += d[sname]
-
-        idle = []
-        for k, v in raw:
-            now = tuple(getattr(v, AGG_MEMBERS[m]) for m in members)
-            d = self.agg_deltas.delta(self._fk(k), now)
-            if any(d):
-                add_agg(k, v, d)
-            else:
-                idle.append((type(k).from_buffer_copy(k), now))
-        for k, before in idle:
-            v = pop(self.agg, k)
-            self.agg_deltas.forget(self._fk(k))
-            if v is not None:
-                add_agg(k, v, tuple(getattr(v, AGG_MEMBERS[m]) - b for m, b in zip(members, before)))
-
-        def add_hist(k, d) -> None:
+        def hist_row(k, v) -> tuple:
             fk = self._fk(k.fk)
-            # a flow first seen here was created after the flow map's read: name it from its entry
-            f = flows.get(fk) or flow(fk, self._agg_comm(k.fk))
-            b = f.hists.setdefault(HISTS[k.kind_slot >> 8], {})
-            slot = k.kind_slot & 0xFF
-            b[slot] = b.get(slot, 0) + d
-
-        raw_hists = read_all(self.hists)
-        idle_hists = []
-        for k, v in raw_hists:
-            count = v if isinstance(v, int) else v.value
-            hk = (self._fk(k.fk), k.kind_slot)
-            (d,) = self.hist_deltas.delta(hk, (count,))
-            if d:
-                add_hist(k, d)
-            else:
-                idle_hists.append((type(k).from_buffer_copy(k), count, hk))
-        for k, before, hk in idle_hists:
-            v = pop(self.hists, k)
-            self.hist_deltas.forget(hk)
-            if v is not None:
-                extra = (v if isinstance(v, int) else v.value) - before
-                if extra:
-                    add_hist(k, extra)
+            if fk not in comms:  # a flow created after the flow map's read: its entry names it
+                comms[fk] = self._agg_comm(k.fk)
+            return (fk, k.kind_slot), comms[fk], (v if isinstance(v, int) else v.value,)
+        rows.hists, rows.hists_popped, _ = self._read_map(self.hists, state.hists, rows.hists_carried, hist_row)
 
         # 3. Live sockets, one dump per network namespace.
         self._scanned = False
         self.polls += 1
         if self.polls % UNOWNED_RETRY == 0:
             self.unowned = {i: p for i, p in self.unowned.items() if self.polls - p < UNOWNED_RETRY}
-        socks = self._dump()
-        states = self._live(socks, flow)
+        self._read_sockets(self._dump(), rows)
 
-        # A final count below what the polls wrote (a socket read mid-transition, off
-        # by a SYN or FIN) is taken from the flow's later intervals, never written as
-        # a negative delta: totals stay exact.
-        for fk, f in flows.items():
-            debt = self.debt.pop(fk, None)
-            for i, name in enumerate(VOLUME):
-                v = f.counters[name] + (debt[i] if debt else 0)
-                if v < 0:
-                    self.debt.setdefault(fk, [0] * len(VOLUME))[i] = v
-                    v = 0
-                f.counters[name] = v
-        points = self._emit(ts, [f for f in flows.values() if any(f.counters.values()) or f.hists or f.window])
-        points += self._traffic(ts, points)
-        points += self._states(ts, states)
-        points += self._resets(ts, dead)
+        # 4. Resets sent, per process and reason.
+        rows.reasons, rows.reasons_popped, _ = self._read_map(
+            self.reasons_map, state.reasons, rows.reasons_carried,
+            lambda k, v: ((k.tgid, k.reason), bytes(v.comm).split(b"\0", 1)[0], (v.resets,)))
+        self.carried = (rows.agg_carried + rows.agg_popped, rows.hists_carried + rows.hists_popped,
+                        rows.reasons_carried + rows.reasons_popped)
 
-        self.first_poll = False
-        return points, len(raw) + len(raw_hists) + len(self.known)
+        # The processes these rows name, by their /proc name (None: exited).
+        tgids = {fk[0] for fk, _, _ in rows.agg + rows.agg_popped + rows.agg_carried}
+        tgids |= {fk[0] for (fk, _), _, _ in rows.hists + rows.hists_popped + rows.hists_carried}
+        tgids |= {key[0] for key, _, _ in rows.reasons + rows.reasons_popped + rows.reasons_carried}
+        tgids |= {owner for owner, _ in rows.states}
+        tgids |= {state.known[c].fk[0] for c, _ in rows.closed if c in state.known}
+        tgids |= {state.known[c].fk[0] for c, _, _, _ in rows.socks}
+        rows.comms = {t: self.probe.procfs.comm(t) for t in tgids if t}
+        return rows
+
+    @staticmethod
+    def _read_map(table, prev: dict, carried: list, row) -> tuple[list, list, list]:
+        """A map's rows, row(key, value) each; the rows of the entries that did not move
+        over an interval, taken out (lookup-and-delete) with their final values (None:
+        gone already); and the raw (key, value) pairs."""
+        raw = read_all(table)
+        read = [row(k, v) for k, v in raw]
+        skip = {key for key, _, _ in carried}
+        popped = []
+        for (k, _), (key, comm, values) in zip(raw, read):
+            if key in skip or any(since(prev.get(key), values)):
+                continue
+            k = type(k).from_buffer_copy(k)
+            v = pop(table, k)
+            popped.append(row(k, v) if v is not None else (key, comm, None))
+        return read, popped, raw
 
     def _agg_comm(self, fk) -> bytes:
         """The process name in a flow's tcp_agg entry, b"" if it has none."""
@@ -423,7 +717,7 @@ class TcpDecoder:
             self.unowned[inode] = self.polls
         return pid
 
-    def _live(self, socks, flow) -> list[tuple[int, str]]:
+    def _read_sockets(self, socks, rows: Rows) -> None:
         listening: dict[tuple, int] = {}
         for s in socks:
             if s.state == sockdiag.TCP_LISTEN:
@@ -432,56 +726,35 @@ class TcpDecoder:
                     listening[(s.family, s.sport, s.src)] = owner
         self._sync_listeners(listening)
         listen_ports = {(fam, port) for fam, port, _ in listening}
-        states: list[tuple[int, str]] = []
-        present = set()
-        known = self.known
-        samples: dict[tuple, list] = {}
+        known = self.state.known
         for s in socks:
             if s.state == sockdiag.TCP_LISTEN or not s.has_info:
-                states.append((self._owner_of(s.inode) or 0, s.state))
+                rows.states.append((self._owner_of(s.inode) or 0, s.state))
                 continue
-            present.add(s.cookie)
-            st = known.get(s.cookie)
+            rows.present.add(s.cookie)
+            st = known.get(s.cookie) or self._first_sight(s, listen_ports)
             if st is None:
-                st = self._first_sight(s, listen_ports, flow)
-                if st is None:
-                    states.append((self._owner_of(s.inode) or 0, s.state))
-                    continue
-            else:
-                now = live_counters(s, st.client)
-                base = st.base
-                if now != base:
-                    counters = flow(st.fk, st.comm).counters
-                    for name, a, b in zip(VOLUME, now, base):
-                        if a > b:
-                            counters[name] += a - b
-                    st.base = tuple(max(a, b) for a, b in zip(now, base))
-            st.misses = 0
-            samples.setdefault(st.fk, []).append(s)
-            states.append((st.fk[0], s.state))
-        for fk, socks_of_flow in samples.items():
-            self._sample(flow(fk, known[socks_of_flow[0].cookie].comm), socks_of_flow)
-        for cookie in [c for c in known if c not in present]:
-            st = known[cookie]
-            st.misses += 1
-            # Opened under the agent: its final counters come through closed_seen at
-            # the next poll. Older sockets end here (no state callback was set).
-            if not st.flagged or st.misses > 3:
-                del known[cookie]
-        return [(owner, STATES.get(state, str(state))) for owner, state in states]
+                rows.states.append((self._owner_of(s.inode) or 0, s.state))
+                continue
+            rows.socks.append((s.cookie, s.state, live_counters(s, st.client),
+                               (s.rtt_us, s.snd_cwnd, s.snd_wnd, s.rcv_wnd)))
 
-    def _first_sight(self, s, listen_ports, flow) -> Known | None:
+    def _first_sight(self, s, listen_ports) -> Known | None:
+        """Mark a socket seen and record it in `state.known` at once, whether or not this
+        poll succeeds: the mark sends its final counters to closed_seen, which needs
+        its flow. Nothing is counted here; a socket opened under the agent is recorded
+        with nothing reported yet, so the poll that succeeds counts all of it."""
         try:
             c = self.conns[self.conns.Key(s.cookie)]
         except KeyError:
             c = None
+        known = self.state.known
         if c is None:
             # Older than the agent (or not tracked): counted from now on.
             client = (s.family, s.sport) not in listen_ports
             owner = self._owner_of(s.inode) or 0
             fk = (owner, 1 if client else 2, s.family, s.dport if client else s.sport, s.dst.ljust(16, b"\0"))
-            st = self.known[s.cookie] = Known(fk, live_counters(s, client), False, client, self._comm(owner))
-            flow(fk, st.comm)
+            st = known[s.cookie] = Known(fk, live_counters(s, client), False, client, self._comm(owner))
             return st
         owner = c.tgid or self._owner_of(s.inode)
         if not owner:
@@ -502,48 +775,21 @@ class TcpDecoder:
             still_open = True
         except KeyError:
             still_open = False
+        st = Known(fk, ZERO, True, client, comm, opening=c.role == 2)
         if not still_open:
             try:
                 del self.seen[key]
                 return None       # closed before the mark: the kernel summed all of it
             except KeyError:      # closed after the mark: its finals are in closed_seen
-                self.known[s.cookie] = Known(fk, (0,) * len(VOLUME), True, client, comm)
-                if c.role == 2:  # its first sight: the kernel leaves the open to the agent
-                    flow(fk, comm).counters["passive_opens"] += 1
+                known[s.cookie] = st
                 return None
-        now = live_counters(s, client)
-        st = self.known[s.cookie] = Known(fk, now, True, client, comm)
-        f = flow(fk, comm)
-        for name, a in zip(VOLUME, now):
-            f.counters[name] += a
-        if c.role == 2:
-            f.counters["passive_opens"] += 1
+        known[s.cookie] = st
         return st
 
     def _comm(self, pid: int) -> bytes:
         if not pid:
             return b""
         return self.probe.procfs.comm(pid) or b""
-
-    @staticmethod
-    def _sample(f: "Flow", socks: list) -> None:
-        """One sample per live socket of the flow: rtt, cwnd and windows from tcp_info."""
-        srtt = [s.rtt_us for s in socks]
-        cwnd = [s.snd_cwnd for s in socks]
-        swnd = [s.snd_wnd for s in socks]
-        rwnd = [s.rcv_wnd for s in socks]
-        f.sums["wnd_samples"] += len(socks)
-        f.sums["srtt_sum_us"] += sum(srtt)
-        f.sums["snd_cwnd_sum"] += sum(cwnd)
-        f.sums["snd_wnd_sum"] += sum(swnd)
-        f.sums["rcv_wnd_sum"] += sum(rwnd)
-        f.window.update(srtt_max_us=max(srtt), snd_cwnd_min=min(cwnd), snd_wnd_min=min(swnd), rcv_wnd_min=min(rwnd),
-                        srtt_last_us=srtt[-1], snd_cwnd_last=cwnd[-1], snd_wnd_last=swnd[-1],
-                        rcv_wnd_last=rwnd[-1])
-        b = f.hists.setdefault("tcp_srtt", {})
-        for v in srtt:
-            slot = hist.slot_of(v)
-            b[slot] = b.get(slot, 0) + 1
 
     def _sync_listeners(self, listening: dict[tuple, int]) -> None:
         want = {}
@@ -575,166 +821,6 @@ class TcpDecoder:
     @staticmethod
     def _fk(k) -> tuple:
         return (k.tgid, k.role, k.family, k.port, bytes(k.addr))
-
-    def _traffic(self, ts: int, points: list[Point]) -> list[Point]:
-        """tcp_traffic: the flows' bytes summed per process (after folding, so its
-        pids are the flows' pids)."""
-        per: dict[tuple, list[int]] = {}
-        for p in points:
-            if p.measurement == "tcp_flow":
-                acc = per.setdefault((p.tags["pid"], p.tags["comm"]), [0, 0])
-                acc[0] += p.fields["tx_bytes"]
-                acc[1] += p.fields["rx_bytes"]
-        return [Point("tcp_traffic", {"host": self.host, "pid": pid, "comm": comm},
-                      {"tx_bytes": tx, "rx_bytes": rx}, ts)
-                for (pid, comm), (tx, rx) in per.items() if tx or rx]
-
-    # --- folding and points ------------------------------------------------------------
-
-    def _emit(self, ts: int, flows: list[Flow]) -> list[Point]:
-        """Top-N processes, top-M peers each, within the host's series budget.
-
-        What does not fit folds first into the process's own `peer=other` flow, and
-        when that does not fit either, into `pid=other`: the only series admitted
-        past the budget, a fixed set per role. Counter totals stay exact."""
-        settings = self.probe.settings
-        budget = self.probe.budget
-        by_proc: dict[int, list[Flow]] = {}
-        for f in flows:
-            by_proc.setdefault(f.tgid, []).append(f)
-        keep, rest = top_n(list(by_proc.items()), settings.max_processes,
-                           lambda p: (sum(f.weight[0] for f in p[1]), sum(f.weight[1] for f in p[1])))
-        out: list[Flow] = []
-        global_other: dict[str, Flow] = {}
-        self.kept_tgids = set()
-        for tgid, fl in keep:
-            name = self.probe.process_name(tgid, fl[0].comm, exited=fl[0].exited) if tgid else "[unattributed]"
-            top, tail = top_n(fl, settings.max_peers, lambda f: f.weight)
-            for f in top:
-                f.comm = name
-                if budget.admit(self._series(f)):
-                    out.append(f)
-                    self.kept_tgids.add(tgid)
-                else:
-                    tail.append(f)
-            folded: dict[str, Flow] = {}
-            for f in tail:
-                self._fold_into(folded, f, str(tgid), name)
-            for f in folded.values():
-                if budget.admit(self._series(f)):
-                    out.append(f)
-                    self.kept_tgids.add(tgid)
-                else:
-                    self._fold_into(global_other, f, OTHER, OTHER)
-        for tgid, fl in rest:
-            for f in fl:
-                self._fold_into(global_other, f, OTHER, OTHER)
-        for f in global_other.values():
-            budget.admit(self._series(f), force=True)
-            out.append(f)
-        points = []
-        for f in out:
-            points += self._points(ts, f)
-        return points
-
-    @staticmethod
-    def _fold_into(acc: dict[str, Flow], f: Flow, pid: str, name: str) -> None:
-        key = f.role
-        if key not in acc:
-            acc[key] = Flow(0, name, f.role, OTHER, OTHER, dict.fromkeys(f.counters, 0), dict.fromkeys(f.sums, 0),
-                            pid=pid)
-        acc[key].merge(f)
-
-    def _tags(self, f: Flow) -> dict[str, str]:
-        pid = f.pid or str(f.tgid)
-        return {"host": self.host, "pid": pid, "comm": f.comm, "role": f.role, "peer": f.peer, "port": f.port}
-
-    def _series(self, f: Flow) -> set[tuple]:
-        t = tuple(sorted(self._tags(f).items()))
-        keys = {("tcp_flow", t)}
-        if f.window:
-            keys.add(("tcp_window", t))
-        for name, b in f.hists.items():
-            keys.add((name, t))
-            keys |= {(name + "_hist", t, hist.le(s)) for s in b}
-        return keys
-
-    def _points(self, ts: int, f: Flow) -> list[Point]:
-        tags = self._tags(f)
-        pts = []
-        if any(f.counters.values()):
-            pts.append(Point("tcp_flow", tags, dict(f.counters), ts))
-        n = f.sums["wnd_samples"]
-        w = f.window
-        if n and "srtt_max_us" in w:
-            pts.append(Point("tcp_window", tags, {
-                "samples": n,
-                "srtt_max_us": w["srtt_max_us"], "srtt_mean_us": f.sums["srtt_sum_us"] / n,
-                "srtt_last_us": w["srtt_last_us"],
-                "snd_cwnd_min": w["snd_cwnd_min"], "snd_cwnd_mean": f.sums["snd_cwnd_sum"] / n,
-                "snd_cwnd_last": w["snd_cwnd_last"],
-                "snd_wnd_min_bytes": w["snd_wnd_min"], "snd_wnd_mean_bytes": f.sums["snd_wnd_sum"] / n,
-                "snd_wnd_last_bytes": w["snd_wnd_last"],
-                "rcv_wnd_min_bytes": w["rcv_wnd_min"], "rcv_wnd_mean_bytes": f.sums["rcv_wnd_sum"] / n,
-                "rcv_wnd_last_bytes": w["rcv_wnd_last"],
-            }, ts))
-        sums = {"tcp_srtt": f.sums["srtt_sum_us"], "tcp_connect_latency": f.sums["connect_sum_us"],
-                "tcp_lifetime": f.sums["lifetime_sum_us"]}
-        maxes = {"tcp_srtt": w.get("srtt_max_us"), "tcp_connect_latency": w.get("connect_max_us"),
-                 "tcp_lifetime": w.get("lifetime_max_us")}
-        for name, b in f.hists.items():
-            # a max is None when its slot rolled over mid-poll: the top bucket bounds it
-            pts += hist.points(name, tags, b, sums[name], ts, maxes[name])
-        return pts
-
-    def _states(self, ts: int, states: list[tuple[int, str]]) -> list[Point]:
-        counts: dict[tuple, int] = {}
-        for tgid, state in states:
-            key = (tgid if tgid in self.kept_tgids or tgid == 0 else OTHER, state)
-            counts[key] = counts.get(key, 0) + 1
-        merged: dict[tuple, int] = {}
-        for (tgid, state), c in counts.items():
-            if tgid == OTHER:
-                pid, comm = OTHER, OTHER
-            elif tgid == 0:
-                pid, comm = "0", "[unattributed]"
-            else:
-                pid, comm = str(tgid), self.probe.process_name(tgid, b"")
-            if pid != OTHER and not self.probe.budget.admit({("tcp_states", pid, comm, state)}):
-                pid, comm = OTHER, OTHER
-            merged[(pid, comm, state)] = merged.get((pid, comm, state), 0) + c
-        return [Point("tcp_states", {"host": self.host, "pid": pid, "comm": comm, "state": state},
-                      {"sockets": c}, ts) for (pid, comm, state), c in merged.items()]
-
-    def _resets(self, ts: int, dead: set[int]) -> list[Point]:
-        pts = []
-        for k, v in read_all(self.reasons_map):
-            (d,) = self.reason_deltas.delta((k.tgid, k.reason), (v.resets,))
-            if not d:
-                k = type(k).from_buffer_copy(k)
-                before = v.resets
-                v = pop(self.reasons_map, k)
-                self.reason_deltas.forget((k.tgid, k.reason))
-                d = (v.resets - before) if v is not None else 0
-            if d:
-                kept = k.tgid in self.kept_tgids or k.tgid == 0
-                pid = str(k.tgid) if kept else OTHER
-                comm = (self.probe.process_name(k.tgid, bytes(v.comm).split(b"\0", 1)[0], exited=k.tgid in dead)
-                        if kept and k.tgid else ("[unattributed]" if kept else OTHER))
-                reason = self.reason_names.get(k.reason, str(k.reason))
-                if pid != OTHER and not self.probe.budget.admit({("tcp_resets_sent", pid, comm, reason)}):
-                    pid, comm = OTHER, OTHER
-                pts.append(Point("tcp_resets_sent", {"host": self.host, "pid": pid, "comm": comm, "reason": reason},
-                                 {"resets": d}, ts))
-        # several folded processes may share pid=other and a reason: merge them
-        merged: dict[tuple, Point] = {}
-        for p in pts:
-            key = tuple(sorted(p.tags.items()))
-            if key in merged:
-                merged[key].fields["resets"] += p.fields["resets"]
-            else:
-                merged[key] = p
-        return list(merged.values())
 
 
 def cgroup2_root(sys_root) -> str:
