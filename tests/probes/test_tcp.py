@@ -372,6 +372,117 @@ def test_50k_peers_over_an_hour_of_polls_keep_the_maps_bounded_with_exact_totals
     assert {r.tags["peer"] for r in rows} >= {"other"}  # peers past max_peers fold, totals stay exact
 
 
+class FailingPolls:
+    """Polls of the tcp probe of which chosen ones raise partway: after every map has
+    been read (entries taken out, closed sockets read, new sockets marked), while the
+    points are built (tcp_traffic's builder raises)."""
+
+    def __init__(self, tcp, monkeypatch):
+        from sonde.bpf.tcp import probe as tcp_probe
+        self.tcp, self.module, self.real = tcp, tcp_probe, tcp_probe._traffic
+        self.monkeypatch = monkeypatch
+        self.failed = 0
+
+    def poll(self, fail: bool):
+        def boom(*a, **kw):
+            raise RuntimeError("a tcp poll failing partway")
+        self.monkeypatch.setattr(self.module, "_traffic", boom if fail else self.real)
+        new, me = self.tcp.probe.poll(time.time_ns())
+        self.monkeypatch.setattr(self.module, "_traffic", self.real)
+        assert me.fields["poll_success"] == (0 if fail else 1)
+        if fail:
+            assert new == []
+            self.failed += 1
+        self.tcp.points.extend(new)
+
+
+@pytest.mark.truth
+@pytest.mark.hot_path
+@pytest.mark.parametrize("failing", ["first_sight", "close", "both"])
+def test_a_tcp_poll_that_raises_partway_loses_nothing(tcp, net, tmp_path, monkeypatch, failing):
+    """Issue 14: a poll that raises after reading the maps and the sockets writes
+    nothing, and the next successful poll writes what it had: over one connection
+    whose first sight (marking it, its passive open) and whose close (its final
+    counters, entries taken out of the maps) fall in failed polls, both ends report
+    exactly the bytes the test moved, one open and one close each."""
+    polls = FailingPolls(tcp, monkeypatch)
+    portfile = tmp_path / "port"
+    srv = Child("duplexd", str(portfile), "tcp-fail-srv", net.V4["server"], N, "close", netns=net.ns["server"])
+    cli = None
+    try:
+        port = int(wait_for_file(portfile))
+        cli = Child("duplex", net.V4["server"], port, "tcp-fail-cli", N, 3, stdin=True, netns=net.ns["client"])
+        for part in range(2):
+            assert cli.proc.stdout.readline().strip() == "ok"
+            time.sleep(0.1)
+            polls.poll(fail=part == 0 and failing in ("first_sight", "both"))
+            cli.proc.stdin.write("\n")
+            cli.proc.stdin.flush()
+        sent = int(cli.wait().strip())
+        got = int(srv.wait().strip())
+    finally:
+        srv.kill()
+        if cli:
+            cli.kill()
+    time.sleep(0.3)  # the last FIN/ACK exchange
+    close_fails = failing in ("close", "both")
+    polls.poll(fail=close_fails)
+    if close_fails:
+        polls.poll(fail=True)  # twice: entries taken out by two failed polls in a row
+        polls.poll(fail=False)
+    assert polls.failed == {"first_sight": 1, "close": 2, "both": 3}[failing]
+    assert sent == got == N
+    key_c, key_s = ("client", net.V4["server"], str(port)), ("server", net.V4["client"], str(port))
+    c, s = tcp.flows(cli.pid), tcp.flows(srv.pid)
+    assert list(c) == [key_c] and list(s) == [key_s]
+    c, s = c[key_c], s[key_s]
+    assert (c["tx_bytes"], c["rx_bytes"], s["tx_bytes"], s["rx_bytes"]) == (N, N, N, N)
+    assert (c["active_opens"], c["closes"], s["passive_opens"], s["closes"]) == (1, 1, 1, 1)
+    assert c["passive_opens"] == s["active_opens"] == 0
+    assert c["tx_unacked_bytes"] == s["tx_unacked_bytes"] == c["resets_received"] == s["resets_sent"] == 0
+
+
+@pytest.mark.truth
+@pytest.mark.hot_path
+def test_short_connections_exact_with_every_other_poll_failing(tcp, net, tmp_path, monkeypatch):
+    """2,000 connections from 8 processes, one byte each way, polled every 0.2 s with
+    every other poll raising partway: connects, bytes and closes per process exact."""
+    polls = FailingPolls(tcp, monkeypatch)
+    procs, per_proc = 8, 250
+    total = procs * per_proc
+    portfile = tmp_path / "port"
+    srv = Child("accept", str(portfile), "tcp-pong", total, "pong", net.V4["server"], netns=net.ns["server"])
+    clients = []
+    try:
+        port = int(wait_for_file(portfile))
+        clients = [Child("connects", net.V4["server"], port, f"tcp-fail{i}", per_proc, "byte",
+                         netns=net.ns["client"]) for i in range(procs)]
+        n = 0
+        while any(c.proc.poll() is None for c in clients):
+            polls.poll(fail=n % 2 == 0)
+            n += 1
+            time.sleep(0.2)
+        for c in clients:
+            assert c.wait().strip() == f"ok={per_proc} refused=0 reset=0"
+        assert srv.wait(timeout=120).strip() == "done"
+    finally:
+        srv.kill()
+        for c in clients:
+            c.kill()
+    time.sleep(0.3)
+    polls.poll(fail=True)
+    polls.poll(fail=False)
+    assert polls.failed >= 2
+    key = ("client", net.V4["server"], str(port))
+    for c in clients:
+        f = tcp.flows(c.pid)
+        assert list(f) == [key]
+        assert {k: f[key][k] for k in ("active_opens", "closes", "tx_bytes", "rx_bytes")} == \
+            {"active_opens": per_proc, "closes": per_proc, "tx_bytes": per_proc, "rx_bytes": per_proc}
+    s = tcp.flows(srv.pid)[("server", net.V4["client"], str(port))]
+    assert (s["passive_opens"], s["closes"], s["rx_bytes"], s["tx_bytes"]) == (total, total, total, total)
+
+
 @pytest.mark.truth
 @pytest.mark.hot_path
 def test_histograms_exact_across_polls_racing_new_flows(bpf_ready, net, tmp_path, monkeypatch):
