@@ -54,6 +54,7 @@ from sonde.ingest.runtime.cardinality import OTHER, top_n
 from sonde.ingest.output.lineproto import Point, printable_name
 from sonde.ingest.runtime.probe import Probe
 from sonde.ingest.runtime import sockdiag
+from sonde.ingest.runtime.procfs import socket_links
 
 log = logging.getLogger("sonde.tcp")
 
@@ -494,24 +495,11 @@ def _netns(proc: Path) -> dict[int, str]:
 
 def _socket_owners(proc: Path) -> dict[int, int]:
     """socket inode -> the highest pid holding it (for a socket shared by a master and
-    its workers, a worker), from every process's /proc/PID/fd links."""
+    its workers, a worker)."""
     out: dict[int, int] = {}
-    for d in os.scandir(proc):
-        if not d.name.isdigit():
-            continue
-        pid = int(d.name)
-        try:
-            for fd in os.scandir(f"{d.path}/fd"):
-                try:
-                    link = os.readlink(fd.path)
-                except OSError:
-                    continue
-                if link.startswith("socket:["):
-                    inode = int(link[8:-1])
-                    if out.get(inode, 0) < pid:
-                        out[inode] = pid
-        except OSError:
-            continue
+    for pid, inode in socket_links(proc):
+        if out.get(inode, 0) < pid:
+            out[inode] = pid
     return out
 
 
