@@ -65,26 +65,20 @@ def tcp(bpf_ready, tmp_path):
     t.close()
 
 
-@pytest.mark.hot_path
-@pytest.mark.kernel_matrix
-@pytest.mark.parametrize("life", ["three_polls", "one_poll", "reset"])
-@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_bytes_both_directions_exact(tcp, net, tmp_path, v6, life):
-    ips = net.V6 if v6 else net.V4
+def duplex(net, tmp_path, ips, parts: int, between, mode: str = "close", name: str = "tcp"):
+    """One connection moving N bytes each way in `parts` parts, between(part, client)
+    called after each part but the last; then the last FIN/ACK exchange.
+    (server, client, sent, got, port)."""
     portfile = tmp_path / "port"
-    srv = Child("duplexd", str(portfile), "tcp-srv", ips["server"], N, "abort" if life == "reset" else "close",
-                netns=net.ns["server"])
+    srv = Child("duplexd", str(portfile), f"{name}-srv", ips["server"], N, mode, netns=net.ns["server"])
     cli = None
     try:
         port = int(wait_for_file(portfile))
-        parts = 3 if life == "three_polls" else 1
-        cli = Child("duplex", ips["server"], port, "tcp-cli", N, parts, stdin=True, netns=net.ns["client"])
-        polls_with_tx = 0
-        for _ in range(parts - 1):
+        cli = Child("duplex", ips["server"], port, f"{name}-cli", N, parts, stdin=True, netns=net.ns["client"])
+        for part in range(parts - 1):
             assert cli.proc.stdout.readline().strip() == "ok"
             time.sleep(0.1)
-            new = tcp.poll()
-            polls_with_tx += bool(tcp.flows(cli.pid, points=new))
+            between(part, cli)
             cli.proc.stdin.write("\n")
             cli.proc.stdin.flush()
         sent = int(cli.wait().strip())
@@ -94,6 +88,22 @@ def test_bytes_both_directions_exact(tcp, net, tmp_path, v6, life):
         if cli:
             cli.kill()
     time.sleep(0.3)  # the last FIN/ACK exchange
+    return srv, cli, sent, got, port
+
+
+@pytest.mark.hot_path
+@pytest.mark.kernel_matrix
+@pytest.mark.parametrize("life", ["three_polls", "one_poll", "reset"])
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_bytes_both_directions_exact(tcp, net, tmp_path, v6, life):
+    ips = net.V6 if v6 else net.V4
+    polls_with_tx = 0
+
+    def poll(part, cli):
+        nonlocal polls_with_tx
+        polls_with_tx += bool(tcp.flows(cli.pid, points=tcp.poll()))
+    srv, cli, sent, got, port = duplex(net, tmp_path, ips, 3 if life == "three_polls" else 1, poll,
+                                       "abort" if life == "reset" else "close")
     tcp.poll()
     c = tcp.flows(cli.pid)
     s = tcp.flows(srv.pid)
@@ -406,25 +416,8 @@ def test_a_tcp_poll_that_raises_partway_loses_nothing(tcp, net, tmp_path, monkey
     counters, entries taken out of the maps) fall in failed polls, both ends report
     exactly the bytes the test moved, one open and one close each."""
     polls = FailingPolls(tcp, monkeypatch)
-    portfile = tmp_path / "port"
-    srv = Child("duplexd", str(portfile), "tcp-fail-srv", net.V4["server"], N, "close", netns=net.ns["server"])
-    cli = None
-    try:
-        port = int(wait_for_file(portfile))
-        cli = Child("duplex", net.V4["server"], port, "tcp-fail-cli", N, 3, stdin=True, netns=net.ns["client"])
-        for part in range(2):
-            assert cli.proc.stdout.readline().strip() == "ok"
-            time.sleep(0.1)
-            polls.poll(fail=part == 0 and failing in ("first_sight", "both"))
-            cli.proc.stdin.write("\n")
-            cli.proc.stdin.flush()
-        sent = int(cli.wait().strip())
-        got = int(srv.wait().strip())
-    finally:
-        srv.kill()
-        if cli:
-            cli.kill()
-    time.sleep(0.3)  # the last FIN/ACK exchange
+    srv, cli, sent, got, port = duplex(net, tmp_path, net.V4, 3, lambda part, _: polls.poll(
+        fail=part == 0 and failing in ("first_sight", "both")), name="tcp-fail")
     close_fails = failing in ("close", "both")
     polls.poll(fail=close_fails)
     if close_fails:
