@@ -131,26 +131,22 @@ def test_bytes_both_directions_exact(tcp, net, tmp_path, v6, life):
         assert polls_with_tx == 2, "the first two parts are written by polls during the connection"
 
 
-@pytest.mark.hot_path
-@pytest.mark.kernel_matrix
-def test_short_connections_exact_per_process(tcp, net, tmp_path):
-    """10,000 connections from 20 processes, one byte each way: connects, bytes and
-    closes per process exact, and equal to the namespaces' own /proc/net/snmp."""
-    procs, per_proc = 20, 500
-    total = procs * per_proc
-    before = {side: net.snmp(side) for side in ("client", "server")}
+def short_connections(net, tmp_path, procs: int, per_proc: int, name: str, poll, every: float):
+    """`procs` client processes each making `per_proc` connections, one byte each way,
+    to one server; poll(n) called every `every` seconds meanwhile. (server, clients, port)."""
     portfile = tmp_path / "port"
-    srv = Child("accept", str(portfile), "tcp-pong", total, "pong", net.V4["server"], netns=net.ns["server"])
+    srv = Child("accept", str(portfile), "tcp-pong", procs * per_proc, "pong", net.V4["server"],
+                netns=net.ns["server"])
     clients = []
     try:
         port = int(wait_for_file(portfile))
-        clients = [Child("connects", net.V4["server"], port, f"tcp-short{i}", per_proc, "byte",
+        clients = [Child("connects", net.V4["server"], port, f"{name}{i}", per_proc, "byte",
                          netns=net.ns["client"]) for i in range(procs)]
-        last = time.monotonic()
+        last, n = time.monotonic(), 0
         while any(c.proc.poll() is None for c in clients):
-            if time.monotonic() - last > 0.5:
-                tcp.poll()
-                last = time.monotonic()
+            if time.monotonic() - last > every:
+                poll(n)
+                last, n = time.monotonic(), n + 1
             time.sleep(0.05)
         for c in clients:
             assert c.wait().strip() == f"ok={per_proc} refused=0 reset=0"
@@ -160,6 +156,18 @@ def test_short_connections_exact_per_process(tcp, net, tmp_path):
         for c in clients:
             c.kill()
     time.sleep(0.3)
+    return srv, clients, port
+
+
+@pytest.mark.hot_path
+@pytest.mark.kernel_matrix
+def test_short_connections_exact_per_process(tcp, net, tmp_path):
+    """10,000 connections from 20 processes, one byte each way: connects, bytes and
+    closes per process exact, and equal to the namespaces' own /proc/net/snmp."""
+    procs, per_proc = 20, 500
+    total = procs * per_proc
+    before = {side: net.snmp(side) for side in ("client", "server")}
+    srv, clients, port = short_connections(net, tmp_path, procs, per_proc, "tcp-short", lambda n: tcp.poll(), 0.5)
     tcp.poll()
     after = {side: net.snmp(side) for side in ("client", "server")}
     assert after["client"]["ActiveOpens"] - before["client"]["ActiveOpens"] == total
@@ -438,31 +446,13 @@ def test_a_tcp_poll_that_raises_partway_loses_nothing(tcp, net, tmp_path, monkey
 @pytest.mark.truth
 @pytest.mark.hot_path
 def test_short_connections_exact_with_every_other_poll_failing(tcp, net, tmp_path, monkeypatch):
-    """2,000 connections from 8 processes, one byte each way, polled every 0.2 s with
+    """2,000 connections from 8 processes, one byte each way, polled every 0.2 s or so with
     every other poll raising partway: connects, bytes and closes per process exact."""
     polls = FailingPolls(tcp, monkeypatch)
     procs, per_proc = 8, 250
     total = procs * per_proc
-    portfile = tmp_path / "port"
-    srv = Child("accept", str(portfile), "tcp-pong", total, "pong", net.V4["server"], netns=net.ns["server"])
-    clients = []
-    try:
-        port = int(wait_for_file(portfile))
-        clients = [Child("connects", net.V4["server"], port, f"tcp-fail{i}", per_proc, "byte",
-                         netns=net.ns["client"]) for i in range(procs)]
-        n = 0
-        while any(c.proc.poll() is None for c in clients):
-            polls.poll(fail=n % 2 == 0)
-            n += 1
-            time.sleep(0.2)
-        for c in clients:
-            assert c.wait().strip() == f"ok={per_proc} refused=0 reset=0"
-        assert srv.wait(timeout=120).strip() == "done"
-    finally:
-        srv.kill()
-        for c in clients:
-            c.kill()
-    time.sleep(0.3)
+    srv, clients, port = short_connections(net, tmp_path, procs, per_proc, "tcp-fail",
+                                           lambda n: polls.poll(fail=n % 2 == 0), 0.2)
     polls.poll(fail=True)
     polls.poll(fail=False)
     assert polls.failed >= 2
