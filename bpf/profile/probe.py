@@ -36,10 +36,13 @@ thread's PyThreadState, with offsets derived from that version's headers
 `module.function:line`. The agent looks at each busy process once and walks its
 Python frames from the next interval on.
 
-Limits: a JIT frame is named only once `jcmd Compiler.perfmap` has written it, which
-the agent does not run, so in continuous mode Java shows `[unknown JIT code]`. Each
-stack map holds 16384 stacks per interval; a sample whose stack found its hash bucket
-taken is counted as lost (`lost_samples`), never given another stack.
+Java in continuous mode: a JVM among the busiest processes gets its perf map
+(`jcmd PID Compiler.perfmap`) in a background thread, again every minute while it
+stays busy; its JIT frames are named from the interval after, `[unknown JIT code]`
+before that and for methods compiled since the last map.
+
+Limits: each stack map holds 16384 stacks per interval; a sample whose stack found its
+hash bucket taken is counted as lost (`lost_samples`), never given another stack.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sonde.bpf.profile import python, symbols
+from sonde.bpf.profile.jvm import JitMaps
 from sonde.ingest.output.lineproto import Point
 from sonde.ingest.runtime.bpfmap import read_all
 from sonde.ingest.runtime.cardinality import OTHER, fold
@@ -289,6 +293,10 @@ class ProfileDecoder:
         self.sampler = StackSampler(probe.bpf)
         self.symbolizer = Symbolizer(probe.config.paths.proc)
         self.checked: set[int] = set()   # processes looked at for a Python interpreter
+        self.jit = JitMaps(probe.config.paths.proc)   # busy JVMs' perf maps, fetched in the background
+
+    def close(self) -> None:
+        self.jit.close()
 
     def _python(self, tgid: int) -> None:
         """From the next interval on, walk the Python frames of a busy Python 3.11 process."""
@@ -327,6 +335,7 @@ class ProfileDecoder:
                 stacks = [(sum(n for n, _ in rows), ("[stacks not symbolised: see the agent's log]",),
                            "not symbolised", False)]
             symbolised.append((tgid, name, stacks))
+            self.jit.want(tgid, self.symbolizer.process(tgid))
         points = decode(symbolised, rest, ctx)
         # What is known of a process (its maps, its Python state) lasts while it lives,
         # not only while it is among the busiest.
@@ -334,6 +343,7 @@ class ProfileDecoder:
         for tgid in [t for t in self.symbolizer.python if t not in live]:
             self.sampler.forget_python(tgid)
         self.symbolizer.forget(live)
+        self.jit.forget(live)
         self.checked &= live
         return points, len(taken.on_cpu)
 
