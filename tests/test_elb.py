@@ -12,6 +12,7 @@ processes, the clients' own clocks, /proc)."""
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -302,9 +303,12 @@ def noise(lab, tmp_path, request):
 
 
 @pytest.fixture
-def agent(influx, influx_db, tmp_path):
-    cfg = make_config(tmp_path, api="v1", url=influx.url, database=influx_db)
-    a = Agent(cfg, only=["tcp", "cpu"], max_backoff=0.5).start()
+def agent(request, influx, influx_db, tmp_path):
+    """The agent with tcp and cpu; `indirect` params add probes, enabled in its config."""
+    more = list(getattr(request, "param", ()))
+    text = "probes:\n" + "".join(f"  {p}:\n    enabled: true\n" for p in more) if more else ""
+    cfg = make_config(tmp_path, text, api="v1", url=influx.url, database=influx_db)
+    a = Agent(cfg, only=["tcp", "cpu", *more], max_backoff=0.5).start()
     a.poll()
     yield a
     a.stop()
@@ -536,11 +540,38 @@ def test_incident_4_health_check_failures_start_and_end(lab, noise, agent, influ
     assert down - 1000 <= first <= up + 2000 and down <= last <= up + 2000
     fired = agent.evaluate_alerts(up)
     assert any(p.tags.get("rule") == "failed_connects" and p.tags.get("state") == "firing" for p in fired)
-    resolved = agent.evaluate_alerts(up + 70_000)  # a window later, with no failures since
-    assert any(p.tags.get("rule") == "failed_connects" and p.tags.get("state") == "resolved" for p in resolved)
+    # A whole alert window (60 s) of clean traffic, backend 3 serving again: the rule
+    # resolves on data that is there (nginx's flows to it, with 0 failed connects), not
+    # on a window with nothing stored in it.
+    with Poller(agent):
+        clean = lab.load(62)
+    assert clean["failed"] == 0 and clean["requests"] > 0
+    now = int(time.time() * 1000)
+    resolved = [p for p in agent.evaluate_alerts(now)
+                if p.tags.get("rule") == "failed_connects" and p.tags.get("state") == "resolved"]
+    assert resolved and all(json.loads(p.fields["labels"])["peer"] == "198.18.3.2" for p in resolved), resolved
+    window = select(influx, influx_db, "SELECT count(active_opens), sum(connect_refused) FROM tcp_flow "
+                                       f"WHERE peer='198.18.3.2' AND comm='nginx' AND time > {now - 60_000}ms "
+                                       f"AND time <= {now}ms")
+    assert window and window[0]["count"] > 0 and window[0]["sum"] == 0, \
+        f"the rule's window must hold nginx's clean flows to the backend: {window}"
+
+
+def perf_unnamed_share(data: Path, pid: int, obj: str) -> float:
+    """perf's own share (%) of pid's samples in code of `obj` that no symbol names."""
+    out = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--pid", str(pid), "--percentage",
+                          "relative", "--sort", "dso,sym", "-F", "overhead,dso,sym"],
+                         capture_output=True, text=True, check=True).stdout
+    share = 0.0
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[\.\]\s+0x[0-9a-f]+\s*$", line)
+        if m and m.group(2) == obj:
+            share += float(m.group(1))
+    return share
 
 
 @pytest.mark.truth
+@pytest.mark.parametrize("agent", [(), ("profile",)], indirect=True, ids=["no-profile", "profile"])
 @pytest.mark.parametrize("noise", [Path(sys.executable).name[:15]], indirect=True)
 def test_incident_2_stuck_worker(lab, noise, agent, influx, influx_db, tmp_path):
     need(Path("/usr/lib/nginx/modules/ngx_http_js_module.so").exists(), "njs (libnginx-mod-http-js)")
@@ -563,6 +594,11 @@ def test_incident_2_stuck_worker(lab, noise, agent, influx, influx_db, tmp_path)
         cpu_before = {w: cpu_demand_seconds(w) for w in workers}
         time.sleep(0.5)
         noise.short_connections()
+        if "profile" in agent.probes:  # perf's own samples of the workers, as the oracle
+            need(shutil.which("perf") is not None, "perf (linux-perf)")
+            perf = subprocess.run(["perf", "record", "-q", "-F", "99", "-o", str(tmp_path / "perf.data"), "-p",
+                                   ",".join(map(str, workers)), "--", "sleep", "4"], capture_output=True, text=True)
+            assert perf.returncode == 0, perf.stderr
         time.sleep(stuck_from + 8 - time.time())
         cpu_used = {w: cpu_demand_seconds(w) - cpu_before[w] for w in workers}
         runs = {c.pid: json.loads(c.communicate()[0])["done"] for c in clients}
@@ -585,6 +621,16 @@ def test_incident_2_stuck_worker(lab, noise, agent, influx, influx_db, tmp_path)
     assert pinned & workers == set(spinning), report["cpu"][:5]
     assert report["findings"][0]["kind"] == "cpu_pinned"
     assert report["likely_cause"].startswith(f'nginx pid {spinning[0]} is stuck on its core')
+    if "profile" in agent.probes:
+        # Where it spins: Debian's nginx and njs module have no frame pointers and no
+        # symbols for njs's own functions, so the module's code is one named place,
+        # with the share perf gives its unnamed code in that worker.
+        obj = "ngx_http_js_module.so"
+        truth = perf_unnamed_share(tmp_path / "perf.data", spinning[0], obj)
+        assert truth >= 10, f"perf saw {truth:.1f}% of the worker's samples in {obj}'s unnamed code"
+        m = re.search(re.escape(f"{obj} (no symbol)") + r" \((\d+(?:\.\d+)?)%", report["likely_cause"])
+        assert m, report["likely_cause"]
+        assert abs(float(m.group(1)) - truth) <= 10, (report["likely_cause"], truth)
     lb = balancers(report, lab, noise, list(runs))
     # its share of the clients' bytes before, against its clients' share of the requests
     # (one size each), by their own count over the same polls

@@ -25,7 +25,10 @@ Readable stacks: C and C++ code with frame pointers resolve from the ELF's symbo
 (.symtab, debuginfo under /usr/lib/debug/.build-id, else .dynsym); kernel frames from
 /proc/kallsyms (`_[k]`); Java JIT frames from the JVM's perf map (`_[j]`, `sonde
 profile` runs `jcmd PID Compiler.perfmap`; the JVM must run with
-`-XX:+PreserveFramePointer`). A user stack that is not walked to its thread's start
+`-XX:+PreserveFramePointer`). In the stored top stacks, code no symbol names (a
+stripped object's own functions) is one frame per object, `obj (no symbol)`, so that a
+busy stripped binary's samples are not spread over one stack per offset (`sonde
+profile` keeps the offsets). A user stack that is not walked to its thread's start
 is cut after the first frame without frame pointers and ends in a
 `[truncated: ...]` frame: a binary built without frame pointers (Debian's python3.11)
 never shows a made-up caller.
@@ -50,6 +53,7 @@ import ctypes as ct
 import errno
 import logging
 import platform
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -268,6 +272,15 @@ class Symbolizer:
         return tuple(out), why, lost
 
 
+_UNNAMED = re.compile(r"^([^;\s]+)\+0x[0-9a-f]+$")
+
+
+def unnamed_by_object(frame: str) -> str:
+    """`libfoo.so+0x1234` (no symbol covers the address) -> `libfoo.so (no symbol)`."""
+    m = _UNNAMED.match(frame)
+    return f"{m.group(1)} (no symbol)" if m else frame
+
+
 def leaf_function(frames: tuple[str, ...]) -> str:
     """The innermost frame of the program's own code: user frames win over the kernel's."""
     user = [f for f in frames if not f.endswith(symbols.KERNEL_SUFFIX) and not f.startswith("[")]
@@ -348,12 +361,20 @@ class ProfileDecoder:
         return points, len(taken.on_cpu)
 
     def _stacks(self, tgid: int, rows: list[StackRow]) -> list[tuple]:
-        """(samples, frames, why truncated or "", lost) per row, symbolised."""
+        """(samples, frames, why truncated or "", lost) per stack, symbolised. Code no
+        symbol names (a stripped object's own functions) is one frame per object here,
+        `obj (no symbol)`, and the stacks that become equal are one: a busy stripped
+        binary's samples spread over hundreds of offsets would otherwise leave the top
+        stacks of an interval holding a few percent of them each."""
         known = tgid in self.symbolizer.processes
         ps = self.symbolizer.process(tgid)   # a new one reads its maps now
         if known:
             ps.refresh()
-        return [(row.count, *self.symbolizer.frames(row)) for row in rows]
+        merged: dict[tuple, int] = defaultdict(int)
+        for row in rows:
+            frames, why, lost = self.symbolizer.frames(row)
+            merged[(tuple(unnamed_by_object(f) for f in frames), why, lost)] += row.count
+        return [(n, frames, why, lost) for (frames, why, lost), n in merged.items()]
 
 
 RANKS = tuple(str(r) for r in range(1, TOP_STACKS + 1))
