@@ -729,15 +729,16 @@ def test_backtrack_names_the_function_a_pinned_process_spins_in(agents, started,
 def test_continuous_profiling_names_java_methods(agents, started, influx, influx_db, tmp_path):
     """Continuous mode: the agent asks a busy JVM for its perf map in the background
     (`jcmd PID Compiler.perfmap`); from the next interval on its JIT frames are named,
-    and the two hot methods' shares are 70/30 within 5 points, by the design of
-    Shares.java, as in `sonde profile`."""
+    and the two hot methods' shares are 70/30 by the design of Shares.java: within 10
+    points here (49 Hz over 6 s is ~300 samples of them, a binomial spread of ~2.6
+    points; `sonde profile`'s test holds 5 points at 499 Hz)."""
     for tool in ("java", "javac", "jcmd"):
         need(shutil.which(tool) is not None, f"{tool} (OpenJDK 17) not installed")
     r = subprocess.run(["javac", "-d", str(tmp_path), str(SOURCES / "Shares.java")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     agent = agents("profile", extra="probes:\n  profile:\n    enabled: true\n")
     jvm = started(["java", "-XX:+PreserveFramePointer", "-XX:CompileCommand=quiet",
-                   "-XX:CompileCommand=dontinline,Shares::hot*", "-cp", tmp_path, "Shares", "60000"],
+                   "-XX:CompileCommand=dontinline,Shares::hot*", "-cp", tmp_path, "Shares", "100000"],
                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert jvm.stdout.readline().strip() == "warm"
     jvm.stdin.write("go\n")
@@ -745,11 +746,11 @@ def test_continuous_profiling_names_java_methods(agents, started, influx, influx
     time.sleep(2)
     agent.poll()   # the busy JVM is found: its perf map is fetched in the background
     since = time.time_ns()
-    wait_until(lambda: jvm.poll() is not None or (agent.poll() and time.time_ns() - since > 4e9),
-               timeout=60, interval=1, what="four seconds of polls with the JVM's map")
+    wait_until(lambda: jvm.poll() is not None or (agent.poll() and time.time_ns() - since > 6e9),
+               timeout=60, interval=1, what="six seconds of polls with the JVM's map")
     drain(agent)
     rows = select(influx, influx_db, f"SELECT * FROM profile_stack WHERE pid='{jvm.pid}' AND time > {since}")
     named = lambda m: sum(r["samples"] for r in rows if f"Shares.{m}(" in r["function"])
     seventy, thirty = named("hotSeventy"), named("hotThirty")
-    assert seventy + thirty > 50, [(r["function"], r["samples"]) for r in rows]
-    assert abs(100.0 * seventy / (seventy + thirty) - 70) <= 5, (seventy, thirty)
+    assert seventy + thirty > 150, [(r["function"], r["samples"]) for r in rows]
+    assert abs(100.0 * seventy / (seventy + thirty) - 70) <= 10, (seventy, thirty)
