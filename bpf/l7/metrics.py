@@ -33,7 +33,25 @@ L7_REQUESTS = Measurement(
         Field("status_3xx", "int", "requests", "http only: responses with a 3xx status."),
         Field("status_4xx", "int", "requests", "http only: responses with a 4xx status (not errors)."),
         Field("status_5xx", "int", "requests", "http only: responses with a 5xx status (errors)."),
+        Field("no_response", "int", "requests",
+              "Requests outstanding when their connection ended (the peer closed or reset it, or this "
+              "process closed it): no response came. Not in `requests`; also in l7_capture.unanswered. "
+              "For role=client these are requests the peer failed: a backend that resets connections "
+              "shows here, per peer."),
     ),
+)
+
+STATUS = Tag("status", "The HTTP error status: the exact code for the IANA-registered 4xx and 5xx and nginx's own "
+                       "(444, 494-497, 499), else the class (`4xx`, `5xx`); at most 51 values.")
+
+L7_HTTP_ERRORS = Measurement(
+    name="l7_http_errors",
+    kind="delta",
+    help="HTTP responses with a 4xx or 5xx status, per status code, with the tags of l7_requests (whose "
+         "status_4xx/status_5xx fields they add up to). A row only where such responses were seen. " + INTERVAL_NOTE,
+    source=_SOURCE,
+    tags=RED_TAGS + (STATUS,),
+    fields=(Field("responses", "int", "responses", "Responses with this status whose end was seen this interval."),),
 )
 
 L7_DURATION = histogram(
@@ -86,4 +104,4 @@ L7_PROBE = Measurement(
     ),
 )
 
-MEASUREMENTS = (L7_REQUESTS, *L7_DURATION, L7_CAPTURE, L7_PROBE)
+MEASUREMENTS = (L7_REQUESTS, L7_HTTP_ERRORS, *L7_DURATION, L7_CAPTURE, L7_PROBE)

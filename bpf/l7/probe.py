@@ -50,8 +50,11 @@ redis-benchmark).
 Parsing is in the agent (bpf/l7/protocols/: pure functions of bytes): each
 connection's events go to a `Connection`, which pairs requests with responses in a
 FIFO (each pipelined request counted) and counts what it cannot pair. Only the
-protocol, the operation class (method, command, SQL verb), the status class and the
-timings leave the parser; no payload byte is kept or written.
+protocol, the operation class (method, command, SQL verb), the status class, an HTTP
+error's status code (from a closed set: `l7_http_errors`) and the timings leave the
+parser; no payload byte is kept or written. A request still waiting for its response
+when its connection ends (the peer reset or closed it) is counted per peer as
+`no_response`: for a balancer, the requests a backend failed without an answer.
 
 Role and port: a connection whose requests the process receives is `role=server`,
 tagged with its local port; one whose requests it sends is `role=client`, tagged
@@ -103,6 +106,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from sonde.bpf.l7.protocols.http import status_tag
 from sonde.bpf.l7.protocols.pairing import Connection
 from sonde.ingest.errors import ProbeError, SondeError
 from sonde.ingest.output.lineproto import Point, printable_name
@@ -407,12 +411,14 @@ class Tracked:
 
 
 class Agg:
-    __slots__ = ("requests", "errors", "status", "buckets", "sum_us", "max_us")
+    __slots__ = ("requests", "errors", "status", "codes", "no_response", "buckets", "sum_us", "max_us")
 
     def __init__(self):
         self.requests = 0
         self.errors = 0
         self.status: dict[str, int] = {}
+        self.codes: dict[str, int] = {}  # http: 4xx/5xx responses by status tag (http.status_tag)
+        self.no_response = 0  # requests outstanding when the connection ended
         self.buckets: dict[int, int] = {}
         self.sum_us = 0
         self.max_us = 0
@@ -422,6 +428,9 @@ class Agg:
         self.errors += ex.error
         if ex.protocol == "http":
             self.status[ex.status_class] = self.status.get(ex.status_class, 0) + 1
+            tag = status_tag(ex.code)
+            if tag is not None:
+                self.codes[tag] = self.codes.get(tag, 0) + 1
         us = ex.duration_ns // 1000
         s = hist.slot_of(us)
         self.buckets[s] = self.buckets.get(s, 0) + 1
@@ -431,8 +440,11 @@ class Agg:
     def merge(self, o: "Agg") -> None:
         self.requests += o.requests
         self.errors += o.errors
+        self.no_response += o.no_response
         for k, v in o.status.items():
             self.status[k] = self.status.get(k, 0) + v
+        for k, v in o.codes.items():
+            self.codes[k] = self.codes.get(k, 0) + v
         hist.merge(self.buckets, o.buckets)
         self.sum_us += o.sum_us
         self.max_us = max(self.max_us, o.max_us)
@@ -584,13 +596,16 @@ class L7Decoder:
                 except Exception as e:  # bcc raises bare Exception; the LRU map does not fill
                     log.debug("l7: capture size of pid %d fd %d not set: %s", tgid, fd, e)
 
-    def _count(self, tgid: int, t: Tracked, ex) -> None:
+    def _agg(self, tgid: int, t: Tracked, protocol: str, op: str) -> Agg:
         role = t.role()
-        key = (tgid, role, t.peer, t.lport if role == "server" else t.rport, ex.protocol, ex.op)
+        key = (tgid, role, t.peer, t.lport if role == "server" else t.rport, protocol, op)
         a = self.acc.get(key)
         if a is None:
             a = self.acc[key] = Agg()
-        a.add(ex)
+        return a
+
+    def _count(self, tgid: int, t: Tracked, ex) -> None:
+        self._agg(tgid, t, ex.protocol, ex.op).add(ex)
 
     def _report(self, tgid: int, t: Tracked) -> None:
         """Move what the connection's counters gained since last reported into the
@@ -613,6 +628,8 @@ class L7Decoder:
         if count:
             for ex in t.conn.close(ts):
                 self._count(tgid, t, ex)
+            for op in t.conn.take_cut():
+                self._agg(tgid, t, t.conn.protocol, op).no_response += 1
             self._report(tgid, t)
         del self.tracked[key]
         fds = self.by_tgid.get(tgid)
@@ -935,11 +952,14 @@ class L7Decoder:
         points = []
         for k, a in out.items():
             tags = self._tags(k)
-            fields = {"requests": a.requests, "errors": a.errors}
+            fields = {"requests": a.requests, "errors": a.errors, "no_response": a.no_response}
             if k[5] == "http":
                 fields |= {STATUS_FIELDS[c]: n for c, n in a.status.items() if c in STATUS_FIELDS}
             points.append(Point("l7_requests", tags, fields, ts))
-            points += hist.points("l7_duration", tags, a.buckets, a.sum_us, ts, a.max_us)
+            points += [Point("l7_http_errors", tags | {"status": code}, {"responses": n}, ts)
+                       for code, n in sorted(a.codes.items())]
+            if a.buckets:  # none when every request of the row went unanswered
+                points += hist.points("l7_duration", tags, a.buckets, a.sum_us, ts, a.max_us)
         return points
 
     def _tags(self, k: tuple) -> dict[str, str]:
@@ -949,7 +969,8 @@ class L7Decoder:
 
     def _series(self, k: tuple, a: Agg) -> set[tuple]:
         t = tuple(sorted(self._tags(k).items()))
-        return {("l7_requests", t), ("l7_duration", t)} | {("l7_duration_hist", t, hist.le(s)) for s in a.buckets}
+        return {("l7_requests", t), ("l7_duration", t)} | {("l7_duration_hist", t, hist.le(s)) for s in a.buckets} \
+            | {("l7_http_errors", t, code) for code in a.codes}
 
     def _capture(self, ts: int, capture: dict, names: dict) -> list[Point]:
         rows = [(tgid, proto, c) for (tgid, proto), c in capture.items() if any(c)]
@@ -977,7 +998,13 @@ class L7Decoder:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        # The consumer must be out of ring_buffer_poll before bcc frees the ring buffer
+        # (the probe's cleanup after this): a join that gave up after 5 s on a loaded host
+        # let the thread poll freed memory (a segfault at the agent's stop). It returns
+        # within one poll timeout plus one callback budget, so this wait is bounded.
+        self._thread.join(timeout=120)
+        if self._thread.is_alive():
+            log.error("l7: the ring buffer consumer did not stop in 120 s")
         with self.lock:
             for tgid in list(self.tls):
                 self._detach_tls(tgid)

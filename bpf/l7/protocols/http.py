@@ -18,6 +18,11 @@ from .stream import REQUEST, RESPONSE, Desync, Parser, Stream
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
 OPS = METHODS + ("OTHER",)
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# The error codes kept exactly (l7_http_errors' status tag): the IANA registry's 4xx and
+# 5xx, and nginx's own (444 no response, 494-497 bad TLS or header, 499 client closed).
+# Any other code is written as its class, so the tag has at most 51 values.
+ERROR_CODES = frozenset((*range(400, 419), *range(421, 427), 428, 429, 431, 451, 444, 494, 495, 496, 497, 499,
+                         *range(500, 509), 510, 511))
 
 # A normalised path is cut to this many characters.
 PATH_LIMIT = 96
@@ -141,7 +146,7 @@ class HttpParser(Parser):
 
     def _complete(self, ts: int) -> None:
         code = self._resp.code
-        self.pairing.respond(ts, error=code >= 500, status_class=f"{code // 100}xx")
+        self.pairing.respond(ts, error=code >= 500, status_class=f"{code // 100}xx", code=code)
         self._resp = _Message()
 
     # -- losses ------------------------------------------------------------
@@ -310,3 +315,11 @@ def looks_like_request(data: bytes) -> bool:
 
 def looks_like_response(data: bytes) -> bool:
     return _RESPONSE_START.match(data) is not None
+
+
+def status_tag(code: int) -> str | None:
+    """An error status as a tag value: the code when registered (ERROR_CODES), else its
+    class ("4xx", "5xx"); None below 400 (not an error status)."""
+    if code < 400 or code > 599:
+        return None
+    return str(code) if code in ERROR_CODES else f"{code // 100}xx"

@@ -39,6 +39,7 @@ class Exchange:
     status_class: str  # http: "1xx".."5xx" (4xx is not an error); others: "ok" or "error"
     duration_ns: int  # from the request's first byte to the response's last
     path: str | None = None  # http with keep_path=True only: normalised and bounded
+    code: int = 0  # http: the status code (100-599); others: 0
 
 
 @dataclass(slots=True)
@@ -87,6 +88,7 @@ class Pairing:
         self.max_pending = max_pending
         self.pending: deque[Pending] = deque()
         self._done: list[Exchange] = []
+        self._cut: list[str] = []  # ops of requests outstanding when the connection ended
 
     def request(self, ts: int, op: str, *, kind=None, detail="", path=None, counted=True) -> Pending:
         """A request was sent. counted=False for a marker (a pgwire Sync)."""
@@ -104,7 +106,7 @@ class Pairing:
     def pop(self) -> Pending | None:
         return self.pending.popleft() if self.pending else None
 
-    def respond(self, ts: int, *, error: bool, status_class: str) -> Exchange | None:
+    def respond(self, ts: int, *, error: bool, status_class: str, code: int = 0) -> Exchange | None:
         """A response ended at ts: it completes the oldest outstanding request."""
         p = self.pop()
         if p is None:
@@ -112,15 +114,21 @@ class Pairing:
             return None
         if not p.counted:
             return None
-        ex = Exchange(self.protocol, p.op, error, status_class, max(0, ts - p.ts), p.path)
+        ex = Exchange(self.protocol, p.op, error, status_class, max(0, ts - p.ts), p.path, code)
         self.counters.exchanges += 1
         self._done.append(ex)
         return ex
 
-    def flush(self) -> None:
-        """Give up on every outstanding request: they are unanswered."""
+    def flush(self, ended: bool = False) -> None:
+        """Give up on every outstanding request: they are unanswered. ended: because
+        the connection ended (closed or reset) before their responses came, which for
+        the side that sent them is a failed request (take_cut() names their ops); else
+        because the capture lost the message boundaries."""
         while self.pending:
-            self._unanswered(self.pending.popleft())
+            p = self.pending.popleft()
+            self._unanswered(p)
+            if ended and p.counted:
+                self._cut.append(p.op)
 
     def _unanswered(self, p: Pending) -> None:
         if p.counted:
@@ -129,6 +137,11 @@ class Pairing:
     def take(self) -> list[Exchange]:
         done, self._done = self._done, []
         return done
+
+    def take_cut(self) -> list[str]:
+        """The ops of requests outstanding when the connection ended, since last taken."""
+        cut, self._cut = self._cut, []
+        return cut
 
 
 def detect(data: bytes) -> tuple[str, str | None]:
@@ -226,6 +239,12 @@ class Connection:
             return done
         self._parser.close(ts)
         return done + self._pairing.take()
+
+    def take_cut(self) -> list[str]:
+        """The ops of requests that were outstanding when the connection ended (close()):
+        no response came, the peer closed or reset the connection (or this process
+        closed it). Each is also in counters.unanswered."""
+        return self._pairing.take_cut() if self._pairing is not None else []
 
     def _hold(self, event: tuple) -> list[Exchange]:
         self._early.append(event)

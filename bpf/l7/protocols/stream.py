@@ -301,4 +301,4 @@ class Parser:
     def close(self, ts: int) -> None:
         if not self.passive:
             self.finish(ts)
-        self.pairing.flush()
+        self.pairing.flush(ended=True)
