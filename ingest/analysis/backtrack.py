@@ -21,6 +21,14 @@ bucket. The model the findings rest on:
   data per connection on it. An explained
   symptom ranks under the fault that explains it and is never the likely cause; a
   fault that explains symptoms ranks before one that explains none.
+- L7 (where probe l7 was opted in on a balancer): per backend, the requests the
+  balancer sent (answered, plus those whose connection ended first: `no_response`)
+  and how many failed; per frontend, the error statuses it answered. A backend's
+  requests that got no response became the balancer's own error status to its
+  client; which one (502, 504) is read from the frontend's counts, and named only when
+  the frontend's own error answers (those it did not pass on from a backend) add up to
+  exactly those requests. Failed requests on an edge with resets or failed connects are
+  a symptom those explain.
 """
 from __future__ import annotations
 
@@ -36,6 +44,9 @@ from sonde.ingest.runtime import hist
 FLOW_FIELDS = ("tx_bytes", "rx_bytes", "active_opens", "passive_opens", "connect_refused", "connect_timeouts",
                "resets_received", "resets_sent", "retransmits")
 FLOW_KEY = ("host", "pid", "comm", "role", "peer", "port")
+# probe l7 (opt-in): requests per process x role x peer x protocol
+L7_KEY = FLOW_KEY + ("protocol",)
+L7_FIELDS = ("requests", "errors", "no_response")
 # pids that are not one process: folded past the top-N limit, or sockets no process held
 NOT_A_PROCESS = ("other", "0")
 NOT_A_PEER = ("other", "unknown")
@@ -103,7 +114,7 @@ class Finding:
             return False
         # resets and refused connects on an edge cut its connections short: less data
         # on each (they do not lengthen its round trips)
-        if s.kind == "low_throughput_backend" and self.edges & s.edges:
+        if s.kind in ("low_throughput_backend", "failed_requests") and self.edges & s.edges:
             return True
         if self.kind in ("cpu_pinned", "oom_kill"):
             return bool(self.procs & s.procs) or any(
@@ -189,6 +200,38 @@ class Backtrack:
                 r[f"{short}_p50_us"] = hist.percentile(b, 0.5) if b else None
                 r[f"{short}_p99_us"] = hist.percentile(b, 0.99) if b else None
         return sorted(rows.values(), key=lambda r: -_bytes(r))
+
+    def l7(self, w: Window) -> dict[tuple, dict]:
+        """Probe l7's requests per process (pid) x role x peer x protocol: requests
+        answered, errors, requests whose connection ended first (no_response), HTTP
+        error statuses, and duration p50/p99 from the summed buckets. {} where l7 was off."""
+        group = ", ".join(f'"{t}"' for t in L7_KEY)
+        sel = ", ".join(f'sum("{f}") AS "{f}"' for f in L7_FIELDS)
+        rows = {}
+        for r in self.rows(f'SELECT {sel} FROM "l7_requests" WHERE {w.where()} GROUP BY {group}'):
+            r.pop("time", None)
+            for f in L7_FIELDS:
+                r[f] = int(r.get(f) or 0)
+            r["codes"] = {}
+            rows[tuple(r[t] for t in L7_KEY)] = r
+        if not rows:
+            return rows
+        for r in self.rows(f'SELECT sum("responses") AS "n" FROM "l7_http_errors" WHERE {w.where()} '
+                           f'GROUP BY {group}, "status"'):
+            row = rows.get(tuple(r[t] for t in L7_KEY))
+            if row is not None and r["n"]:
+                row["codes"][r["status"]] = row["codes"].get(r["status"], 0) + int(r["n"])
+        buckets: dict[tuple, dict[int, int]] = {}
+        for b in self.rows(f'SELECT sum("count") AS "n" FROM "l7_duration_hist" WHERE {w.where()} '
+                           f'GROUP BY {group}, "le"'):
+            per = buckets.setdefault(tuple(b[t] for t in L7_KEY), {})
+            per[_slot(b["le"])] = per.get(_slot(b["le"]), 0) + int(b["n"])
+        for k, r in rows.items():
+            b = buckets.get(k)
+            r["p50_us"] = hist.percentile(b, 0.5) if b else None
+            r["p99_us"] = hist.percentile(b, 0.99) if b else None
+            r["buckets"] = b or {}
+        return rows
 
     def load_balancers(self, flows: list[dict], before: list[dict], process: str | None = None) -> list[dict]:
         """Processes that accept connections and connect to upstreams, workers of one
@@ -352,8 +395,20 @@ class Backtrack:
             for k, b in lb["backends"].items():
                 p = lb["backends_before"].get(k, {})
                 procs = {(lb["host"], pid) for pid in lb["pids"]}
-                out += self._connection_faults(f'{lb["process"]} -> {k}', lb["process"], k, b, p, procs,
-                                               {(lb["id"], k)})
+                faults = self._connection_faults(f'{lb["process"]} -> {k}', lb["process"], k, b, p, procs,
+                                                 {(lb["id"], k)})
+                l7b = (lb.get("l7") or {}).get("backends", {}).get(k)
+                for f in faults:
+                    if l7b and l7b["failed"]:
+                        # what the clients saw: the requests through the balancer that failed
+                        if f.kind == "resets":
+                            n = b["resets_received"]
+                            what = f'that backend reset {n} connection{"s"[:n != 1]}'
+                        else:
+                            n = b["connect_refused"] + b["connect_timeouts"]
+                            what = f'{n} connect{"s"[:n != 1]} to that backend failed'
+                        f.cause = f'{l7b["text"]} while {what}: ' + f.cause.split(": ", 1)[1]
+                out += faults
         prev = {tuple(r[t] for t in FLOW_KEY): r for r in before_flows}
         for r in flows:
             if r["role"] != "client" or (_proc(r) in in_lb and r["peer"] not in NOT_A_PEER):
@@ -362,6 +417,10 @@ class Backtrack:
             k = f'{r["peer"]}:{r["port"]}'
             out += self._connection_faults(f'{who} -> {k}', who, k, r, prev.get(tuple(r[t] for t in FLOW_KEY), {}),
                                            {_proc(r)}, set())
+
+        # requests through a balancer that failed, per backend (probe l7)
+        for lb in lbs:
+            out += self._failed_requests(lb)
 
         # symptoms of a balancer's backend paths, against the other backends of the same pool
         for lb in lbs:
@@ -429,6 +488,31 @@ class Backtrack:
         return out
 
     @staticmethod
+    def _failed_requests(lb: dict) -> list[Finding]:
+        """Requests the balancer sent to a backend that failed (an error answer, or no
+        answer: the connection ended first). Where that edge also had resets or failed
+        connects in the window, those are the fault and this is their symptom, and the
+        fault's cause carries the requests clause."""
+        l7 = lb.get("l7")
+        if not l7:
+            return []
+        out = []
+        procs = {(lb["host"], pid) for pid in lb["pids"]}
+        for k, b in l7["backends"].items():
+            then = l7["backends_before"].get(k, {})
+            if not b["failed"] or b["failed"] <= then.get("failed", 0):
+                continue
+            l4 = lb["backends"].get(k, {})
+            faulty = l4.get("resets_received", 0) or l4.get("connect_refused", 0) or l4.get("connect_timeouts", 0)
+            out.append(Finding(50 + min(b["failed"], 40) if not faulty else 20, "failed_requests",
+                               f'{lb["process"]} -> {k}',
+                               f'{b["failed"]} of {b["sent"]} requests failed ({failure_detail(b)}; window before: '
+                               f'{then.get("failed", 0)} of {then.get("sent", 0)})',
+                               f'{b["text"]}: check that backend (its logs around the window)',
+                               symptom=bool(faulty), procs=procs, edges={(lb["id"], k)}))
+        return out
+
+    @staticmethod
     def _pool_symptoms(lb: dict, port: str, pool: dict) -> list[Finding]:
         out = []
         procs = {(lb["host"], pid) for pid in lb["pids"]}
@@ -487,6 +571,11 @@ class Backtrack:
         before = self.flows(w.before())
         self.progress("load balancers")
         lbs = self.load_balancers(flows, before, w.process)
+        self.progress("l7")
+        l7_rows = self.l7(w)
+        l7_before = self.l7(w.before()) if l7_rows else {}
+        for lb in lbs:
+            lb["l7"] = balancer_l7(lb, l7_rows, l7_before)
         self.progress("cpu")
         cpu = self.cpu(w)
         self.progress("disks and OOM")
@@ -501,6 +590,8 @@ class Backtrack:
             "window": {"from_ms": w.start_ms, "to_ms": w.end_ms, "host": w.host, "process": w.process,
                        "peer": w.peer},
             "talkers": flows,
+            "l7": sorted(({k: v for k, v in r.items() if k != "buckets"} for r in l7_rows.values()),
+                         key=lambda r: -(r["requests"] + r["no_response"])),
             "load_balancers": lbs,
             "cpu": cpu[:20],
             "disks": disks,
@@ -510,6 +601,89 @@ class Backtrack:
             "findings": [f.as_dict() for f in findings],
             "likely_cause": causes[0].cause if causes else None,
         }
+
+
+def _sum_l7(rows: list[dict]) -> dict:
+    out = {f: 0 for f in L7_FIELDS} | {"codes": {}, "buckets": {}}
+    for r in rows:
+        for f in L7_FIELDS:
+            out[f] += r[f]
+        for c, n in r["codes"].items():
+            out["codes"][c] = out["codes"].get(c, 0) + n
+        hist.merge(out["buckets"], r.get("buckets") or {})
+    b = out.pop("buckets")
+    out["p50_us"] = hist.percentile(b, 0.5) if b else None
+    out["p99_us"] = hist.percentile(b, 0.99) if b else None
+    out["sent"] = out["requests"] + out["no_response"]
+    out["failed"] = out["errors"] + out["no_response"]
+    return out
+
+
+def _sub(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) - b.get(k, 0) for k in a if a.get(k, 0) - b.get(k, 0) > 0}
+
+
+def _codes(codes: dict, prefix: str = "5") -> str:
+    return " or ".join(f"{c}" for c in sorted(codes) if c.startswith(prefix))
+
+
+def failure_detail(b: dict) -> str:
+    parts = []
+    own = {c: n for c, n in b["codes"].items() if c.startswith("5")}
+    if own:
+        parts.append(", ".join(f"{n} answered {c} by the backend" for c, n in sorted(own.items())))
+    if b["no_response"]:
+        parts.append(f'{b["no_response"]} got no response (the connection ended first)'
+                     + (f', answered {b["cut_code"]} by the balancer' if b.get("cut_code") else ""))
+    return "; ".join(parts) or "errors"
+
+
+def balancer_l7(lb: dict, rows: dict, before: dict) -> dict | None:
+    """A balancer's L7 view, from probe l7's rows of its pids: its frontends (what it
+    answered its clients, by error status) and its backends (what it sent each, and
+    what failed), now and in the window before. None when l7 saw none of its pids."""
+    pids = set(lb["pids"])
+
+    def view(src: dict) -> dict:
+        mine = [r for r in src.values() if r["host"] == lb["host"] and r["pid"] in pids and r["protocol"] == "http"]
+        fronts: dict[str, list] = {}
+        backs: dict[str, list] = {}
+        for r in mine:
+            if r["role"] == "server":
+                fronts.setdefault(r["port"], []).append(r)
+            elif r["peer"] not in NOT_A_PEER:
+                backs.setdefault(f'{r["peer"]}:{r["port"]}', []).append(r)
+        return {"frontends": {p: _sum_l7(v) for p, v in fronts.items()},
+                "backends": {k: _sum_l7(v) for k, v in backs.items()}, "rows": len(mine)}
+
+    now, then = view(rows), view(before)
+    if not now["rows"]:
+        return None
+    # Requests a backend left without a response became the balancer's own error answer
+    # (nginx: 502 on a reset or a refused connect, 504 on a timeout). The frontends'
+    # error statuses less those the backends themselves answered (passed on) are the
+    # balancer's own; when they add up to exactly the requests without a response,
+    # those requests are named by them.
+    front = {}
+    for f in now["frontends"].values():
+        for c, n in f["codes"].items():
+            front[c] = front.get(c, 0) + n
+    passed = {}
+    for b in now["backends"].values():
+        for c, n in b["codes"].items():
+            passed[c] = passed.get(c, 0) + n
+    own = {c: n for c, n in _sub(front, passed).items() if c.startswith("5")}
+    cut = sum(b["no_response"] for b in now["backends"].values())
+    cut_code = _codes(own) if cut and sum(own.values()) == cut else None
+    for k, b in now["backends"].items():
+        b["cut_code"] = cut_code if b["no_response"] else None
+        codes = {c for c in b["codes"] if c.startswith("5")} | ({b["cut_code"]} if b["cut_code"] else set())
+        known = codes and not (b["no_response"] and not b["cut_code"])
+        how = f"with {' or '.join(sorted(codes))}" if known else f"({failure_detail(b)})"
+        b["text"] = f'{b["failed"]} of {b["sent"]} requests through {lb["process"]} to {k} failed {how}' \
+            if b["failed"] else f'all {b["sent"]} requests through {lb["process"]} to {k} were answered'
+    return {"frontends": now["frontends"], "backends": now["backends"], "backends_before": then["backends"],
+            "own_error_codes": own, "no_response_code": cut_code}
 
 
 def pools(backends: dict) -> dict[str, dict]:
@@ -556,10 +730,13 @@ def _human(n: float, unit: str = "B") -> str:
 
 def topology(report: dict) -> dict:
     """Nodes (processes, balancers, peers) and edges with volumes, latency and resets;
-    abnormal edges marked with the findings' kinds."""
+    abnormal edges marked with the findings' kinds. Where probe l7 saw an edge, it
+    carries the requests on it (answered, failed, p99, protocols); an L7 edge with no L4
+    flow (the tcp probe off) is an edge of its own."""
     lb_of = {(lb["host"], pid): lb for lb in report["load_balancers"] for pid in lb["pids"]}
     nodes, edges = {}, {}
-    for r in report["talkers"]:
+
+    def edge(r: dict) -> dict:
         lb = lb_of.get((r["host"], r["pid"]))
         if lb:
             proc = f'{lb["process"]}[{",".join(lb["pids"])}]@{lb["host"]}'
@@ -572,14 +749,27 @@ def topology(report: dict) -> dict:
         nodes.setdefault(peer, {"id": peer, "kind": "client" if r["role"] == "server" else "endpoint"})
         src, dst = (peer, f"{proc}") if r["role"] == "server" else (proc, peer)
         subject = f'{name} -> {peer}' if r["role"] == "client" else f'{name} <- {r["peer"]} on :{r["port"]}'
-        e = edges.setdefault((src, dst, r["port"]), {
+        return edges.setdefault((src, dst, r["port"]), {
             "source": src, "target": dst, "port": r["port"], "subject": subject, "bytes": 0, "connections": 0,
             "resets": 0, "failed_connects": 0, "srtt_p99_us": None})
+
+    for r in report["talkers"]:
+        e = edge(r)
         e["bytes"] += _bytes(r)
         e["connections"] += r["active_opens"] + r["passive_opens"]
         e["resets"] += r["resets_received"]
         e["failed_connects"] += r["connect_refused"] + r["connect_timeouts"]
         e["srtt_p99_us"] = max(e["srtt_p99_us"] or 0, r.get("srtt_p99_us") or 0) or None
+    for r in report.get("l7", ()):
+        e = edge(r)
+        l7 = e.setdefault("l7", {"protocols": [], "requests": 0, "failed": 0, "no_response": 0, "p99_us": None})
+        if r["protocol"] not in l7["protocols"]:
+            l7["protocols"].append(r["protocol"])
+        l7["requests"] += r["requests"] + r["no_response"]
+        l7["failed"] += r["errors"] + r["no_response"]
+        l7["no_response"] += r["no_response"]
+        # p99 of the slowest pid on the edge: an upper bound, like srtt_p99_us
+        l7["p99_us"] = max(l7["p99_us"] or 0, r.get("p99_us") or 0) or None
     for e in edges.values():
         e["why"] = sorted({f["kind"] for f in report["findings"] if f["subject"] == e["subject"]})
         e["abnormal"] = bool(e["why"])
@@ -617,6 +807,15 @@ def text(report: dict) -> str:
         for port, bal in sorted(lb["balance"].items()):
             if bal["text"]:
                 lines.append(f"  :{port} {bal['text']}")
+        l7 = lb.get("l7")
+        if l7:
+            lines.append("  requests (probe l7):")
+            for port, f in sorted(l7["frontends"].items()):
+                lines.append(f"    from clients on :{port:<16} {f['requests']:>8} answered  "
+                             f"{_codes_text(f['codes'])}  p99 {f['p99_us'] or '-'} us")
+            for k, b in sorted(l7["backends"].items()):
+                lines.append(f"    to {k:<26} {b['sent']:>8} sent  {b['failed']:>6} failed"
+                             f"{' (' + failure_detail(b) + ')' if b['failed'] else ''}  p99 {b['p99_us'] or '-'} us")
         if len(lb["workers"]) > 1:
             lines.append("  workers: " + ", ".join(
                 f"pid {pid} {_pct(wk['upstream_share'] or 0)} of upstream bytes"
@@ -631,6 +830,10 @@ def text(report: dict) -> str:
     if report["alerts"]:
         lines += ["", "Alerts fired:"] + [f"  {a['rule']}: {a['summary']}" for a in report["alerts"]]
     return "\n".join(lines) + "\n"
+
+
+def _codes_text(codes: dict) -> str:
+    return ", ".join(f"{c} x{n}" for c, n in sorted(codes.items())) or "no 4xx/5xx"
 
 
 def _ts(ms: int) -> str:

@@ -33,6 +33,11 @@ def edge_label(e: dict) -> str:
         parts.append(f'{e["failed_connects"]} failed')
     if e.get("srtt_p99_us"):
         parts.append(f'srtt p99 {e["srtt_p99_us"]} us')
+    l7 = e.get("l7")
+    if l7:
+        parts.append(f'{"/".join(l7["protocols"])} {l7["requests"]} req'
+                     + (f', {l7["failed"]} failed' if l7["failed"] else "")
+                     + (f', p99 {l7["p99_us"]} us' if l7["p99_us"] else ""))
     return ", ".join(parts)
 
 
