@@ -633,7 +633,7 @@ def failure_detail(b: dict) -> str:
     if own:
         parts.append(", ".join(f"{n} answered {c} by the backend" for c, n in sorted(own.items())))
     if b["no_response"]:
-        parts.append(f'{b["no_response"]} got no response (the connection ended first)'
+        parts.append(f'{b["no_response"]} got no response before the connection ended'
                      + (f', answered {b["cut_code"]} by the balancer' if b.get("cut_code") else ""))
     return "; ".join(parts) or "errors"
 
