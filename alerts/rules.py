@@ -153,6 +153,39 @@ def load(path: Path = THRESHOLDS) -> dict[str, Rule]:
                                   not_agent), r["window"] + r["baseline"], r["window"])},
                       f"(($A - $B) / ($B / {windows:g})) + 1000 * (($B / {windows:g}) < {r['min_baseline_bytes']})",
                       "lt", r["threshold"], r["window"], r["for"], why("throughput_drop")))
+    # L7 (probe l7, opt-in): the series are the process's peers, as tcp_flow's
+    l7_labels = ("host", "comm", "role", "peer", "port", "protocol")
+    if "http_5xx_ratio" in t:
+        r = t["http_5xx_ratio"]
+        served = (("protocol", "http"), ("role", "server"))
+        lab5 = ("host", "comm", "port")
+        rules.append(Rule("http_5xx_ratio", "{{comm}} on :{{port}} answers 5xx", "critical",
+                          {"A": Ref(q("l7_requests", "sum(status_5xx) as value", served, lab5), r["window"]),
+                           "B": Ref(q("l7_requests", "sum(requests) as value", served, lab5), r["window"])},
+                          f"($A / $B) * ($B >= {r['min_requests']})", "gt", r["threshold"], r["window"], r["for"],
+                          why("http_5xx_ratio")))
+    if "l7_error_ratio" in t:
+        r = t["l7_error_ratio"]
+        # a request whose connection ended before its response failed too (no_response:
+        # a backend's reset), and is not in `requests`
+        rules.append(Rule("l7_error_ratio", "{{comm}} ({{role}}) <-> {{peer}}:{{port}} {{protocol}}: requests failing",
+                          "warning",
+                          {"A": Ref(q("l7_requests", "sum(errors) + sum(no_response) as value", (), l7_labels),
+                                    r["window"]),
+                           "B": Ref(q("l7_requests", "sum(requests) + sum(no_response) as value", (), l7_labels),
+                                    r["window"])},
+                          f"($A / $B) * ($B >= {r['min_requests']})", "gt", r["threshold"], r["window"], r["for"],
+                          why("l7_error_ratio")))
+    if "l7_p99_jump" in t:
+        r = t["l7_p99_jump"]
+        lab7 = l7_labels + ("op",)
+        rules.append(Rule("l7_p99_jump", "{{comm}} ({{role}}) <-> {{peer}}:{{port}} {{protocol}} {{op}}: request p99 "
+                          "jumped against the last hour", "warning",
+                          {"A": Ref(q("l7_duration", "max(p99_us) as value", (), lab7), r["window"]),
+                           "B": Ref(q("l7_duration", "mean(p99_us) as value", (), lab7), r["window"] + r["baseline"],
+                                    r["window"])},
+                          f"($A / $B) * ($A >= {r['min_us']})", "gt", r["threshold"], r["window"], r["for"],
+                          why("l7_p99_jump")))
     r = t["agent_drops"]
     rules.append(Rule("agent_drops", "{{host}}: Sonde lost events or points", "warning",
                       {"A": Ref(q("sonde_probe", "sum(map_full_drops) as value", (), ("host",)), r["window"]),
