@@ -59,7 +59,7 @@ from sonde.ingest.runtime.procfs import socket_links
 log = logging.getLogger("sonde.tcp")
 
 ROLES = keys.StaticMap({0: "unknown", 1: "client", 2: "server"}, "unknown")
-STATES = sockdiag.STATE_NAMES
+STATES = keys.StaticMap(sockdiag.STATE_NAMES)
 HISTS = keys.StaticMap({0: "tcp_connect_latency", 1: "tcp_srtt", 2: "tcp_lifetime"})
 VOLUME = ("tx_bytes", "rx_bytes", "rx_segments", "tx_segments", "retransmits")
 EVENTS = ("tx_unacked_bytes", "active_opens", "passive_opens", "connect_refused", "connect_timeouts", "closes",
@@ -263,14 +263,15 @@ def decode(rows: Rows, state: State, ctx: Context) -> tuple[list[Point], State]:
     samples: dict[tuple, tuple[bytes, list]] = {}
     for cookie, sock_state, now, sample in rows.socks:
         st = known[cookie]
-        base = st.base
-        if now != base:
+        if now != st.base:
             counters = flow(st.fk, st.comm).counters
-            for name, a, b in zip(VOLUME, now, base):
+            for name, a, b in zip(VOLUME, now, st.base):
                 if a > b:
                     counters[name] += a - b
-            base = tuple(max(a, b) for a, b in zip(now, base))
-        known[cookie] = replace(st, base=base, misses=0)
+            base = tuple(max(a, b) for a, b in zip(now, st.base))
+            known[cookie] = Known(st.fk, base, st.flagged, st.client, st.comm, 0, st.opening)
+        elif st.misses:
+            known[cookie] = Known(st.fk, st.base, st.flagged, st.client, st.comm, 0, st.opening)
         samples.setdefault(st.fk, (st.comm, []))[1].append(sample)
         states.append((st.fk[0], sock_state))
     for fk, (comm, socks_of_flow) in samples.items():
@@ -448,7 +449,7 @@ def _points(ctx: Context, f: Flow) -> list[Point]:
 def _states(ctx: Context, states: list[tuple[int, int]], kept: set[int], name) -> list[Point]:
     counts: dict[tuple, int] = {}
     for tgid, state in states:
-        key = (tgid if tgid in kept or tgid == 0 else OTHER, STATES.get(state, str(state)))
+        key = (tgid if tgid in kept or tgid == 0 else OTHER, STATES(state))
         counts[key] = counts.get(key, 0) + 1
     merged: dict[tuple, int] = {}
     for (tgid, state), c in counts.items():
@@ -522,8 +523,8 @@ class TcpDecoder:
         fmt = probe.config.paths.tracefs / "events/tcp/tcp_send_reset/format"
         self.reason_names = reset_reasons(fmt.read_text()) if fmt.exists() else {}
         self.state = State()
-        # Entries a poll took out of the maps (lookup-and-delete) before it failed: the
-        # next poll decodes them first. Emptied when a poll succeeds.
+        # Entries polls took out of the maps (lookup-and-delete), per map, since the last
+        # poll that succeeded: the next poll decodes them first. Emptied by a success.
         self.carried: tuple[list, list, list] = ([], [], [])
         self.diag: dict[int, sockdiag.DiagSocket] = {}
         self.own_netns = int(os.readlink("/proc/self/ns/net")[5:-1])
@@ -605,8 +606,8 @@ class TcpDecoder:
         # and the maps are not preallocated, so a deleted entry is never reused under a
         # late writer.
         members = list(AGG_MEMBERS.values())
-        rows.agg, rows.agg_popped, _ = self._read_map(
-            self.agg, state.agg, rows.agg_carried,
+        rows.agg, rows.agg_popped = self._read_map(
+            self.agg, state.agg, rows.agg_carried, self.carried[0],
             lambda k, v: (self._fk(k), bytes(v.comm).split(b"\0", 1)[0], tuple(getattr(v, m) for m in members)))
         comms = {fk: comm for fk, comm, _ in rows.agg}
 
@@ -615,7 +616,8 @@ class TcpDecoder:
             if fk not in comms:  # a flow created after the flow map's read: its entry names it
                 comms[fk] = self._agg_comm(k.fk)
             return (fk, k.kind_slot), comms[fk], (v if isinstance(v, int) else v.value,)
-        rows.hists, rows.hists_popped, _ = self._read_map(self.hists, state.hists, rows.hists_carried, hist_row)
+        rows.hists, rows.hists_popped = self._read_map(self.hists, state.hists, rows.hists_carried, self.carried[1],
+                                                       hist_row)
 
         # 3. Live sockets, one dump per network namespace.
         self._scanned = False
@@ -625,11 +627,9 @@ class TcpDecoder:
         self._read_sockets(self._dump(), rows)
 
         # 4. Resets sent, per process and reason.
-        rows.reasons, rows.reasons_popped, _ = self._read_map(
-            self.reasons_map, state.reasons, rows.reasons_carried,
+        rows.reasons, rows.reasons_popped = self._read_map(
+            self.reasons_map, state.reasons, rows.reasons_carried, self.carried[2],
             lambda k, v: ((k.tgid, k.reason), bytes(v.comm).split(b"\0", 1)[0], (v.resets,)))
-        self.carried = (rows.agg_carried + rows.agg_popped, rows.hists_carried + rows.hists_popped,
-                        rows.reasons_carried + rows.reasons_popped)
 
         # The processes these rows name, by their /proc name (None: exited).
         tgids = {fk[0] for fk, _, _ in rows.agg + rows.agg_popped + rows.agg_carried}
@@ -642,10 +642,11 @@ class TcpDecoder:
         return rows
 
     @staticmethod
-    def _read_map(table, prev: dict, carried: list, row) -> tuple[list, list, list]:
-        """A map's rows, row(key, value) each; the rows of the entries that did not move
-        over an interval, taken out (lookup-and-delete) with their final values (None:
-        gone already); and the raw (key, value) pairs."""
+    def _read_map(table, prev: dict, carried: list, carry: list, row) -> tuple[list, list]:
+        """A map's rows, row(key, value) each, and the rows of the entries that did not
+        move over an interval, taken out (lookup-and-delete) with their final values
+        (None: gone already). Each one taken out is added to `carry` at once, for the
+        next poll should this one fail from here on."""
         raw = read_all(table)
         read = [row(k, v) for k, v in raw]
         skip = {key for key, _, _ in carried}
@@ -656,7 +657,8 @@ class TcpDecoder:
             k = type(k).from_buffer_copy(k)
             v = pop(table, k)
             popped.append(row(k, v) if v is not None else (key, comm, None))
-        return read, popped, raw
+            carry.append(popped[-1])
+        return read, popped
 
     def _agg_comm(self, fk) -> bytes:
         """The process name in a flow's tcp_agg entry, b"" if it has none."""
