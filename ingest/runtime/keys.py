@@ -8,10 +8,8 @@ the kernel or the file system.
 from __future__ import annotations
 
 import ipaddress
-import struct
 
 AF_INET, AF_INET6 = 2, 10
-_BE16 = struct.Struct(">H")
 MINOR_BITS = 20  # the kernel's internal dev_t: MKDEV(major, minor) = major << 20 | minor
 
 
@@ -36,7 +34,7 @@ def address(family: int, raw: bytes) -> str:
 
 def port_be(raw: bytes) -> int:
     """A port as the network sends it (two bytes, big-endian)."""
-    return _BE16.unpack(bytes(raw[:2]))[0]
+    return (raw[0] << 8) | raw[1]
 
 
 def majorminor(dev: int) -> tuple[int, int]:

@@ -20,6 +20,8 @@ import socket
 import struct
 from typing import NamedTuple
 
+from sonde.ingest.runtime import keys
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLMSG_ERROR = 2
@@ -43,7 +45,6 @@ _REQ = struct.Struct("=BBBBI")                 # inet_diag_req_v2 head; then ine
 _MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
 _MSG_LEN = 72
 _NLA = struct.Struct("=HH")
-_PORT = struct.Struct(">H")
 
 # struct tcp_info fields, read in one unpack from offset 68 (tcpi_rtt) to 236 (tcpi_rcv_wnd, 6.2+):
 # rtt, snd_cwnd (80), total_retrans (100), bytes_acked (120), bytes_received (128),
@@ -106,7 +107,7 @@ def parse_dump(data: bytes) -> tuple[list[TcpSock], bool]:
     off = 0
     done = False
     size = len(data)
-    unpack_nl, unpack_msg, unpack_nla, port = _NLMSG.unpack_from, _MSG.unpack_from, _NLA.unpack_from, _PORT.unpack
+    unpack_nl, unpack_msg, unpack_nla, port = _NLMSG.unpack_from, _MSG.unpack_from, _NLA.unpack_from, keys.port_be
     while off + 16 <= size:
         length, mtype, _flags, _seq, _pid = unpack_nl(data, off)
         if length < 16 or off + length > size:
@@ -133,7 +134,7 @@ def parse_dump(data: bytes) -> tuple[list[TcpSock], bool]:
                     info = (data[a + 4],) + parse_tcp_info(data, a + 4, a + nla_len)
                     break
                 a += (nla_len + 3) & ~3
-            head = (family, state, port(sport)[0], port(dport)[0], src[:alen], dst[:alen], c0 | (c1 << 32), uid, inode)
+            head = (family, state, port(sport), port(dport), src[:alen], dst[:alen], c0 | (c1 << 32), uid, inode)
             socks.append(TcpSock(*head, True, *info) if info is not None else TcpSock(*head, False))
         off += (length + 3) & ~3
     return socks, done
