@@ -167,7 +167,7 @@ def main() -> int:
             points.append(len(pts))
             entries.append(self_point.fields["map_entries"])
             drops.append(self_point.fields["map_full_drops"])
-            live.append(len(probe.decoder.known))
+            live.append(len(probe.decoder.state.known))
             if self_point.fields["poll_success"] != 1:
                 raise RuntimeError("a poll failed; see the log above")
             print(f"poll_flows: poll {len(walls)}: {walls[-1]:.3f} s wall, {cpus[-1]:.3f} s CPU, "

@@ -61,7 +61,9 @@ class Probe:
 
     doc: str = ""
     # For maps whose decoding is genuinely special: a class taking the LoadedProbe,
-    # whose poll(ts_ns) returns (points, live map entries).
+    # whose poll(ts_ns) returns (points, live map entries): it reads rows, decodes them
+    # with a pure function of rows and its previous state (the golden files run it),
+    # and commits the new state with delta.defer, so only a poll that succeeds does.
     decoder: type | None = None
     # Tracepoint fields the probe reads: "category:event" -> field names. Checked
     # against the running kernel's tracefs format before compiling.
