@@ -478,7 +478,7 @@ class L7Decoder:
         self.libssl_seen: set[str] = {f"{d}/{n}" for d in LIB_DIRS for n in LIBSSL_NAMES
                                       if os.path.exists(f"{d}/{n}")}
         self._exports: dict[tuple, bool] = {}
-        self._symbols: dict[tuple, tuple[bytes, int] | None] = {}
+        self._symbols: dict[tuple, int | None] = {}  # (file inode, symbol) -> offset
         self.tracked: dict[tuple[int, int], Tracked] = {}
         self.by_tgid: dict[int, set[int]] = defaultdict(set)
         self.acc: dict[tuple, Agg] = {}
@@ -813,10 +813,14 @@ class L7Decoder:
         key = (inode, sym)
         if key not in self._symbols:
             try:
-                self._symbols[key] = BPF._check_path_symbol(path.encode(), sym.encode(), None, -1)
+                self._symbols[key] = BPF._check_path_symbol(path.encode(), sym.encode(), None, -1)[1]
             except Exception:  # bcc raises bare Exception for a symbol it cannot find
                 self._symbols[key] = None
-        return self._symbols[key]
+        # Only the offset is kept: the path is this process's (a file seen through
+        # /proc/PID/root of a process that has exited is gone, and the kernel refused
+        # uprobes at it for every later process of that namespace).
+        offset = self._symbols[key]
+        return None if offset is None else (path.encode(), offset)
 
     def _uprobe(self, where: tuple[bytes, int], fn: bytes, pid: int, ret: bool) -> bytes:
         """Attach fn at (file, offset) for pid: what bcc's attach_uprobe does after its
