@@ -108,9 +108,9 @@ from pathlib import Path
 
 from sonde.bpf.l7.protocols.http import status_tag
 from sonde.bpf.l7.protocols.pairing import Connection
-from sonde.ingest.errors import ProbeError, SondeError
+from sonde.ingest.errors import SondeError
 from sonde.ingest.output.lineproto import Point, printable_name
-from sonde.ingest.runtime import btf, hist, sockdiag
+from sonde.ingest.runtime import btf, hist, procfs, sockdiag
 from sonde.ingest.runtime.cardinality import OTHER, top_n
 from sonde.ingest.runtime.probe import Probe
 
@@ -311,22 +311,7 @@ class Matcher:
             self._diag.pop(key).close()
         if not inodes:
             return set()
-        owners = set()
-        for d in os.scandir(self.proc):
-            if not d.name.isdigit():
-                continue
-            try:
-                for fd in os.scandir(f"{d.path}/fd"):
-                    try:
-                        link = os.readlink(fd.path)
-                    except OSError:
-                        continue
-                    if link.startswith("socket:[") and int(link[8:-1]) in inodes:
-                        owners.add(int(d.name))
-                        break
-            except OSError:
-                continue
-        return owners
+        return {pid for pid, inode in procfs.socket_links(self.proc) if inode in inodes}
 
     def close(self) -> None:
         for d in self._diag.values():
