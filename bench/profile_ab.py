@@ -79,12 +79,20 @@ class Toggle:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.samples = 0
+        self._due = 0.0
 
     def _work(self) -> None:
         """What runs beside the attached event: the agent's poll (host) or sonde
         profile's once-a-second take (process), timed in this thread's CPU."""
         every = self.interval if self.mode == "host" else profiling.POLL_SECONDS
-        while not self._stop.wait(every):
+        last = time.monotonic()
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            self._due += now - last   # attached time since the last poll, across agent runs
+            last = now
+            if self._due < every:
+                continue
+            self._due = 0.0
             c0 = time.thread_time()
             if self.mode == "host":
                 points, _ = self.loaded.poll(time.time_ns())
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             toggle.close()
         nginx.stop()
     res = bstats.loss(runs["baseline"], runs["agent"])
+    pair_loss = (1 - res["pair_ratio_median"]) * 100
     ncpu = len(ab.os.sched_getaffinity(0))
     result = {
         "name": args.name,
@@ -177,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_median": round(ab.statistics.median(runs["agent"]), 2),
         "loss_pct": round(res["loss_pct"], 2),
         "loss_pct_ci95": [round(x, 2) for x in res["loss_pct_ci95"]],
+        "pair_median_loss_pct": round(pair_loss, 2),
         "pair_ratios": [round(x, 5) for x in res["pair_ratios"]],
         "order": "".join(orders),
         "order_seed": seed,

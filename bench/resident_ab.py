@@ -35,7 +35,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -140,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_median": round(statistics.median(runs["agent"]), 2),
         "loss_pct": round(res["loss_pct"], 2),
         "loss_pct_ci95": [round(x, 2) for x in res["loss_pct_ci95"]],
+        "pair_median_loss_pct": round((1 - res["pair_ratio_median"]) * 100, 2),
         "cpu_per_request_increase_pct": round(cpu["loss_pct"], 2),
         "cpu_per_request_increase_pct_ci95": [round(x, 2) for x in cpu["loss_pct_ci95"]],
         "bpf_runs_per_request": round(statistics.median(bpf_runs_req), 4) if bpf_runs_req else None,

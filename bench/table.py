@@ -58,10 +58,12 @@ def _loss(data: dict) -> str:
     loss = data.get("loss_pct")
     if not _is_num(loss):
         return _cell(loss)
+    pairs = data.get("pair_median_loss_pct")
+    pairs = f"; median of pairs {pairs:.2f}" if _is_num(pairs) else ""
     if _is_num(data.get("total_loss_pct")) and _is_num(data.get("bpf_cost_pct")):  # bench/resident_ab.py
-        return (f"{data['total_loss_pct']:.2f}: A/B {loss:.2f}{_interval(data.get('loss_pct_ci95'))} "
+        return (f"{data['total_loss_pct']:.2f}: A/B {loss:.2f}{_interval(data.get('loss_pct_ci95'))}{pairs} "
                 f"+ BPF {data['bpf_cost_pct']:.3f}")
-    return f"{loss:.2f}{_interval(data.get('loss_pct_ci95'))}"
+    return f"{loss:.2f}{_interval(data.get('loss_pct_ci95'))}{pairs}"
 
 
 def _bpf(data: dict) -> str:
