@@ -17,7 +17,9 @@ where it runs:
   filter; while the event is attached the probe is polled every `--interval` (10) s of
   attached time, in this process as the agent would (reading, clearing, symbolising
   the top stacks). That poll's CPU is measured (`poll_cpu_pct_of_machine`) and is
-  inside the agent arm's windows.
+  inside the agent arm's windows. Two polls before the pairs fill the symbol caches
+  (`warmup_poll_cpu_s`: the first poll reads every busy binary's symbols once), so the
+  pairs measure an agent that has been running.
 - `--mode process`: `sonde profile --process nginx` at `--hz` (99): the filter holds
   nginx's pids; the stacks are taken every second into a session as `sonde profile`
   does (symbolising is at the end, after the run, outside every window).
@@ -34,6 +36,7 @@ import datetime as dt
 import json
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -105,6 +108,23 @@ class Toggle:
             self.poll_cpu_s += time.thread_time() - c0
             self.polls += 1
 
+    def warm(self, polls: int = 2, seconds: float = 3.0) -> float:
+        """Host mode: attach and poll a few times before the pairs, not recorded. The first
+        polls read every busy binary's symbols and the kernel's (seconds of CPU once, in
+        an agent that then runs for days); the pairs measure the steady state. Returns
+        the CPU those polls took."""
+        if self.mode != "host":
+            return 0.0
+        self.loaded.bpf.attach_perf_event(fn_name=b"on_cpu_sample", sample_freq=self.hz, cpu=-1, **self._ev)
+        c0 = time.thread_time()
+        try:
+            for _ in range(polls):
+                time.sleep(seconds)
+                self.loaded.poll(time.time_ns())
+        finally:
+            self.loaded.bpf.detach_perf_event(**self._ev)
+        return time.thread_time() - c0
+
     def attach(self) -> None:
         self.loaded.bpf.attach_perf_event(fn_name=b"on_cpu_sample", sample_freq=self.hz, cpu=-1, **self._ev)
         self._t0 = time.monotonic()
@@ -146,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         workers = ab.children_of(nginx.proc.pid)
         toggle = Toggle(args.mode, args.hz, args.interval, [nginx.proc.pid, *workers])
         wrk = ["wrk", "-t2", "-c50", f"-d{args.window:g}s", nginx.url]
-        ab.run_wrk(wrk, args.window)  # warm-up, not recorded
+        # warm-up, not recorded: under load, the symbol caches filled as in an agent that has run a while
+        busy = subprocess.Popen(["wrk", "-t2", "-c50", "-d8s", nginx.url], stdout=subprocess.DEVNULL)
+        try:
+            warm_cpu = toggle.warm()
+        finally:
+            busy.wait()
+        ab.run_wrk(wrk, args.window)
         for i, order in enumerate(orders):
             for arm in order:
                 name = "agent" if arm == "A" else "baseline"
@@ -198,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "bpf_runs_per_sample": round(bpf_runs / toggle.samples, 3) if toggle.samples else None,
         "bpf_ns_per_run": round(bpf_ns / bpf_runs, 1) if bpf_runs else None,
         "polls": toggle.polls,
+        "warmup_poll_cpu_s": round(warm_cpu, 3),
         "poll_cpu_pct_of_machine": round(toggle.poll_cpu_s / toggle.attached_s / ncpu * 100, 3)
         if toggle.attached_s else None,
         "agent_source": ab.source_description(),
