@@ -251,6 +251,7 @@ class CodeReader:
         self.interp = interp
         self.o = offsets
         self._cache: dict[int, tuple[str, bytes, int] | None] = {}
+        self._frames: dict[tuple[int, int], str] = {}  # (code, instruction) -> "module.function:line"
         try:
             self._fd = os.open(Path(proc_root) / str(pid) / "mem", os.O_RDONLY)
         except OSError:
@@ -317,6 +318,10 @@ class CodeReader:
             if self._fd is None or not self._read(code, 8):
                 return "[python: process exited before its code was read]"
             return "[python: not a code object]"
-        name, table, first = got
-        line = line_at(table, first, index)
-        return f"{name}:{line if line is not None else '?'}"
+        key = (code, index)
+        text = self._frames.get(key)
+        if text is None:  # a code object's line table never changes: decoded once per instruction
+            name, table, first = got
+            line = line_at(table, first, index)
+            text = self._frames[key] = f"{name}:{line if line is not None else '?'}"
+        return text
