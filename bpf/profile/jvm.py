@@ -18,7 +18,7 @@ from sonde.bpf.profile import symbols
 log = logging.getLogger("sonde.profile")
 
 PFP = "-XX:+PreserveFramePointer"
-JIT_REFRESH_SECONDS = 60.0  # continuous mode: a busy JVM's perf map is asked for again after this
+AGENT_JIT_REFRESH_SECONDS = 60.0  # continuous mode (sonde profile refreshes every 10 s): a busy JVM's perf map is asked for again after this
 
 
 def is_jvm(proc: Path, pid: int) -> bool:
@@ -87,7 +87,7 @@ class JitMaps:
     `[unknown JIT code]`, the next ones are named. A JVM whose map cannot be had
     (no jcmd, attach refused) is logged once and asked again only after refresh_s."""
 
-    def __init__(self, proc: Path, refresh_s: float = JIT_REFRESH_SECONDS, fetch=jvm_perf_map):
+    def __init__(self, proc: Path, refresh_s: float = AGENT_JIT_REFRESH_SECONDS, fetch=jvm_perf_map):
         self.proc, self.refresh_s, self._fetch = Path(proc), refresh_s, fetch
         self._asked: dict[int, float] = {}    # pid -> when its map was last asked for
         self._queue: dict[int, object] = {}   # pid -> its ProcessSymbols, waiting for the thread
