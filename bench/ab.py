@@ -69,6 +69,9 @@ http {{
 
     server {{
         listen 127.0.0.1:{port};
+        location = /sonde-stub-status {{
+            stub_status;
+        }}
         location / {{
             default_type text/plain;
             return 200 "hello\\n";
@@ -213,6 +216,13 @@ class Nginx:
                 pass
             time.sleep(0.1)
         raise BenchError(f"nginx did not answer on {self.url} within 10 s: {tail(self.prefix / 'error.log')}")
+
+    def requests(self) -> int:
+        """Requests nginx has handled since start (its stub_status counter, which counts
+        this read too: one request per call)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/sonde-stub-status", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        return int(lines[2].split()[2])
 
     def stop(self) -> None:
         # SIGQUIT: graceful shutdown; the master stops its own workers.

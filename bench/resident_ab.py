@@ -13,6 +13,13 @@ started once and the arms alternate every `--window` seconds:
 - agent (A): the agent and its embedded influxd running (SIGCONT);
 - baseline (B): both stopped (SIGSTOP): their threads never run.
 
+With `--continuous`, wrk runs once for the whole benchmark and each run is a window
+of it, its requests read from nginx's own counter (stub_status): no wrk start and no
+new connections between arms. The programs' statistics (bpf_stats) cost two clock
+reads per program run, which production does not pay (they are off by default), so
+they are off in the A/B runs and on in a pass of agent runs after them (`--stats
+after`, the default).
+
 Both arms have the agent's BPF programs attached (a stopped process keeps them), so the
 A/B difference is what the agent and influxd do in user space (polls, delivery,
 wakeups, their cache footprint). What the programs cost is counted exactly instead:
@@ -50,6 +57,56 @@ def signal_all(pids: list[int], sig: int) -> None:
         os.kill(pid, sig)
 
 
+class Windows:
+    """One wrk run for the whole benchmark, cut into windows: each window's requests from
+    nginx's own counter (stub_status), its busy CPU from /proc/stat, the agent's and
+    influxd's CPU from /proc/PID/stat and the agent's programs' runs from bpf_stats.
+    Consecutive windows share wrk's connections and threads, so what differs between
+    arms is the agent, not a new wrk's start."""
+
+    def __init__(self, nginx, cmd: list[str], pids: dict[str, int | None], held: set[int] | None):
+        self.nginx, self.cmd, self.held = nginx, cmd, held
+        self.pids = {k: v for k, v in pids.items() if v}
+        self.proc = None
+        self.bpf = False
+
+    def start(self) -> None:
+        import subprocess
+        import time
+        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(2)  # connections open, threads running
+
+    def _snap(self):
+        import time
+        bpf = ab.bpf_snapshot() if self.bpf else {}
+        return (time.monotonic(), self.nginx.requests(), ab.system_ticks(),
+                {k: ab.cpu_ticks(p) for k, p in self.pids.items()}, bpf)
+
+    def window(self, seconds: float, bpf: bool = False) -> tuple[float, dict]:
+        import time
+        if self.proc.poll() is not None:
+            raise ab.BenchError(f"wrk exited early ({self.proc.returncode})")
+        self.bpf = bpf
+        t0, r0, s0, p0, b0 = self._snap()
+        time.sleep(seconds)
+        t1, r1, s1, p1, b1 = self._snap()
+        wall, requests = t1 - t0, r1 - r0 - 1  # less our own stub_status read
+        busy_s = (s1["busy"] - s0["busy"]) / ab.CLK_TCK
+        st: dict = {k: {"cpu_pct": None if p0[k] is None or p1[k] is None
+                        else round((p1[k] - p0[k]) / ab.CLK_TCK / wall * 100, 2)} for k in self.pids}
+        st["window"] = {"wall_s": round(wall, 3), "requests": requests,
+                        "cpu_us_per_request": round(busy_s / requests * 1e6, 3) if requests else None}
+        st["system"] = {"other_cpu_pct": None}
+        if bpf:
+            st["bpf"] = {"snap": (b0, b1)}
+        return requests / wall, st
+
+    def stop(self) -> None:
+        import signal as sig
+        ab.stop_proc(self.proc, sig.SIGTERM, timeout=5, what="wrk")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", required=True)
@@ -59,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, default=3.0, help="seconds of wrk per run (default 3)")
     ap.add_argument("--interval", type=float, default=10.0, help="agent interval_seconds (default 10)")
     ap.add_argument("--close", action="store_true", help="a new connection per request")
+    ap.add_argument("--continuous", action="store_true",
+                    help="one wrk run for the whole benchmark; each window's requests from nginx's stub_status "
+                         "counter (no wrk start or connection setup between windows)")
+    ap.add_argument("--stats", choices=("after", "during"), default="after",
+                    help="bpf_stats on only for a pass of agent runs after the pairs (default: the A/B runs "
+                         "without the statistics' own ~2 clock reads per program run), or during the pairs")
+    ap.add_argument("--stats-runs", type=int, default=10, help="agent runs in the statistics pass (default 10)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -66,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
     orders = ab.pair_orders(args.pairs, "random", seed)
     out = args.out or (ab.RESULTS_DIR / f"{args.name}.json")
-    stats_fd = bpfinfo.enable_stats()
+    stats_fd = bpfinfo.enable_stats() if args.stats == "during" else -1
     sonde_bin = Path(sys.executable).parent / "sonde"
     sonde = [str(sonde_bin)] if sonde_bin.exists() else [sys.executable, "-m", "sonde.ingest.cli"]
     tmp = Path(tempfile.mkdtemp(prefix="sonde-resident-ab-"))
@@ -76,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_req = {"baseline": [], "agent": []}
     agent_cpu, influxd_cpu, bpf_runs_req, bpf_ns_req = [], [], [], []
     stopped = False
+    windows = None
     try:
         run.start()
         procs = [run.proc.pid] + ([run.influxd_pid] if run.influxd_pid else [])
@@ -83,6 +148,31 @@ def main(argv: list[str] | None = None) -> int:
         wrk = ["wrk", "-t2", "-c50", *(["-H", "Connection: close"] if args.close else []),
                f"-d{args.window:g}s", nginx.url]
         ab.run_wrk(wrk, args.window)  # warm-up, not recorded
+        if args.continuous:
+            long_wrk = wrk[:-2] + [f"-d{int(args.window * 2 * len(orders) * 1.5 + 60)}s", nginx.url]
+            windows = Windows(nginx, long_wrk, {"agent": run.proc.pid, "influxd": run.influxd_pid}, held)
+            windows.start()
+        def measure(name: str, record: bool = True) -> None:
+            if args.continuous:
+                rps, st = windows.window(args.window, bpf=stats_fd >= 0)
+            else:
+                rps, st, _ = ab.run_wrk(wrk, args.window, {"agent": run.proc.pid, "influxd": run.influxd_pid},
+                                        nginx_pid=nginx.proc.pid, bpf=stats_fd >= 0)
+            if record:
+                runs[name].append(rps)
+                cpu_req[name].append(st["window"]["cpu_us_per_request"])
+                if name == "agent":
+                    agent_cpu.append(st.get("agent", {}).get("cpu_pct") or 0.0)
+                    influxd_cpu.append(st.get("influxd", {}).get("cpu_pct") or 0.0)
+            if name == "agent" and "bpf" in st and st["window"]["requests"]:
+                before, after = st["bpf"]["snap"]
+                mine = ab.bpf_delta({k: v for k, v in before.items() if k in held},
+                                    {k: v for k, v in after.items() if k in held})
+                bpf_runs_req.append(sum(v[0] for v in mine.values()) / st["window"]["requests"])
+                bpf_ns_req.append(sum(v[1] for v in mine.values()) / st["window"]["requests"])
+            ab.log(f"{name:8s}: {rps:9.0f} req/s, {st['window']['cpu_us_per_request']} CPU µs/req"
+                   + ("" if record else " (statistics pass)"))
+
         for i, order in enumerate(orders):
             for arm in order:
                 name = "agent" if arm == "A" else "baseline"
@@ -92,24 +182,20 @@ def main(argv: list[str] | None = None) -> int:
                 elif arm == "A" and stopped:
                     signal_all(procs, signal.SIGCONT)
                     stopped = False
-                rps, st, _ = ab.run_wrk(wrk, args.window, {"agent": run.proc.pid, "influxd": run.influxd_pid},
-                                        nginx_pid=nginx.proc.pid, bpf=stats_fd >= 0)
-                runs[name].append(rps)
-                cpu_req[name].append(st["window"]["cpu_us_per_request"])
-                if arm == "A":
-                    agent_cpu.append(st.get("agent", {}).get("cpu_pct") or 0.0)
-                    influxd_cpu.append(st.get("influxd", {}).get("cpu_pct") or 0.0)
-                    if "bpf" in st and st["window"]["requests"]:
-                        before, after = st["bpf"]["snap"]
-                        mine = ab.bpf_delta({k: v for k, v in before.items() if k in held},
-                                            {k: v for k, v in after.items() if k in held})
-                        bpf_runs_req.append(sum(v[0] for v in mine.values()) / st["window"]["requests"])
-                        bpf_ns_req.append(sum(v[1] for v in mine.values()) / st["window"]["requests"])
-                ab.log(f"pair {i + 1}/{len(orders)} {name:8s}: {rps:9.0f} req/s, "
-                       f"{st['window']['cpu_us_per_request']} CPU µs/req, other {st['system']['other_cpu_pct']} %")
+                ab.log(f"pair {i + 1}/{len(orders)}")
+                measure(name)
+        if args.stats == "after":
+            if stopped:
+                signal_all(procs, signal.SIGCONT)
+                stopped = False
+            stats_fd = bpfinfo.enable_stats()
+            for _ in range(args.stats_runs if stats_fd >= 0 else 0):
+                measure("agent", record=False)
         if run.proc.poll() is not None:
             raise ab.BenchError(f"the agent exited during the runs: {ab.tail(run.stderr_path, 20)}")
     finally:
+        if args.continuous and windows is not None:
+            windows.stop()
         if stopped and run.proc and run.proc.poll() is None:
             signal_all([p for p in [run.proc.pid, run.influxd_pid] if p], signal.SIGCONT)
         loaded = run.loaded_probes() if run.proc else []
@@ -129,12 +215,18 @@ def main(argv: list[str] | None = None) -> int:
         "unit": "req/s",
         "mode": "resident" + ("_close" if args.close else ""),
         "what": (f"nginx (2 workers) saturated by wrk -t2 -c50 on the same cores "
-                 f"({'a new connection per request' if args.close else 'keep-alive'}), {args.window:g} s per run; "
+                 f"({'a new connection per request' if args.close else 'keep-alive'}), {args.window:g} s per run"
+                 f"{' (windows of one continuous wrk run, requests from nginx stub_status)' if args.continuous else ''}; "
                  f"one `sonde run` ({', '.join(loaded) or 'no probe'}), running in agent runs and stopped "
                  f"(SIGSTOP, with its influxd) in baseline runs, its BPF programs attached in both; "
                  f"{args.pairs} pairs, arm order shuffled (balanced, seeded); loss_pct = A/B drop in req/s, "
                  f"bpf_cost_pct = the programs' run time per request over the busy CPU per request, "
                  f"total_loss_pct = their sum"),
+        "window_s": args.window,
+        "bpf_stats": (f"off in the A/B runs; on for {args.stats_runs} agent runs after them, where "
+                      f"bpf_*_per_request come from" if args.stats == "after" else "on in every run"),
+        "continuous": args.continuous,
+        "ratio_of_totals_loss_pct": round((1 - sum(runs["agent"]) / sum(runs["baseline"])) * 100, 2),
         "baseline_median": round(statistics.median(runs["baseline"]), 2),
         "agent_median": round(statistics.median(runs["agent"]), 2),
         "loss_pct": round(res["loss_pct"], 2),
@@ -149,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_loss_pct_ci95_hi": round(res["loss_pct_ci95"][1] + (bpf_pct or 0), 2),
         "agent_cpu_pct_median": round(statistics.median(agent_cpu), 2) if agent_cpu else None,
         "influxd_cpu_pct_median": round(statistics.median(influxd_cpu), 2) if influxd_cpu else None,
+        "agent_cpu_pct_mean": round(statistics.mean(agent_cpu), 3) if agent_cpu else None,
+        "influxd_cpu_pct_mean": round(statistics.mean(influxd_cpu), 3) if influxd_cpu else None,
         "pair_ratios": [round(x, 5) for x in res["pair_ratios"]],
         "order": "".join(orders),
         "order_seed": seed,
