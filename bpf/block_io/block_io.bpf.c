@@ -1,5 +1,5 @@
 /* block_io: block requests per disk and op class, with the latency split, from one
- * raw tracepoint at completion.
+ * raw tracepoint at completion (BTF-typed where the kernel allows, plain otherwise).
  *
  * At block_rq_complete the request still carries the kernel's own timestamps:
  * start_time_ns (set where the kernel starts accounting it, the point
@@ -92,19 +92,25 @@ static __always_inline void observe(struct io_t *v, int kind, u64 ns)
     v->slots[kind * SONDE_HIST_SLOTS + s]++;
 }
 
-/* The request's fields this program reads lie in one span of struct request, read once. */
-#define RQ_FIELD(type, off) (*(type *)((u8 *)span + (off) - RQ_SPAN_BASE))
-
-RAW_TRACEPOINT_PROBE(block_rq_complete)
+/* The body of both programs. `btf`, a constant after inlining, says how fields are
+ * read: the tp_btf program reads the request and what it points to with plain loads
+ * the verifier checks against the kernel's BTF; the plain raw tracepoint program
+ * copies the span of the request's fields it needs with one bpf_probe_read_kernel
+ * and the device with another. */
+static __always_inline int on_complete(const u8 *rq, u32 error, u32 nr_bytes, const int btf)
 {
-    const u8 *rq = (const u8 *)ctx->args[RQC_ARG_RQ];
-    u32 error = (u32)ctx->args[RQC_ARG_ERROR];
-    u32 nr_bytes = (u32)ctx->args[RQC_ARG_NR_BYTES];
     u64 now = bpf_ktime_get_ns();
-
     u64 span[(RQ_SPAN_LEN + 7) / 8];
-    if (bpf_probe_read_kernel(span, RQ_SPAN_LEN, rq + RQ_SPAN_BASE))
-        return 0;
+    const u8 *base = rq;
+    long adj = 0;
+    if (!btf) {
+        if (bpf_probe_read_kernel(span, RQ_SPAN_LEN, rq + RQ_SPAN_BASE))
+            return 0;
+        base = (const u8 *)span;
+        adj = RQ_SPAN_BASE;
+    }
+#define RQ_FIELD(type, off) (*(const volatile type *)(base + (off) - adj))
+#define RQ_PTR(off) ((const u8 *)RQ_FIELD(u64, off))
     u32 data_len = RQ_FIELD(u32, RQ_DATA_LEN);
 
     /* The device the kernel accounts it to: the partition (`part`, set when the
@@ -112,23 +118,39 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
      * a partition's whole disk, as the block tracepoints' dev does. */
     u32 dev = 0;
 #ifdef RQ_PART
-    const u8 *part = RQ_FIELD(const u8 *, RQ_PART);
+    const u8 *part = RQ_PTR(RQ_PART);
 #else
     const u8 *part = 0;
 #endif
     if (part) {
-        bpf_probe_read_kernel(&dev, sizeof(dev), part + BD_DEV);
+#ifdef RQ_PART
+        if (btf)
+            dev = *(const volatile u32 *)(part + BD_DEV);
+        else
+            bpf_probe_read_kernel(&dev, sizeof(dev), part + BD_DEV);
+#endif
     } else {
-#ifdef RQ_DISK
-        const u8 *disk = RQ_FIELD(const u8 *, RQ_DISK);
-#else
         const u8 *disk = 0;
-        bpf_probe_read_kernel(&disk, sizeof(disk), RQ_FIELD(const u8 *, RQ_Q) + Q_DISK);
+#ifdef RQ_DISK
+        disk = RQ_PTR(RQ_DISK);
+#else
+        const u8 *q = RQ_PTR(RQ_Q);
+        if (btf) {
+            if (q)
+                disk = (const u8 *)*(const volatile u64 *)(q + Q_DISK);
+        } else {
+            bpf_probe_read_kernel(&disk, sizeof(disk), q + Q_DISK);
+        }
 #endif
         int mm[2] = {};
         if (disk) {
-            bpf_probe_read_kernel(&mm[0], 4, disk + GD_MAJOR);
-            bpf_probe_read_kernel(&mm[1], 4, disk + GD_FIRST_MINOR);
+            if (btf) {
+                mm[0] = *(const volatile int *)(disk + GD_MAJOR);
+                mm[1] = *(const volatile int *)(disk + GD_FIRST_MINOR);
+            } else {
+                bpf_probe_read_kernel(&mm[0], 4, disk + GD_MAJOR);
+                bpf_probe_read_kernel(&mm[1], 4, disk + GD_FIRST_MINOR);
+            }
         }
         dev = ((u32)mm[0] << 20) | (u32)mm[1];  /* MKDEV, the kernel's internal dev_t */
     }
@@ -175,6 +197,23 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
     observe(v, LAT_QUEUE, issue - start);
     observe(v, LAT_DEVICE, now - issue);
     return 0;
+#undef RQ_PTR
+#undef RQ_FIELD
+}
+
+/* block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes),
+ * BTF-typed (tp_btf): ctx[] holds the arguments. Loaded and attached by
+ * ingest/runtime/btf_tracepoint.py, which bcc cannot do. */
+int tpbtf_block_rq_complete(u64 *ctx)
+{
+    return on_complete((const u8 *)ctx[RQC_ARG_RQ], (u32)ctx[RQC_ARG_ERROR], (u32)ctx[RQC_ARG_NR_BYTES], 1);
+}
+
+/* The same as a plain raw tracepoint, where the kernel refuses the tp_btf program. */
+int raw_block_rq_complete(struct bpf_raw_tracepoint_args *ctx)
+{
+    return on_complete((const u8 *)ctx->args[RQC_ARG_RQ], (u32)ctx->args[RQC_ARG_ERROR],
+                       (u32)ctx->args[RQC_ARG_NR_BYTES], 0);
 }
 
 #endif /* BLOCK_IO_LAYOUT */

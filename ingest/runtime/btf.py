@@ -285,6 +285,12 @@ class BTF:
         params = [struct.unpack_from("<II", self._data, base + 8 * i)[1] for i in range(vlen)]
         return [self.spell(t) for t in params[1:]]
 
+    def raw_tracepoint_type_id(self, tracepoint: str) -> int | None:
+        """The type id of the `btf_trace_<tracepoint>` typedef (what a BTF-typed raw
+        tracepoint program is loaded against), None if this kernel has none."""
+        ids = self._ids(f"btf_trace_{tracepoint}", (TYPEDEF,))
+        return ids[0] if ids else None
+
     def sizeof(self, type_name: str) -> int:
         """Size in bytes of a struct, union, typedef, int, enum or float named `type_name`."""
         ids = self._ids(type_name, (STRUCT, UNION, TYPEDEF, INT, ENUM, ENUM64, FLOAT))

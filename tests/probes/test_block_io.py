@@ -258,6 +258,74 @@ def test_latency_split_and_buckets_are_consistent(block_probe, loop):
     assert 0.9 * theirs_us <= sums["block_total_latency"] <= theirs_us + 2000, (sums, theirs_us)
 
 
+def direct_writes_counted(probe, loop, n: int) -> None:
+    """n direct 4 KiB writes to a fresh loop device are n write requests of 4 KiB in the
+    probe's points, as in /proc/diskstats."""
+    dev = loop(16)
+    disk = os.path.basename(dev)
+    probe.poll(time.time_ns())
+    base = diskstats(disk)
+    sh("dd", "if=/dev/zero", f"of={dev}", "bs=4k", f"count={n}", "oflag=direct")
+    points, _ = probe.poll(time.time_ns())
+    theirs = minus(diskstats(disk), base)
+    io, _ = block_points(points, disk)
+    writes = [p for p in io if p.tags["op"] in OPS_WRITE]
+    assert theirs["writes"] == n
+    assert sum(p.fields["requests"] for p in writes) == n
+    assert sum(p.fields["bytes"] for p in writes) == n * 4096 == theirs["write_sectors"] * 512
+
+
+@pytest.mark.truth
+@pytest.mark.hot_path
+def test_the_btf_typed_program_is_the_one_attached_here(block_probe, loop):
+    """On this kernel the completion program is the BTF-typed one (no probe reads),
+    and it counts exactly."""
+    from sonde.bpf.block_io.probe import BTF_PROGRAM
+    probe = block_probe()
+    assert probe.decoder.program == BTF_PROGRAM
+    direct_writes_counted(probe, loop, 257)
+
+
+@pytest.mark.truth
+@pytest.mark.hot_path
+def test_where_tp_btf_is_refused_the_plain_program_counts_the_same(block_probe, loop, monkeypatch, caplog):
+    """A kernel that refuses the tp_btf program (forced here) gets the plain raw
+    tracepoint program, says so in one line, and counts the same."""
+    from sonde.bpf.block_io import probe as block_mod
+    from sonde.ingest.runtime import btf_tracepoint
+
+    def refuse(*_a, **_k):
+        raise btf_tracepoint.BTFTracepointError("the kernel refused it (forced by the test)")
+    monkeypatch.setattr(btf_tracepoint, "attach", refuse)
+    with caplog.at_level("WARNING", logger="sonde.block_io"):
+        probe = block_probe()
+    assert probe.decoder.program == block_mod.RAW_PROGRAM
+    warned = [r.getMessage() for r in caplog.records if "plain raw tracepoint" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    direct_writes_counted(probe, loop, 193)
+
+
+@pytest.mark.hot_path
+def test_a_field_read_that_is_not_in_the_kernels_btf_is_refused_not_read(bpf_ready):
+    """The verifier checks a tp_btf program's loads against the kernel's BTF: a u64
+    read straddling two u32 members of struct request is refused at load, in one
+    line, instead of reading garbage."""
+    from bcc import BPF
+    from sonde.ingest.runtime import btf_tracepoint
+
+    b = btf.load("/sys")
+    flags = b.member("request", "cmd_flags")
+    assert b.member("request", "rq_flags").offset == flags.offset + 4
+    obj = BPF(text=(f"int tpbtf_bad(u64 *ctx) {{ const u8 *rq = (const u8 *)ctx[0]; "
+                    f"return *(const volatile u64 *)(rq + {flags.offset + 2}) == 7; }}").encode())
+    try:
+        with pytest.raises(btf_tracepoint.BTFTracepointError) as e:
+            btf_tracepoint.attach(obj, b"tpbtf_bad", "block_rq_complete", b)
+        assert "\n" not in str(e.value) and "refused" in str(e.value) and "struct request" in str(e.value), e.value
+    finally:
+        obj.cleanup()
+
+
 @pytest.mark.hot_path
 def test_partition_io_counts_to_its_disk(block_probe, loop):
     """A partition's requests count to its whole disk, as the block tracepoints' dev
