@@ -26,6 +26,7 @@
 #define OP_FLUSH 3
 #define OP_DISCARD 4
 #define OP_OTHER 5
+#define OP_CLASSES 6
 
 #define LAT_QUEUE 0
 #define LAT_DEVICE 1
@@ -48,6 +49,19 @@ struct io_t {
 };
 
 BPF_F_TABLE("percpu_hash", struct io_key_t, struct io_t, block_io, 1024, BPF_F_NO_PREALLOC);
+
+/* The first disks a CPU completes requests for count in a per-CPU array instead:
+ * an array slot is found without a call (the verifier inlines the lookup on 6.10+),
+ * a hash entry with one (~90 ns here). Slots are direct-mapped by a hash of dev;
+ * each CPU claims a free slot for the first dev that lands there, and a dev whose
+ * slot another dev holds on that CPU counts in `block_io`. The decoder sums both. */
+#define FAST_DEVS 4
+struct io_slot_t {
+    u32 dev;
+    u32 used;
+    struct io_t io;
+};
+BPF_PERCPU_ARRAY(block_io_fast, struct io_slot_t, FAST_DEVS * OP_CLASSES);
 BPF_ARRAY(io_zero, struct io_t, 1);  /* a zeroed value to insert from (1 KiB: too big for the stack) */
 BPF_PERCPU_ARRAY(sonde_drops, u64, 1);
 static __always_inline void count_drop(void) { int zero = 0; sonde_drops.increment(zero); }  /* see sonde.h */
@@ -156,7 +170,19 @@ static __always_inline int on_complete(const u8 *rq, u32 error, u32 nr_bytes, co
     }
     struct io_key_t k = {.dev = dev, .op = op_class(RQ_FIELD(u32, RQ_CMD_FLAGS))};
 
-    struct io_t *v = block_io.lookup(&k);
+    struct io_t *v = 0;
+    u32 i = ((dev ^ (dev >> 20)) % FAST_DEVS) * OP_CLASSES + k.op;
+    struct io_slot_t *slot = block_io_fast.lookup(&i);
+    if (slot) {
+        if (!slot->used) {
+            slot->dev = dev;
+            slot->used = 1;
+        }
+        if (slot->dev == dev)
+            v = &slot->io;
+    }
+    if (!v)
+        v = block_io.lookup(&k);
     if (!v) {
         int zero = 0;
         struct io_t *init = io_zero.lookup(&zero);

@@ -4,8 +4,10 @@ What runs, and when:
 - per I/O: one raw tracepoint program at `block_rq_complete` (per completion: a
   request the driver completes in parts runs it once per part). It reads the
   request's own timestamps, op, size and device at offsets from this kernel's BTF and
-  adds to one per-CPU entry per (device, op class). Nothing is followed across hooks
-  and no per-request state is kept. The program is BTF-typed (tp_btf, 5.5+), so it
+  adds to one per-CPU entry per (device, op class): a slot of a per-CPU array for
+  the first disks each CPU sees (found without a call), a per-CPU hash entry for a
+  disk whose slot another holds. Nothing is followed across hooks and no
+  per-request state is kept. The program is BTF-typed (tp_btf, 5.5+), so it
   reads those fields with plain loads the verifier checks against the kernel's BTF;
   where the kernel refuses that, the same program runs as a plain raw tracepoint,
   with two bpf_probe_read_kernel calls more per I/O (~150 ns here), and the agent
@@ -61,7 +63,8 @@ TRACEPOINT = "block_rq_complete"
 BTF_PROGRAM = b"tpbtf_block_rq_complete"
 RAW_PROGRAM = b"raw_block_rq_complete"
 
-OPS = keys.StaticMap({0: "read", 1: "write", 2: "sync_write", 3: "flush", 4: "discard", 5: "other"}, "other")
+OPS_CLASSES = {0: "read", 1: "write", 2: "sync_write", 3: "flush", 4: "discard", 5: "other"}  # OP_* in the C
+OPS = keys.StaticMap(OPS_CLASSES, "other")
 KINDS = ("block_queue_latency", "block_device_latency", "block_total_latency")  # LAT_* order in the C
 COUNTERS = ("requests", "bytes", "errors", "untimed", "unsplit")
 SLOTS = hist.SLOTS
@@ -233,6 +236,7 @@ class BlockDecoder:
         self.sys_root = Path(probe.config.paths.sys)
         self.proc_root = Path(probe.config.paths.proc)
         self.io = probe.table("block_io")
+        self.fast = probe.table("block_io_fast")
         self.names: dict[int, str] = {}
         self.state = State({}, self._diskstats(), time.monotonic_ns())
         self.program: bytes | None = None
@@ -273,9 +277,27 @@ class BlockDecoder:
         except OSError:
             return {}
 
+    def rows(self) -> list[tuple[int, int, tuple]]:
+        """(dev, op, values summed over CPUs) from both maps: a (dev, op) counts in a
+        CPU's array slot or, where another dev holds that slot, in the hash."""
+        acc: dict[tuple[int, int], list[int]] = {}
+
+        def add(dev: int, op: int, raw: bytes) -> None:
+            values = IO_VALUES.unpack(raw)
+            a = acc.setdefault((dev, op), [0] * len(values))
+            for j, x in enumerate(values):
+                a[j] += x
+        for k, per_cpu in self.io.items():
+            for leaf in per_cpu:
+                add(k.dev, k.op, bytes(leaf))
+        for k, per_cpu in self.fast.items():
+            for leaf in per_cpu:
+                if leaf.used:
+                    add(leaf.dev, k.value % len(OPS_CLASSES), bytes(leaf.io))
+        return [(dev, op, tuple(v)) for (dev, op), v in acc.items()]
+
     def poll(self, ts: int) -> tuple[list[Point], int]:
-        rows = [(k.dev, k.op, tuple(sum(col) for col in zip(*(IO_VALUES.unpack(bytes(leaf)) for leaf in per_cpu))))
-                for k, per_cpu in self.io.items()]
+        rows = self.rows()
         disks = {dev: self.disk(dev) for dev in {dev for dev, _, _ in rows}}
         at_ns, stats = time.monotonic_ns(), self._diskstats()
         try:

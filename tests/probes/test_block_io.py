@@ -305,6 +305,31 @@ def test_where_tp_btf_is_refused_the_plain_program_counts_the_same(block_probe, 
     direct_writes_counted(probe, loop, 193)
 
 
+@pytest.mark.truth
+@pytest.mark.hot_path
+def test_more_disks_than_array_slots_each_count_exactly(block_probe, loop):
+    """Five disks for four per-CPU array slots: on every CPU at least one of them counts
+    in the hash map instead (pigeonhole), and each disk's requests and bytes are still
+    exact against /proc/diskstats."""
+    probe = block_probe()
+    devs = [loop(8) for _ in range(5)]
+    disks = [os.path.basename(d) for d in devs]
+    probe.poll(time.time_ns())
+    base = {d: diskstats(d) for d in disks}
+    for i, dev in enumerate(devs):
+        sh("dd", "if=/dev/zero", f"of={dev}", "bs=4k", f"count={37 + 11 * i}", "oflag=direct")
+    in_hash = {k.dev for k, _ in probe.decoder.io.items()}
+    assert in_hash, "no disk fell back to the hash map: the test did not reach that path"
+    points, _ = probe.poll(time.time_ns())
+    for i, disk in enumerate(disks):
+        theirs = minus(diskstats(disk), base[disk])
+        io, _ = block_points(points, disk)
+        writes = [p for p in io if p.tags["op"] in OPS_WRITE]
+        assert theirs["writes"] == 37 + 11 * i
+        assert sum(p.fields["requests"] for p in writes) == theirs["writes"], disk
+        assert sum(p.fields["bytes"] for p in writes) == theirs["write_sectors"] * 512, disk
+
+
 @pytest.mark.hot_path
 def test_a_field_read_that_is_not_in_the_kernels_btf_is_refused_not_read(bpf_ready):
     """The verifier checks a tp_btf program's loads against the kernel's BTF: a u64
