@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""block_io's cost on fio, with the arms one second apart: the program attached or not.
+
+    .venv/bin/python bench/fio_toggle.py [--pairs 300] [--window 1] [--seed N] [--out FILE]
+
+`fio_ab.py` starts a whole agent per arm and compares 10 s fio runs ~20 s apart; on
+this machine single pairs then differ by ±5 %, five times the 1 % bar. What block_io
+costs fio is its program on block_rq_complete (one run per I/O) and its poll, so here
+the probe is loaded once, by the agent's own code (`LoadedProbe.load`), and the arms
+differ only in whether that program is attached:
+
+- one fio run (4k random direct reads, psync, one job, on a page-cached loop device,
+  as fio_ab.py) lasts the whole benchmark;
+- `--pairs` pairs of `--window`-second windows, arm order shuffled per pair
+  (balanced, seeded); each window's I/Os are the loop device's completed reads from
+  /proc/diskstats (the kernel's own count);
+- agent (A): the raw tracepoint attached, and the probe polled every `--interval`
+  (10) s of attached time in this process as the agent would (its CPU is measured:
+  `poll_cpu_pct_of_machine`); baseline (B): detached.
+
+bpf_stats are off in the pairs (their two clock reads per run are not the program's
+cost in production, where they are off by default) and on in a pass of attached
+windows after them, which gives the program's runs and time per I/O.
+
+Result: bench/results/block_io_toggle.json (or --out). Needs root and fio.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import ab  # noqa: E402
+import stats as bstats  # noqa: E402
+
+from sonde.bpf.block_io.probe import PROBE  # noqa: E402
+from sonde.ingest import config as config_mod  # noqa: E402
+from sonde.ingest.runtime import bpfinfo  # noqa: E402
+from sonde.ingest.runtime.probe import LoadedProbe  # noqa: E402
+
+
+
+def completed_reads(name: str) -> int:
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if f[2] == name:
+            return int(f[3])
+    raise ab.BenchError(f"{name} not in /proc/diskstats")
+
+
+class EmptyToggle:
+    """An empty BTF-typed program on the same tracepoint, toggled the same way: what
+    the hook's dispatch alone costs fio (`--empty`)."""
+
+    def __init__(self, interval: float):
+        from bcc import BPF
+        from sonde.ingest.runtime import btf, btf_tracepoint
+        self.bpf = BPF(text=b"int tpbtf_empty(u64 *ctx) { return 0; }")
+        btf_tracepoint.attach(self.bpf, b"tpbtf_empty", "block_rq_complete", btf.load("/sys"))
+        self.bpf.detach_raw_tracepoint(tp=b"block_rq_complete")
+        self.poll_cpu_s, self.polls, self.attached_s = 0.0, 0, 0.0
+
+    def attach(self) -> None:
+        from sonde.ingest.runtime import btf_tracepoint
+        btf_tracepoint.reattach(self.bpf, b"tpbtf_empty", "block_rq_complete")
+        self._t0 = time.monotonic()
+
+    def detach(self) -> None:
+        self.bpf.detach_raw_tracepoint(tp=b"block_rq_complete")
+        self.attached_s += time.monotonic() - self._t0
+
+    def prog_stats(self) -> tuple[int, int]:
+        fd = self.bpf.funcs[b"tpbtf_empty"].fd
+        info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+                    if ":" in line)
+        return int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0))
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+class Toggle:
+    """block_io loaded once; its program attached in agent windows only, polled every
+    `interval` seconds of attached time."""
+
+    def __init__(self, interval: float):
+        cfg = config_mod.Config(probes={"block_io": config_mod.ProbeConfig(enabled=True)})
+        self.loaded = LoadedProbe.load(PROBE, cfg)
+        self.loaded.decoder.detach()  # LoadedProbe.load attached it
+        self.interval = interval
+        self.poll_cpu_s = 0.0
+        self.polls = 0
+        self.attached_s = 0.0
+        self._due = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _work(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            self._due += now - last
+            last = now
+            if self._due < self.interval:
+                continue
+            self._due = 0.0
+            c0 = time.thread_time()
+            self.loaded.poll(time.time_ns())
+            self.poll_cpu_s += time.thread_time() - c0
+            self.polls += 1
+
+    def attach(self) -> None:
+        self.loaded.decoder.attach()
+        self._t0 = time.monotonic()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def detach(self) -> None:
+        self.loaded.decoder.detach()
+        self.attached_s += time.monotonic() - self._t0
+        self._stop.set()
+        self._thread.join()
+
+    def prog_stats(self) -> tuple[int, int]:
+        fd = self.loaded.bpf.funcs[self.loaded.decoder.program].fd
+        info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+                    if ":" in line)
+        return int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0))
+
+    def close(self) -> None:
+        self.loaded.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=300)
+    ap.add_argument("--window", type=float, default=1.0)
+    ap.add_argument("--interval", type=float, default=10.0, help="poll every N s attached (default 10)")
+    ap.add_argument("--stats-windows", type=int, default=10)
+    ap.add_argument("--empty", action="store_true",
+                    help="toggle an empty BTF-typed program instead of block_io (the hook's own cost)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=ab.RESULTS_DIR / "block_io_toggle.json")
+    args = ap.parse_args(argv)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
+    orders = ab.pair_orders(args.pairs, "random", seed)
+    iops = {"baseline": [], "agent": []}
+    cpu_io = {"baseline": [], "agent": []}
+    runs_io, ns_io = [], []
+    tmp = Path(tempfile.mkdtemp(prefix="sonde-fio-toggle-"))
+    img = tmp / "disk.img"
+    subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=256"], check=True, capture_output=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    name = os.path.basename(dev)
+    toggle = fio = None
+    try:
+        subprocess.run(["dd", f"if={dev}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
+        toggle = EmptyToggle(args.interval) if args.empty else Toggle(args.interval)
+        seconds = int(args.window * (2 * args.pairs + args.stats_windows) * 1.5 + 60)
+        fio = subprocess.Popen(["fio", "--name=randread", f"--filename={dev}", "--rw=randread", "--bs=4k",
+                                "--direct=1", "--ioengine=psync", "--numjobs=1", "--time_based",
+                                f"--runtime={seconds}", "--output=/dev/null"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(3)
+
+        def window(arm: str, record: bool = True, stats: bool = False) -> None:
+            if fio.poll() is not None:
+                raise ab.BenchError(f"fio exited early ({fio.returncode})")
+            t0, r0, s0 = time.monotonic(), completed_reads(name), ab.system_ticks()
+            p0 = toggle.prog_stats() if stats else (0, 0)
+            time.sleep(args.window)
+            t1, r1, s1 = time.monotonic(), completed_reads(name), ab.system_ticks()
+            ios = r1 - r0
+            if record:
+                iops[arm].append(ios / (t1 - t0))
+                cpu_io[arm].append((s1["busy"] - s0["busy"]) / ab.CLK_TCK / ios * 1e6 if ios else 0.0)
+            if stats and ios:
+                p1 = toggle.prog_stats()
+                runs_io.append((p1[0] - p0[0]) / ios)
+                ns_io.append((p1[1] - p0[1]) / ios)
+
+        attached = False
+        for i, order in enumerate(orders):
+            for arm in order:
+                want = arm == "A"
+                if want != attached:
+                    toggle.attach() if want else toggle.detach()
+                    attached = want
+                window("agent" if want else "baseline")
+            if (i + 1) % 25 == 0:
+                r = statistics.median(bstats.pair_ratios(iops["baseline"], iops["agent"]))
+                ab.log(f"pair {i + 1}/{len(orders)}: median pair loss so far {(1 - r) * 100:.2f} %")
+        if not attached:
+            toggle.attach()
+            attached = True
+        stats_fd = bpfinfo.enable_stats()
+        try:
+            for _ in range(args.stats_windows if stats_fd >= 0 else 0):
+                window("agent", record=False, stats=True)
+        finally:
+            if stats_fd >= 0:
+                os.close(stats_fd)
+        toggle.detach()
+    finally:
+        ab.stop_proc(fio, what="fio")
+        if toggle:
+            toggle.close()
+        subprocess.run(["losetup", "-d", dev], check=False)
+        img.unlink(missing_ok=True)
+    res = bstats.loss(iops["baseline"], iops["agent"])
+    cpu = bstats.loss(cpu_io["baseline"], cpu_io["agent"], higher_is_better=False)
+    ncpu = os.cpu_count() or 1
+    poll_pct = toggle.poll_cpu_s / toggle.attached_s / ncpu * 100 if toggle.attached_s else None
+    result = {
+        "name": args.out.stem,
+        "command": ab.the_command(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "runs": args.pairs,
+        "unit": "IOPS",
+        "mode": "toggle",
+        "what": (f"fio randread 4k direct, psync, 1 job, on a page-cached loop device, one run for the whole "
+                 f"benchmark; block_io loaded once, its program attached (and the probe polled every "
+                 f"{args.interval:g} s attached) in agent windows only; {args.pairs} pairs of {args.window:g} s "
+                 f"windows, arm order shuffled (balanced, seeded); I/Os per window from /proc/diskstats; "
+                 f"loss = 1 - the median of per-pair IOPS ratios"),
+        "baseline_median": round(statistics.median(iops["baseline"]), 1),
+        "agent_median": round(statistics.median(iops["agent"]), 1),
+        "loss_pct": round((1 - res["pair_ratio_median"]) * 100, 2),
+        "loss_pct_ci95": res["loss_pct_ci95"],
+        "arms_median_loss_pct": res["loss_pct"],
+        "ratio_of_totals_loss_pct": round((1 - sum(iops["agent"]) / sum(iops["baseline"])) * 100, 2),
+        "cpu_per_io_increase_pct": cpu["loss_pct"],
+        "cpu_per_io_increase_pct_ci95": cpu["loss_pct_ci95"],
+        "ci_method": res["ci_method"],
+        "bpf_stats": f"off in the pairs; on for {args.stats_windows} attached windows after them",
+        "bpf_runs_per_io": round(statistics.median(runs_io), 4) if runs_io else None,
+        "bpf_ns_per_io": round(statistics.median(ns_io), 1) if ns_io else None,
+        "cpu_us_per_io_median": round(statistics.median(cpu_io["baseline"]), 2),
+        "polls": toggle.polls,
+        "poll_cpu_pct_of_machine": round(poll_pct, 4) if poll_pct is not None else None,
+        "pair_ratios": res["pair_ratios"],
+        "order": "".join(orders),
+        "order_seed": seed,
+        "baseline_runs": [round(x, 1) for x in iops["baseline"]],
+        "agent_runs": [round(x, 1) for x in iops["agent"]],
+        "agent_source": ab.source_description(),
+        "program": "tpbtf_empty" if args.empty else toggle.loaded.decoder.program.decode(),
+        "kernel": os.uname().release,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    ab.log(f"loss {result['loss_pct']} % {result['loss_pct_ci95']}, BPF {result['bpf_ns_per_io']} ns per I/O; "
+           f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
