@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--continuous", action="store_true",
                     help="one wrk run for the whole benchmark; each window's requests from nginx's stub_status "
                          "counter (no wrk start or connection setup between windows)")
+    ap.add_argument("--rate", type=float, default=None, metavar="R",
+                    help="with --continuous: pace wrk at R requests/s (below saturation) and compare the machine's "
+                         "busy CPU time per request instead of req/s")
     ap.add_argument("--stats", choices=("after", "during"), default="after",
                     help="bpf_stats on only for a pass of agent runs after the pairs (default: the A/B runs "
                          "without the statistics' own ~2 clock reads per program run), or during the pairs")
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.rate is not None and (args.rate <= 0 or not args.continuous):
+        ap.error("--rate needs --continuous and a positive rate")
     extra = json.loads(args.config)
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
     orders = ab.pair_orders(args.pairs, "random", seed)
@@ -150,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         ab.run_wrk(wrk, args.window)  # warm-up, not recorded
         if args.continuous:
             long_wrk = wrk[:-2] + [f"-d{int(args.window * 2 * len(orders) * 1.5 + 60)}s", nginx.url]
+            if args.rate:
+                lua = tmp / "rate.lua"
+                lua.write_text(ab.RATE_LUA.format(period=2 / args.rate))  # wrk -t2
+                long_wrk[1:1] = ["-s", str(lua)]
             windows = Windows(nginx, long_wrk, {"agent": run.proc.pid, "influxd": run.influxd_pid}, held)
             windows.start()
         def measure(name: str, record: bool = True) -> None:
@@ -202,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         problems = run.log_problems() if run.stderr_path.exists() else []
         run.stop()
         nginx.stop()
-    res = bstats.loss(runs["baseline"], runs["agent"])
     cpu = bstats.loss(cpu_req["baseline"], cpu_req["agent"], higher_is_better=False)
+    res = cpu if args.rate else bstats.loss(runs["baseline"], runs["agent"])
+    achieved = {arm: round(statistics.median(v), 1) for arm, v in runs.items()}
     ns_med = statistics.median(bpf_ns_req) if bpf_ns_req else None
     cpu_med = statistics.median(cpu_req["agent"])
     bpf_pct = ns_med / (cpu_med * 1000) * 100 if ns_med is not None else None
@@ -212,26 +222,30 @@ def main(argv: list[str] | None = None) -> int:
         "command": ab.the_command(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "runs": args.pairs,
-        "unit": "req/s",
-        "mode": "resident" + ("_close" if args.close else ""),
-        "what": (f"nginx (2 workers) saturated by wrk -t2 -c50 on the same cores "
+        "unit": "cpu_us/request" if args.rate else "req/s",
+        "mode": "resident" + ("_close" if args.close else "") + ("_fixed_rate" if args.rate else ""),
+        **({"target_rate": args.rate, "achieved_rate_median": achieved} if args.rate else {}),
+        "what": (f"nginx (2 workers) {'driven at a fixed %g req/s (wrk paced by a Lua delay())' % args.rate if args.rate else 'saturated'} by wrk -t2 -c50 on the same cores "
                  f"({'a new connection per request' if args.close else 'keep-alive'}), {args.window:g} s per run"
                  f"{' (windows of one continuous wrk run, requests from nginx stub_status)' if args.continuous else ''}; "
                  f"one `sonde run` ({', '.join(loaded) or 'no probe'}), running in agent runs and stopped "
                  f"(SIGSTOP, with its influxd) in baseline runs, its BPF programs attached in both; "
-                 f"{args.pairs} pairs, arm order shuffled (balanced, seeded); loss_pct = A/B drop in req/s, "
+                 f"{args.pairs} pairs, arm order shuffled (balanced, seeded); loss_pct = A/B "
+                 f"{'increase in the busy CPU time per request (/proc/stat)' if args.rate else 'drop in req/s'}, "
                  f"bpf_cost_pct = the programs' run time per request over the busy CPU per request, "
                  f"total_loss_pct = their sum"),
         "window_s": args.window,
         "bpf_stats": (f"off in the A/B runs; on for {args.stats_runs} agent runs after them, where "
                       f"bpf_*_per_request come from" if args.stats == "after" else "on in every run"),
         "continuous": args.continuous,
-        "ratio_of_totals_loss_pct": round((1 - sum(runs["agent"]) / sum(runs["baseline"])) * 100, 2),
-        "baseline_median": round(statistics.median(runs["baseline"]), 2),
-        "agent_median": round(statistics.median(runs["agent"]), 2),
+        "ratio_of_totals_loss_pct": round((sum(cpu_req["agent"]) / sum(cpu_req["baseline"]) - 1) * 100 if args.rate
+                                          else (1 - sum(runs["agent"]) / sum(runs["baseline"])) * 100, 2),
+        "baseline_median": round(statistics.median((cpu_req if args.rate else runs)["baseline"]), 3),
+        "agent_median": round(statistics.median((cpu_req if args.rate else runs)["agent"]), 3),
         "loss_pct": round(res["loss_pct"], 2),
         "loss_pct_ci95": [round(x, 2) for x in res["loss_pct_ci95"]],
-        "pair_median_loss_pct": round((1 - res["pair_ratio_median"]) * 100, 2),
+        "pair_median_loss_pct": round(((res["pair_ratio_median"] - 1) if args.rate else (1 - res["pair_ratio_median"]))
+                                      * 100, 2),
         "cpu_per_request_increase_pct": round(cpu["loss_pct"], 2),
         "cpu_per_request_increase_pct_ci95": [round(x, 2) for x in cpu["loss_pct_ci95"]],
         "bpf_runs_per_request": round(statistics.median(bpf_runs_req), 4) if bpf_runs_req else None,
