@@ -8,7 +8,8 @@ divides each program's time by the I/Os the loop device completed (/proc/disksta
 It does not include the tracepoint's own dispatch (~20-40 ns for a raw tracepoint
 here) nor the agent's polling. An empty raw tracepoint program on block_rq_complete
 is measured too: what bpf_stats itself reads for a program that does nothing (its
-two clock reads around each run), to subtract.
+two clock reads around each run), to subtract; and one that only reads the clock
+(bpf_ktime_get_ns, the one helper block_io calls per I/O).
 
     .venv/bin/python bench/block_io_cost.py [--duration 10] [--iodepth 1] [--probe NAME] [--compare REV]
 
@@ -109,6 +110,12 @@ def main() -> int:
                     results["empty_raw_tracepoint"] = measure(empty.funcs, dev, args.duration, args.iodepth)
                 finally:
                     empty.cleanup()
+                # one helper call and nothing else: what block_io's clock read costs here
+                clock = BPF(text="RAW_TRACEPOINT_PROBE(block_rq_complete) { return bpf_ktime_get_ns() == 7; }")
+                try:
+                    results["clock_only_raw_tracepoint"] = measure(clock.funcs, dev, args.duration, args.iodepth)
+                finally:
+                    clock.cleanup()
                 if args.compare:
                     src = subprocess.run(["git", "-C", str(REPO), "show", f"{args.compare}:bpf/block_io/block_io.bpf.c"],
                                          capture_output=True, text=True, check=True).stdout

@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.pairs,
         "unit": "IOPS",
         "mode": "toggle",
-        "what": (f"fio randread 4k direct, psync, 1 job, on a page-cached loop device, one run for the whole "
-                 f"benchmark; block_io loaded once, its program attached (and the probe polled every "
+        "what": ("fio randread 4k direct, psync, 1 job, on a page-cached loop device, one run for the whole "
+                 "benchmark; " + ("an empty BTF-typed program on block_rq_complete" if args.empty else
+                                  "block_io loaded once, its program") + " attached (and the probe polled every "
                  f"{args.interval:g} s attached) in agent windows only; {args.pairs} pairs of {args.window:g} s "
                  f"windows, arm order shuffled (balanced, seeded); I/Os per window from /proc/diskstats; "
                  f"loss = 1 - the median of per-pair IOPS ratios"),

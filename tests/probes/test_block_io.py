@@ -69,6 +69,8 @@ def loop(tmp_path):
     out) file, detached at the end (its iostats setting restored first: loop devices keep
     it across attachments)."""
     need(Path("/usr/sbin/losetup").exists() or Path("/sbin/losetup").exists(), "losetup (util-linux)")
+    if not Path("/dev/loop-control").exists():  # a kernel-matrix guest boots without udev loading it
+        sh("modprobe", "loop", check=False)
     made = []
 
     def make(size_mb=64, direct=False, partscan=False, filled=False):
@@ -277,6 +279,7 @@ def direct_writes_counted(probe, loop, n: int) -> None:
 
 @pytest.mark.truth
 @pytest.mark.hot_path
+@pytest.mark.kernel_matrix
 def test_the_btf_typed_program_is_the_one_attached_here(block_probe, loop):
     """On this kernel the completion program is the BTF-typed one (no probe reads),
     and it counts exactly."""
@@ -288,6 +291,7 @@ def test_the_btf_typed_program_is_the_one_attached_here(block_probe, loop):
 
 @pytest.mark.truth
 @pytest.mark.hot_path
+@pytest.mark.kernel_matrix
 def test_where_tp_btf_is_refused_the_plain_program_counts_the_same(block_probe, loop, monkeypatch, caplog):
     """A kernel that refuses the tp_btf program (forced here) gets the plain raw
     tracepoint program, says so in one line, and counts the same."""
@@ -307,6 +311,7 @@ def test_where_tp_btf_is_refused_the_plain_program_counts_the_same(block_probe, 
 
 @pytest.mark.truth
 @pytest.mark.hot_path
+@pytest.mark.kernel_matrix
 def test_more_disks_than_array_slots_each_count_exactly(block_probe, loop):
     """Five disks for four per-CPU array slots: on every CPU at least one of them counts
     in the hash map instead (pigeonhole), and each disk's requests and bytes are still
@@ -331,6 +336,7 @@ def test_more_disks_than_array_slots_each_count_exactly(block_probe, loop):
 
 
 @pytest.mark.hot_path
+@pytest.mark.kernel_matrix
 def test_a_field_read_that_is_not_in_the_kernels_btf_is_refused_not_read(bpf_ready):
     """The verifier checks a tp_btf program's loads against the kernel's BTF: a u64
     read straddling two u32 members of struct request is refused at load, in one
