@@ -208,8 +208,13 @@ def filled(influx, tmp_path_factory):
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
-                p.wait()
+                # SIGTERM: nginx's master then stops its workers (SIGKILL would orphan them)
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         if loop:
             subprocess.run(["losetup", "-d", loop])
         if cg:
