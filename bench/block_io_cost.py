@@ -32,9 +32,8 @@ STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
 def prog_stats(fd: int) -> tuple[int, int]:
-    info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-                if ":" in line)
-    return int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0))
+    from sonde.ingest.runtime.bpfinfo import run_stats
+    return run_stats(fd)
 
 
 def completed(dev: str) -> int:

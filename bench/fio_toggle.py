@@ -12,7 +12,7 @@ differ only in whether that program is attached:
 - one fio run (4k random direct reads, psync, one job, on a page-cached loop device,
   as fio_ab.py) lasts the whole benchmark;
 - `--pairs` pairs of `--window`-second windows, arm order shuffled per pair
-  (balanced, seeded); each window's I/Os are the loop device's completed reads from
+  (balanced, seeded); each window's I/Os are the loop device's completed I/Os from
   /proc/diskstats (the kernel's own count);
 - agent (A): the raw tracepoint attached, and the probe polled every `--interval`
   (10) s of attached time in this process as the agent would (its CPU is measured:
@@ -42,6 +42,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 import ab  # noqa: E402
+from block_io_cost import completed  # noqa: E402  (I/Os the device completed, /proc/diskstats)
 import stats as bstats  # noqa: E402
 
 from sonde.bpf.block_io.probe import PROBE  # noqa: E402
@@ -49,14 +50,6 @@ from sonde.ingest import config as config_mod  # noqa: E402
 from sonde.ingest.runtime import bpfinfo  # noqa: E402
 from sonde.ingest.runtime.probe import LoadedProbe  # noqa: E402
 
-
-
-def completed_reads(name: str) -> int:
-    for line in Path("/proc/diskstats").read_text().splitlines():
-        f = line.split()
-        if f[2] == name:
-            return int(f[3])
-    raise ab.BenchError(f"{name} not in /proc/diskstats")
 
 
 class EmptyToggle:
@@ -81,10 +74,7 @@ class EmptyToggle:
         self.attached_s += time.monotonic() - self._t0
 
     def prog_stats(self) -> tuple[int, int]:
-        fd = self.bpf.funcs[b"tpbtf_empty"].fd
-        info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-                    if ":" in line)
-        return int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0))
+        return bpfinfo.run_stats(self.bpf.funcs[b"tpbtf_empty"].fd)
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -134,10 +124,7 @@ class Toggle:
         self._thread.join()
 
     def prog_stats(self) -> tuple[int, int]:
-        fd = self.loaded.bpf.funcs[self.loaded.decoder.program].fd
-        info = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-                    if ":" in line)
-        return int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0))
+        return bpfinfo.run_stats(self.loaded.bpf.funcs[self.loaded.decoder.program].fd)
 
     def close(self) -> None:
         self.loaded.close()
@@ -164,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=256"], check=True, capture_output=True)
     dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True,
                          check=True).stdout.strip()
-    name = os.path.basename(dev)
     toggle = fio = None
     try:
         subprocess.run(["dd", f"if={dev}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
@@ -179,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         def window(arm: str, record: bool = True, stats: bool = False) -> None:
             if fio.poll() is not None:
                 raise ab.BenchError(f"fio exited early ({fio.returncode})")
-            t0, r0, s0 = time.monotonic(), completed_reads(name), ab.system_ticks()
+            t0, r0, s0 = time.monotonic(), completed(dev), ab.system_ticks()
             p0 = toggle.prog_stats() if stats else (0, 0)
             time.sleep(args.window)
-            t1, r1, s1 = time.monotonic(), completed_reads(name), ab.system_ticks()
+            t1, r1, s1 = time.monotonic(), completed(dev), ab.system_ticks()
             ios = r1 - r0
             if record:
                 iops[arm].append(ios / (t1 - t0))

@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     cpu = bstats.loss(cpu_req["baseline"], cpu_req["agent"], higher_is_better=False)
     res = cpu if args.rate else bstats.loss(runs["baseline"], runs["agent"])
     achieved = {arm: round(statistics.median(v), 1) for arm, v in runs.items()}
+    pair_loss = ((res["pair_ratio_median"] - 1) if args.rate else (1 - res["pair_ratio_median"])) * 100
+    # continuous windows: the paired estimator (its interval is loss_pct_ci95); else the arms' medians
+    loss_pct = pair_loss if args.continuous else res["loss_pct"]
     ns_med = statistics.median(bpf_ns_req) if bpf_ns_req else None
     cpu_med = statistics.median(cpu_req["agent"])
     bpf_pct = ns_med / (cpu_med * 1000) * 100 if ns_med is not None else None
@@ -242,20 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                                           else (1 - sum(runs["agent"]) / sum(runs["baseline"])) * 100, 2),
         "baseline_median": round(statistics.median((cpu_req if args.rate else runs)["baseline"]), 3),
         "agent_median": round(statistics.median((cpu_req if args.rate else runs)["agent"]), 3),
-        # continuous windows: the paired estimator (its interval is loss_pct_ci95); else the arms' medians
-        "loss_pct": round(((res["pair_ratio_median"] - 1) if args.rate else (1 - res["pair_ratio_median"])) * 100, 2)
-        if args.continuous else round(res["loss_pct"], 2),
+        "loss_pct": round(loss_pct, 2),
         "arms_median_loss_pct": round(res["loss_pct"], 2),
         "loss_pct_ci95": [round(x, 2) for x in res["loss_pct_ci95"]],
-        "pair_median_loss_pct": round(((res["pair_ratio_median"] - 1) if args.rate else (1 - res["pair_ratio_median"]))
-                                      * 100, 2),
+        "pair_median_loss_pct": round(pair_loss, 2),
         "cpu_per_request_increase_pct": round(cpu["loss_pct"], 2),
         "cpu_per_request_increase_pct_ci95": [round(x, 2) for x in cpu["loss_pct_ci95"]],
         "bpf_runs_per_request": round(statistics.median(bpf_runs_req), 4) if bpf_runs_req else None,
         "bpf_ns_per_request": round(ns_med, 2) if ns_med is not None else None,
         "bpf_cost_pct": round(bpf_pct, 3) if bpf_pct is not None else None,
-        "total_loss_pct": round(((((res["pair_ratio_median"] - 1) if args.rate else (1 - res["pair_ratio_median"])) * 100)
-                                 if args.continuous else res["loss_pct"]) + (bpf_pct or 0), 2),
+        "total_loss_pct": round(loss_pct + (bpf_pct or 0), 2),
         "total_loss_pct_ci95_hi": round(res["loss_pct_ci95"][1] + (bpf_pct or 0), 2),
         "agent_cpu_pct_median": round(statistics.median(agent_cpu), 2) if agent_cpu else None,
         "influxd_cpu_pct_median": round(statistics.median(influxd_cpu), 2) if influxd_cpu else None,

@@ -93,17 +93,13 @@ def attach(bpf, fn_name: bytes, tracepoint: str, kernel_btf: btfmod.BTF) -> int:
                  if x.strip() and not x.startswith(("processed ", "verification time"))]
         raise BTFTracepointError(f"the kernel refused {fn_name.decode()} as a BTF raw tracepoint on {tracepoint}: "
                                  f"{os.strerror(-fd)}" + (f" ({lines[-1]})" if lines else ""))
-    link = libbpf.bpf_raw_tracepoint_open(None, fd)
-    if link < 0:
-        os.close(fd)
-        raise BTFTracepointError(f"cannot attach {fn_name.decode()} to {tracepoint}: {os.strerror(-link)}")
-    bpf.funcs[fn_name] = BPF.Function(bpf, fn_name, fd)
-    bpf.raw_tracepoint_fds[tracepoint.encode()] = link
+    bpf.funcs[fn_name] = BPF.Function(bpf, fn_name, fd)  # bcc's cleanup() closes it, attached or not
+    reattach(bpf, fn_name, tracepoint)
     return fd
 
 
 def reattach(bpf, fn_name: bytes, tracepoint: str) -> None:
-    """Attach again a program attach() loaded and detach_raw_tracepoint() detached."""
+    """Attach a program attach() loaded (again, after detach_raw_tracepoint())."""
     link = _lib().bpf_raw_tracepoint_open(None, bpf.funcs[fn_name].fd)
     if link < 0:
         raise BTFTracepointError(f"cannot attach {fn_name.decode()} to {tracepoint}: {os.strerror(-link)}")
