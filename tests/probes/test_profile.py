@@ -368,6 +368,16 @@ PY_ROUNDS = "400"   # shares.py: about 2.5 s of CPU
 JAVA_ROUNDS = "20000"  # Shares.java: about 2.5 s of CPU once compiled
 
 
+def assert_cut_only_in_libc(stacks, own) -> None:
+    """No stack through a frame-pointer build's own code (frames for which `own` is
+    true) is cut. A sample that lands in libc, built without frame pointers (fgets,
+    puts, the fstat of stdout's first write), is cut honestly at libc; those are rare."""
+    cut = {s: w for s, w in stacks.items() if any(f.startswith("[truncated") for f in s)}
+    assert not any(any(own(f) for f in s) for s in cut), cut
+    assert all(any("libc" in f for f in s if f.startswith("[truncated")) for s in cut), cut
+    assert sum(cut.values()) <= 0.01 * sum(stacks.values()), cut
+
+
 @pytest.fixture
 def bpf(bpf_ready):
     need(shutil.which("perf") is not None, "perf (Debian linux-perf) not installed")
@@ -404,8 +414,8 @@ def test_c_shares_and_frame_names_match_the_design_and_perf(bpf, started, tmp_pa
     assert abs(ours["c"] - 60) <= 5 and abs(ours["d"] - 40) <= 5, ours
     theirs = perf_shares(perf_data, ("c", "d"))
     assert abs(theirs["c"] - ours["c"]) <= 5 and abs(theirs["d"] - ours["d"]) <= 5, (ours, theirs)
-    # No stack of a frame-pointer build is cut.
-    assert not any(f.startswith("[truncated") for s in stacks for f in s), stacks
+    # No stack through the frame-pointer build's own code is cut (libc's may be).
+    assert_cut_only_in_libc(stacks, lambda f: f in {"main", "a", "b", "c", "d"})
     check_svg((out / "oncpu.svg").read_text(), stacks)
     ss = json.loads((out / "oncpu.speedscope.json").read_text())
     assert sum(ss["profiles"][0]["weights"]) == sum(stacks.values())
@@ -575,8 +585,8 @@ def test_hostile_stripped_binary(bpf_ready, started, tmp_path):
     frames = {f for s in stacks for f in s}
     assert not {"a", "b", "c", "d"} & frames                 # no name is made up
     assert any(re.fullmatch(r"stripped\+0x[0-9a-f]+", f) for f in frames), frames
-    # The frame-pointer chain is still whole: no stack is cut.
-    assert not any(f.startswith("[truncated") for f in frames), frames
+    # The frame-pointer chain is still whole: no stack through its code is cut.
+    assert_cut_only_in_libc(stacks, lambda f: f.startswith("stripped+0x"))
 
 
 def test_hostile_deleted_executable(bpf_ready, started, tmp_path):
