@@ -693,3 +693,44 @@ def test_agents_own_refused_connects_during_an_influxdb_outage_do_not_alert(bpf_
                 agent.kill()
                 agent.wait()
         server.stop()
+
+
+def test_one_request_per_evaluation_and_a_broken_rule_stops_no_other(influx, influx_db):
+    """Every rule's queries go to InfluxDB in one request; InfluxDB stops a batch at its
+    first failing statement, so a broken rule is then run alone and only it fails."""
+    from sonde.ingest.analysis.queries import run_batch
+    now_ms = int(time.time() * 1000)
+    lines = [f"tcp_flow,host=h,comm=c,peer=198.18.0.1,role=client tx_bytes={i},rx_bytes=1 {(now_ms - 1000 * i) * 10**6}"
+             for i in range(1, 6)]
+    req = urllib.request.Request(f"{influx.url}/write?db={influx_db}", data="\n".join(lines).encode(), method="POST")
+    urllib.request.urlopen(req, timeout=10).read()
+    sent = []
+
+    def query(q):
+        sent.append(q)
+        return influx.query(q, db=influx_db)
+
+    good = f"SELECT sum(tx_bytes) AS value FROM tcp_flow WHERE time > {now_ms - 60_000}ms"
+    bad = "SELECT nosuchfunction(tx_bytes) AS value FROM tcp_flow"
+    count = f"SELECT count(rx_bytes) AS value FROM tcp_flow WHERE time > {now_ms - 60_000}ms"
+    res = run_batch(query, [good, bad, count])
+    assert res[0]["series"][0]["values"][0][1] == 15 and res[2]["series"][0]["values"][0][1] == 5, res
+    assert "nosuchfunction" in res[1]["error"], res
+    assert len(sent) == 3  # the batch, then the two statements it left without a clean answer
+
+    rules = rules_mod.load()
+    sent.clear()
+    ev = Evaluator(rules, query, "h")
+    assert ev.evaluate(now_ms) == [] and len(sent) == 1 and sent[0].count(";\n") >= len(rules) - 1
+    # A rule whose query cannot run: logged as its own failure, every other rule still answers.
+    first = next(iter(rules.values()))
+    broken_ref = next(iter(first.refs.values()))
+    from sonde.ingest.runtime import catalog
+    field = sorted(catalog.MEASUREMENTS[broken_ref.query.measurement].field_names)[0]
+    broken = type(first)(**{**first.__dict__, "name": "broken", "refs": {
+        **first.refs, next(iter(first.refs)): type(broken_ref)(**{**broken_ref.__dict__, "query": type(
+            broken_ref.query)(**{**broken_ref.query.__dict__, "select": (f"nosuchfunction({field}) as value",)})})}})
+    ev = Evaluator({"broken": broken, **rules}, query, "h")
+    results = ev._results(now_ms)
+    assert "nosuchfunction" in results["broken"][0]["error"]
+    assert all(not any("error" in r for r in results[name]) for name in rules), results

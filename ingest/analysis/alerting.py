@@ -28,7 +28,7 @@ import urllib3
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from sonde.ingest.output.lineproto import Point
-from sonde.ingest.analysis.queries import expand
+from sonde.ingest.analysis.queries import expand, run_batch
 
 log = logging.getLogger("sonde.alerting")
 
@@ -129,14 +129,19 @@ class Evaluator:
 
     # --- evaluation ---------------------------------------------------------------------
 
+    def statements(self, rule, now_ms: int) -> list[str]:
+        """The InfluxQL of each of the rule's refs, over its window ending at now_ms."""
+        return [expand(ref.query.influxql(), start_ms=now_ms - ref.from_s * 1000, end_ms=now_ms - ref.to_s * 1000,
+                       interval_s=max(1, ref.from_s - ref.to_s)) for ref in rule.refs.values()]
+
     def values(self, rule, now_ms: int) -> dict[tuple, float]:
-        """The formula's value for every series that every ref of the formula has (Grafana's
-        math joins series with equal labels and drops the rest)."""
+        """The formula's value at now_ms for every series that every ref of the formula has
+        (Grafana's math joins series with equal labels and drops the rest)."""
+        return self._formula(rule, run_batch(self.query, self.statements(rule, now_ms)))
+
+    def _formula(self, rule, results: list[dict]) -> dict[tuple, float]:
         per_ref: dict[str, dict[tuple, float]] = {}
-        for ref_id, ref in rule.refs.items():
-            text = expand(ref.query.influxql(), start_ms=now_ms - ref.from_s * 1000, end_ms=now_ms - ref.to_s * 1000,
-                          interval_s=max(1, ref.from_s - ref.to_s))
-            res = self.query(text)["results"][0]
+        for ref_id, res in zip(rule.refs, results):
             if "error" in res:
                 raise RuntimeError(f"rule {rule.name}: {res['error']}")
             out = {}
@@ -151,12 +156,35 @@ class Evaluator:
         keys = set(per_ref[used[0]]).intersection(*(per_ref[r] for r in used[1:]))
         return {key: formula_value(rule.formula, {r: per_ref[r][key] for r in used}) for key in sorted(keys)}
 
+    def _results(self, now_ms: int) -> dict[str, list[dict] | Exception]:
+        """Every rule's ref results, from one batched query (see queries.run_batch)."""
+        texts = {name: self.statements(rule, now_ms) for name, rule in self.rules.items()}
+        flat = [t for ts in texts.values() for t in ts]
+        try:
+            results = run_batch(self.query, flat)
+        except Exception as e:  # a statement run on its own failed to answer at all: rule by rule then
+            log.debug("batched alert queries failed (%s); running each rule alone", e)
+            out = {}
+            for name, ts in texts.items():
+                try:
+                    out[name] = [self.query(t)["results"][0] for t in ts]
+                except Exception as e2:
+                    out[name] = e2
+            return out
+        out, i = {}, 0
+        for name, ts in texts.items():
+            out[name], i = results[i:i + len(ts)], i + len(ts)
+        return out
+
     def evaluate(self, now_ms: int) -> list[Point]:
         points, notify = [], []
         ts = now_ms * 1_000_000
+        results = self._results(now_ms)
         for rule in self.rules.values():
             try:
-                values = self.values(rule, now_ms)
+                if isinstance(results[rule.name], Exception):
+                    raise results[rule.name]
+                values = self._formula(rule, results[rule.name])
             except Exception as e:  # one broken rule must not stop the others; its alerts stay as they were
                 log.error("alert rule %s: evaluation failed: %s", rule.name, e)
                 continue

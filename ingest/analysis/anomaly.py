@@ -10,12 +10,15 @@ turn any change into an infinite score.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass
 
 from sonde.ingest.output.lineproto import Point
-from sonde.ingest.analysis.queries import Query, expand
+from sonde.ingest.analysis.queries import Query, expand, run_batch
+
+log = logging.getLogger("sonde.anomaly")
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,16 @@ class Marker:
     def mark(self, now_ms: int) -> list[Point]:
         w_ms = int(self.window_s * 1000)
         start = now_ms - w_ms * (self.baseline_windows + 1)
-        points = []
+        points, texts = [], []
         for s in SERIES:
             # windows end just before now: [now - w, now) is the latest
             text = expand(s.query.influxql(), start_ms=start, end_ms=now_ms - 1, interval_s=self.window_s)
             # windows aligned to now, not to the epoch, so the last one is exactly the latest window
-            text = text.replace(f"GROUP BY time({w_ms}ms)", f"GROUP BY time({w_ms}ms, {now_ms % w_ms}ms)")
-            res = self.query(text)["results"][0]
+            texts.append(text.replace(f"GROUP BY time({w_ms}ms)", f"GROUP BY time({w_ms}ms, {now_ms % w_ms}ms)"))
+        for s, res in zip(SERIES, run_batch(self.query, texts)):
+            if "error" in res:  # one broken series must not stop the others
+                log.error("anomaly marks of %s failed: %s", s.metric, res["error"])
+                continue
             for series in res.get("series", []):
                 col = series["columns"].index("value")
                 vals = [(row[0], row[col]) for row in series["values"]]
