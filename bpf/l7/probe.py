@@ -27,7 +27,9 @@ What fires, and when:
   connection that is gone before the agent looks still has its peer;
 - TLS: uprobes on libssl's SSL_read, SSL_write, SSL_read_ex and SSL_write_ex in
   each opted-in process (found in /proc/PID/maps, or in the executable when it
-  exports them), attached with the process's pid; the fd is the socket the same
+  exports them), attached with the process's pid and inherited by its forks (the
+  kernel copies them to a child before it runs: a PostgreSQL backend's or a new
+  nginx worker's first TLS bytes are captured); the fd is the socket the same
   thread reads or writes inside the call, so no SSL struct is read;
 - per poll: the opt-in set is matched again against the config (new processes,
   listening ports, exec), aggregates are written, connections of exited processes
@@ -110,7 +112,7 @@ from sonde.bpf.l7.protocols.http import status_tag
 from sonde.bpf.l7.protocols.pairing import Connection
 from sonde.ingest.errors import SondeError
 from sonde.ingest.output.lineproto import Point, printable_name
-from sonde.ingest.runtime import btf, hist, procfs, sockdiag
+from sonde.ingest.runtime import btf, hist, procfs, sockdiag, uprobes
 from sonde.ingest.runtime.cardinality import OTHER, top_n
 from sonde.ingest.runtime.probe import Probe
 
@@ -435,6 +437,33 @@ class Agg:
         self.max_us = max(self.max_us, o.max_us)
 
 
+class _BccUprobe:
+    """A uprobe bcc attached for one process (where tracefs refused an inherited one)."""
+
+    def __init__(self, bpf, ev_name: bytes):
+        self.bpf, self.ev_name = bpf, ev_name
+
+    def close(self) -> None:
+        self.bpf.detach_uprobe_event(self.ev_name)
+
+    def __repr__(self) -> str:
+        return self.ev_name.decode(errors="replace")
+
+
+class _Inherited:
+    """The uprobes a fork runs on: its parent's (the owner's), copied by the kernel at
+    the fork; closed with the owner's."""
+
+    def __init__(self, owner: int):
+        self.owner = owner
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"inherited from pid {self.owner}"
+
+
 class L7Decoder:
     """The consumer of the ring buffer (a thread of its own), the opt-in state and the
     hooks' attachment; poll() writes what the parsers counted since the last poll."""
@@ -458,7 +487,11 @@ class L7Decoder:
         self._prev_stats = (0, 0, 0)
         self.opted: dict[int, bytes] = {}       # tgid -> comm when opted in
         self.names: dict[int, bytes] = {}       # tgid -> comm, kept after exit for the last points
-        self.tls: dict[int, dict[tuple, list]] = {}  # tgid -> {libssl inode: uprobes attached (path, symbol, ret)}
+        self.tls: dict[int, dict[tuple, list]] = {}  # tgid -> {libssl inode: its uprobes (each with close())}
+        self.tls_from: dict[int, int] = {}  # fork -> the process whose uprobes it inherited (and runs on)
+        self.tls_at: dict[tuple, int] = {}  # (tgid, libssl inode) -> when its uprobes were on (monotonic ns)
+        self._warned_inherit = False
+        uprobes.remove_stale()
         # libssl files opted-in processes map (host paths), and the distribution's own
         self.libssl_seen: set[str] = {f"{d}/{n}" for d in LIB_DIRS for n in LIBSSL_NAMES
                                       if os.path.exists(f"{d}/{n}")}
@@ -540,7 +573,7 @@ class L7Decoder:
                 elif kind == EV_EXEC:
                     self._exec(tgid, comm.split(b"\0", 1)[0])
                 elif kind == EV_FORK:
-                    self._forked(tgid, comm.split(b"\0", 1)[0])
+                    self._forked(tgid, comm.split(b"\0", 1)[0], fd, ts)  # a fork's fd field: its parent
                 elif kind == EV_EXIT:
                     self._gone(tgid, ts)
         except Exception:
@@ -682,11 +715,23 @@ class L7Decoder:
         elif tgid in self.opted:
             self._opt_out(tgid)
 
-    def _forked(self, tgid: int, comm: bytes) -> None:
+    def _forked(self, tgid: int, comm: bytes, parent: int, ts: int) -> None:
         # the kernel has set the child's bit already
         if tgid not in self.opted:
             self.opted[tgid] = self.names[tgid] = comm
             if self.tls_wanted:
+                # The kernel copied the parent's uprobes to the child at the fork (they run
+                # there from its first call), those that were on before the fork: the
+                # child's own are attached for the rest.
+                owner = self.tls_from.get(parent, parent)
+                inherited = {inode: [_Inherited(owner)] for inode, probes in self.tls.get(parent, {}).items()
+                             if self.tls_at.get((parent, inode), ts) < ts
+                             and any(isinstance(p, (uprobes.Uprobe, _Inherited)) for p in probes)}
+                if inherited:
+                    self.tls[tgid] = inherited
+                    self.tls_from[tgid] = owner
+                    for inode in inherited:
+                        self.tls_at[(tgid, inode)] = ts
                 self._attach_tls(tgid)  # a fork maps what its parent maps
 
     def _gone(self, tgid: int, ts: int) -> None:
@@ -785,6 +830,7 @@ class L7Decoder:
                 except OSError as e:
                     log.warning("l7: no uprobe on %s:%s for pid %d: %s", path, sym, tgid, e)
             done[inode] = probes
+            self.tls_at[(tgid, inode)] = _now_ns()  # on from here: forks after this inherit them
             if probes:
                 log.info("l7: libssl uprobes on pid %d (%s)", tgid, path)
                 if "/libssl.so" in path and not path.startswith(root):
@@ -807,19 +853,28 @@ class L7Decoder:
         offset = self._symbols[key]
         return None if offset is None else (path.encode(), offset)
 
-    def _uprobe(self, where: tuple[bytes, int], fn: bytes, pid: int, ret: bool) -> bytes:
-        """Attach fn at (file, offset) for pid: what bcc's attach_uprobe does after its
-        symbol lookup (bcc's own helpers, so its cleanup() closes these too)."""
+    def _uprobe(self, where: tuple[bytes, int], fn: bytes, pid: int, ret: bool):
+        """Attach fn at (file, offset) for pid and the processes it forks from now on
+        (ingest/runtime/uprobes.py); where tracefs refuses that, for pid alone, as bcc's
+        attach_uprobe does after its symbol lookup (bcc's own helpers, so its cleanup()
+        closes these too)."""
         from bcc import BPF
         from bcc.libbcc import lib
         path, offset = where
         prog = self.bpf.load_func(fn, BPF.KPROBE)
+        try:
+            return uprobes.Uprobe(prog.fd, path, offset, pid, ret)
+        except OSError as e:
+            if not self._warned_inherit:
+                log.warning("l7: uprobes that forks inherit are refused (%s); a fork's TLS is captured "
+                            "once the agent has seen it", e)
+                self._warned_inherit = True
         ev_name = self.bpf._get_uprobe_evname(b"r" if ret else b"p", path, offset, pid)
         fd = lib.bpf_attach_uprobe(prog.fd, 1 if ret else 0, ev_name, path, offset, pid)
         if fd < 0:
             raise OSError(f"the kernel refused a uprobe at {path.decode()}+{offset:#x}")
         self.bpf._add_uprobe_fd(ev_name, fd)
-        return ev_name
+        return _BccUprobe(self.bpf, ev_name)
 
     def _exports_ssl(self, path: str, st: os.stat_result) -> bool:
         key = (st.st_dev, st.st_ino, st.st_mtime_ns)
@@ -828,13 +883,24 @@ class L7Decoder:
         return self._exports[key]
 
     def _detach_tls(self, tgid: int, gone: bool = False) -> None:
-        for probes in self.tls.pop(tgid, {}).values():
-            for ev_name in probes:
+        self.tls_from.pop(tgid, None)
+        # Closing these ends them in the forks that inherited them: those attach their own first.
+        for child in [c for c, owner in self.tls_from.items() if owner == tgid]:
+            del self.tls_from[child]
+            mine = self.tls.get(child, {})
+            for inode in [i for i, probes in mine.items() if any(isinstance(p, _Inherited) for p in probes)]:
+                del mine[inode]
+                self.tls_at.pop((child, inode), None)
+            if child in self.opted:
+                self._attach_tls(child)
+        for inode, probes in self.tls.pop(tgid, {}).items():
+            self.tls_at.pop((tgid, inode), None)
+            for probe in probes:
                 try:
-                    self.bpf.detach_uprobe_event(ev_name)
+                    probe.close()
                 except Exception as e:  # bcc raises bare Exception
                     if not gone:
-                        log.debug("l7: uprobe %s of pid %d not detached: %s", ev_name, tgid, e)
+                        log.debug("l7: uprobe %s of pid %d not detached: %s", probe, tgid, e)
 
     # --- polling -------------------------------------------------------------------------
 
@@ -995,6 +1061,7 @@ class L7Decoder:
         if self._thread.is_alive():
             log.error("l7: the ring buffer consumer did not stop in 120 s")
         with self.lock:
+            self.tls_from.clear()  # every uprobe goes: no fork attaches its own
             for tgid in list(self.tls):
                 self._detach_tls(tgid)
             if self.attached:
