@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""A probe's kernel hooks on nginx under wrk, with the arms one second apart: attached
+or not.
+
+    .venv/bin/python bench/hook_toggle.py --what tcp [--pairs 300] [--window 1] [--out FILE]
+    .venv/bin/python bench/hook_toggle.py --what tcp-empty
+    .venv/bin/python bench/hook_toggle.py --what l7-redis --keepalive
+
+`resident_ab.py` stops the agent's process in baseline windows but leaves its BPF
+programs attached, so its A/B difference is the agent's user-space work, and the
+programs are counted from bpf_stats' run time, which leaves out the kernel's dispatch
+of each run. Here the probe is loaded once, by the agent's own code
+(`LoadedProbe.load`), and the arms differ only in whether its hooks are attached:
+
+- nginx (2 workers) and one wrk run (-t2 -c50; by default `Connection: close`, so
+  nginx closes every connection after its response; `--keepalive` keeps them) last
+  the whole benchmark;
+- `--pairs` pairs of `--window`-second windows, arm order shuffled per pair (balanced,
+  seeded); each window's requests from nginx's stub_status counter;
+- agent (A): the hooks attached, and the probe polled every `--interval` (10) s of
+  attached time in this process as the agent would (its CPU is measured); baseline
+  (B): detached.
+
+What is toggled (`--what`):
+- `tcp`: the tcp probe's four cgroup programs (sock_ops, connect4/6, sock_release),
+  which run ~20 times per connection;
+- `tcp-empty`: the least any design that counts closes from the kernel's final
+  counters needs: a sock_ops program that only turns the state callback on for each
+  connection (so it runs at every state change), and empty connect and release
+  programs: the floor of the hooks themselves;
+- `l7-redis`: the l7 probe with an idle redis-server opted in (by name) and nginx
+  and wrk not: its raw sys_enter/sys_exit hooks, which every syscall on the host
+  then runs and which let a process that is not opted in go at their first tests.
+
+bpf_stats are off in the pairs and on in a pass of attached windows after them: the
+programs' runs and time per request. Result: bench/results/<what>_toggle.json (or
+--out). Needs root, nginx and wrk (and redis-server for l7-redis).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import ab  # noqa: E402
+import stats as bstats  # noqa: E402
+
+from sonde.ingest.runtime import bpfinfo  # noqa: E402
+
+EMPTY = rb"""
+int empty_sockops(struct bpf_sock_ops *s)
+{
+    if (s->op == BPF_SOCK_OPS_TCP_CONNECT_CB || s->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+        bpf_sock_ops_cb_flags_set(s, s->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+    return 1;
+}
+int empty_connect4(struct bpf_sock_addr *ctx) { return 1; }
+int empty_connect6(struct bpf_sock_addr *ctx) { return 1; }
+int empty_release(struct bpf_sock *sk) { return 1; }
+"""
+
+
+HOOKS = {
+    "tcp": "the tcp probe loaded once, its four cgroup programs",
+    "tcp-empty": "the least cgroup programs a close-counting design needs (sock_ops turning the state callback "
+                 "on, empty connect and release)",
+    "l7-redis": "the l7 probe loaded once with an idle redis-server opted in (nginx and wrk not), its raw "
+                "sys_enter/sys_exit hooks",
+}
+
+
+class Redis:
+    """An idle redis-server of the benchmark's own, to be opted in."""
+
+    def __init__(self, root: Path):
+        self.port = ab.free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(root), "--daemonize", "no",
+                                      "--logfile", str(root / "redis.log")], stdin=subprocess.DEVNULL)
+        time.sleep(1)
+
+    def stop(self) -> None:
+        ab.stop_proc(self.proc, signal.SIGTERM, timeout=10, what="redis-server")
+
+
+class Programs:
+    """A probe's hooks attached in agent windows only."""
+
+    def __init__(self, what: str, interval: float):
+        from bcc import BPF, BPFAttachType
+        self.interval = interval
+        self.poll_cpu_s, self.polls, self.attached_s, self._due = 0.0, 0, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = None
+        self.loaded = None
+        self.raw: list[tuple[str, str]] = []  # raw tracepoints (l7) instead of cgroup programs
+        if what == "l7-redis":
+            from sonde.bpf.l7.probe import PROBE, RAW_HOOKS
+            from sonde.ingest import config as config_mod
+            from sonde.ingest.runtime.probe import LoadedProbe
+            cfg = config_mod.Config(probes={"l7": config_mod.ProbeConfig(enabled=True, processes=["redis-server"])})
+            self.loaded = LoadedProbe.load(PROBE, cfg)
+            self.bpf = self.loaded.bpf
+            if not self.loaded.decoder.opted:
+                raise ab.BenchError("l7 opted no redis-server in")
+            self.raw = list(RAW_HOOKS)
+            self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in RAW_HOOKS]
+        elif what == "tcp-empty":
+            self.bpf = BPF(text=EMPTY)
+            from sonde.bpf.tcp.probe import cgroup2_root
+            self.cgroup_fd = os.open(cgroup2_root("/sys"), os.O_RDONLY)
+            self.progs = []
+            for fn, ptype, atype in (("empty_sockops", BPF.SOCK_OPS, BPFAttachType.CGROUP_SOCK_OPS),
+                                     ("empty_connect4", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
+                                     ("empty_connect6", BPF.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT),
+                                     ("empty_release", BPF.CGROUP_SOCK, BPFAttachType.CGROUP_INET_SOCK_RELEASE)):
+                f = self.bpf.load_func(fn.encode(), ptype) if ptype == BPF.SOCK_OPS else \
+                    self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
+                self.progs.append((f, self.cgroup_fd, atype))
+        else:
+            from sonde.bpf.tcp.probe import PROBE
+            from sonde.ingest import config as config_mod
+            from sonde.ingest.runtime.probe import LoadedProbe
+            cfg = config_mod.Config(probes={"tcp": config_mod.ProbeConfig(enabled=True)})
+            self.loaded = LoadedProbe.load(PROBE, cfg)
+            self.bpf = self.loaded.bpf
+            self.progs = list(self.loaded.decoder._attached)
+        self.detach()
+
+    def _work(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            self._due, last = self._due + now - last, now
+            if self._due < self.interval or self.loaded is None:
+                continue
+            self._due = 0.0
+            c0 = time.thread_time()
+            self.loaded.poll(time.time_ns())
+            self.poll_cpu_s += time.thread_time() - c0
+            self.polls += 1
+
+    def attach(self) -> None:
+        from bcc import BPF
+        for tp, fn in self.raw:
+            self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+        for f, cg, atype in self.progs if not self.raw else ():
+            BPF.attach_func(f, cg, atype, 2)  # BPF_F_ALLOW_MULTI, as the probe does
+        self._t0 = time.monotonic()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def detach(self) -> None:
+        from bcc import BPF
+        for tp, _ in self.raw:
+            if tp.encode() in self.bpf.raw_tracepoint_fds:
+                self.bpf.detach_raw_tracepoint(tp=tp.encode())
+        for f, cg, atype in self.progs if not self.raw else ():
+            BPF.detach_func(f, cg, atype)
+        if self._thread is not None:
+            self.attached_s += time.monotonic() - self._t0
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def prog_stats(self) -> tuple[int, int]:
+        runs = [bpfinfo.run_stats(f.fd) for f, _, _ in self.progs]
+        return sum(r for r, _ in runs), sum(n for _, n in runs)
+
+    def close(self) -> None:
+        if self.loaded is not None:
+            for tp, fn in self.raw:  # as the decoder left them: it detaches them itself
+                if tp.encode() not in self.bpf.raw_tracepoint_fds:
+                    self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+            self.loaded.close()
+        else:
+            self.bpf.cleanup()
+            os.close(self.cgroup_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=300)
+    ap.add_argument("--window", type=float, default=1.0)
+    ap.add_argument("--interval", type=float, default=10.0, help="poll every N s attached (default 10)")
+    ap.add_argument("--stats-windows", type=int, default=10)
+    ap.add_argument("--keepalive", action="store_true", help="keep-alive connections instead of one per request")
+    ap.add_argument("--what", choices=("tcp", "tcp-empty", "l7-redis"), default="tcp")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.out = args.out or ab.RESULTS_DIR / f"{args.what.replace('-', '_')}_toggle.json"
+    seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
+    orders = ab.pair_orders(args.pairs, "random", seed)
+    rps = {"baseline": [], "agent": []}
+    cpu_req = {"baseline": [], "agent": []}
+    runs_req, ns_req = [], []
+    tmp = Path(tempfile.mkdtemp(prefix="sonde-tcp-toggle-"))
+    nginx = ab.Nginx(tmp).start()
+    progs = wrk = redis = None
+    try:
+        if args.what == "l7-redis":
+            redis = Redis(tmp)
+        progs = Programs(args.what, args.interval)
+        seconds = int(args.window * (2 * args.pairs + args.stats_windows) * 1.5 + 60)
+        wrk = subprocess.Popen(["wrk", "-t2", "-c50", *([] if args.keepalive else ["-H", "Connection: close"]),
+                                f"-d{seconds}s", nginx.url], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(3)
+
+        def window(arm: str, record: bool = True, stats: bool = False) -> None:
+            if wrk.poll() is not None:
+                raise ab.BenchError(f"wrk exited early ({wrk.returncode})")
+            t0, r0, s0 = time.monotonic(), nginx.requests(), ab.system_ticks()
+            p0 = progs.prog_stats() if stats else (0, 0)
+            time.sleep(args.window)
+            t1, r1, s1 = time.monotonic(), nginx.requests(), ab.system_ticks()
+            n = r1 - r0 - 1  # less our own stub_status read
+            if record:
+                rps[arm].append(n / (t1 - t0))
+                cpu_req[arm].append((s1["busy"] - s0["busy"]) / ab.CLK_TCK / n * 1e6 if n else 0.0)
+            if stats and n:
+                p1 = progs.prog_stats()
+                runs_req.append((p1[0] - p0[0]) / n)
+                ns_req.append((p1[1] - p0[1]) / n)
+
+        attached = False
+        for i, order in enumerate(orders):
+            for arm in order:
+                want = arm == "A"
+                if want != attached:
+                    progs.attach() if want else progs.detach()
+                    attached = want
+                window("agent" if want else "baseline")
+            if (i + 1) % 25 == 0:
+                r = statistics.median(bstats.pair_ratios(rps["baseline"], rps["agent"]))
+                ab.log(f"pair {i + 1}/{len(orders)}: median pair loss so far {(1 - r) * 100:.2f} %")
+        if not attached:
+            progs.attach()
+            attached = True
+        stats_fd = bpfinfo.enable_stats()
+        try:
+            for _ in range(args.stats_windows if stats_fd >= 0 else 0):
+                window("agent", record=False, stats=True)
+        finally:
+            if stats_fd >= 0:
+                os.close(stats_fd)
+        progs.detach()
+    finally:
+        ab.stop_proc(wrk, signal.SIGTERM, timeout=5, what="wrk")
+        if progs:
+            progs.close()
+        if redis:
+            redis.stop()
+        nginx.stop()
+    res = bstats.loss(rps["baseline"], rps["agent"])
+    cpu = bstats.loss(cpu_req["baseline"], cpu_req["agent"], higher_is_better=False)
+    ncpu = os.cpu_count() or 1
+    poll_pct = progs.poll_cpu_s / progs.attached_s / ncpu * 100 if progs.attached_s else None
+    per = "request" if args.keepalive else "connection"
+    result = {
+        "name": args.out.stem,
+        "command": ab.the_command(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "runs": args.pairs,
+        "unit": "req/s",
+        "mode": "toggle" + ("" if args.keepalive else "_short_conns"),
+        "what": (f"nginx (2 workers) saturated by one wrk -t2 -c50 run{'' if args.keepalive else ' with Connection: close (a new TCP connection per request)'} "
+                 "for the whole benchmark; " + HOOKS[args.what] +
+                 f" attached (and the probe polled every {args.interval:g} s attached) in agent windows only; "
+                 f"{args.pairs} pairs of {args.window:g} s windows, arm order shuffled (balanced, seeded); requests "
+                 "per window from nginx stub_status; loss = 1 - the median of per-pair req/s ratios"),
+        "baseline_median": round(statistics.median(rps["baseline"]), 1),
+        "agent_median": round(statistics.median(rps["agent"]), 1),
+        "loss_pct": round((1 - res["pair_ratio_median"]) * 100, 2),
+        "loss_pct_ci95": res["loss_pct_ci95"],
+        "arms_median_loss_pct": res["loss_pct"],
+        "ratio_of_totals_loss_pct": round((1 - sum(rps["agent"]) / sum(rps["baseline"])) * 100, 2),
+        "cpu_per_request_increase_pct": cpu["loss_pct"],
+        "cpu_per_request_increase_pct_ci95": cpu["loss_pct_ci95"],
+        "ci_method": res["ci_method"],
+        "bpf_stats": f"off in the pairs; on for {args.stats_windows} attached windows after them",
+        f"bpf_runs_per_{per}": round(statistics.median(runs_req), 3) if runs_req else None,
+        f"bpf_ns_per_{per}": round(statistics.median(ns_req), 1) if ns_req else None,
+        "cpu_us_per_request_median": round(statistics.median(cpu_req["baseline"]), 2),
+        "polls": progs.polls,
+        "poll_cpu_pct_of_machine": round(poll_pct, 4) if poll_pct is not None else None,
+        "pair_ratios": res["pair_ratios"],
+        "order": "".join(orders),
+        "order_seed": seed,
+        "baseline_runs": [round(x, 1) for x in rps["baseline"]],
+        "agent_runs": [round(x, 1) for x in rps["agent"]],
+        "agent_source": ab.source_description(),
+        "kernel": os.uname().release,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    ab.log(f"loss {result['loss_pct']} % {result['loss_pct_ci95']}, BPF {result[f'bpf_ns_per_{per}']} ns and "
+           f"{result[f'bpf_runs_per_{per}']} runs per {per}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
