@@ -105,12 +105,13 @@ class Programs:
         self._stop = threading.Event()
         self._thread = None
         self.loaded = None
+        self.on = True  # LoadedProbe.load attaches; the empty programs are attached below
         self.raw: list[tuple[str, str]] = []  # raw tracepoints (l7) instead of cgroup programs
         if what == "l7-redis":
             from sonde.bpf.l7.probe import PROBE, RAW_HOOKS
             from sonde.ingest import config as config_mod
             from sonde.ingest.runtime.probe import LoadedProbe
-            cfg = config_mod.Config(probes={"l7": config_mod.ProbeConfig(enabled=True, processes=["redis-server"])})
+            cfg = config_mod.Config.model_validate({"probes": {"l7": {"enabled": True, "processes": ["redis-server"]}}})
             self.loaded = LoadedProbe.load(PROBE, cfg)
             self.bpf = self.loaded.bpf
             if not self.loaded.decoder.opted:
@@ -129,6 +130,7 @@ class Programs:
                 f = self.bpf.load_func(fn.encode(), ptype) if ptype == BPF.SOCK_OPS else \
                     self.bpf.load_func(fn.encode(), ptype, attach_type=atype)
                 self.progs.append((f, self.cgroup_fd, atype))
+                BPF.attach_func(f, self.cgroup_fd, atype, 2)
         else:
             from sonde.bpf.tcp.probe import PROBE
             from sonde.ingest import config as config_mod
@@ -154,6 +156,7 @@ class Programs:
 
     def attach(self) -> None:
         from bcc import BPF
+        self.on = True
         for tp, fn in self.raw:
             self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
         for f, cg, atype in self.progs if not self.raw else ():
@@ -165,6 +168,9 @@ class Programs:
 
     def detach(self) -> None:
         from bcc import BPF
+        if not self.on:
+            return
+        self.on = False
         for tp, _ in self.raw:
             if tp.encode() in self.bpf.raw_tracepoint_fds:
                 self.bpf.detach_raw_tracepoint(tp=tp.encode())
