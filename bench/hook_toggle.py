@@ -5,6 +5,7 @@ or not.
     .venv/bin/python bench/hook_toggle.py --what tcp [--pairs 300] [--window 1] [--out FILE]
     .venv/bin/python bench/hook_toggle.py --what tcp-empty
     .venv/bin/python bench/hook_toggle.py --what l7-redis --keepalive
+    .venv/bin/python bench/hook_toggle.py --what syscalls-empty --keepalive
 
 `resident_ab.py` stops the agent's process in baseline windows but leaves its BPF
 programs attached, so its A/B difference is the agent's user-space work, and the
@@ -30,7 +31,9 @@ What is toggled (`--what`):
   programs: the floor of the hooks themselves;
 - `l7-redis`: the l7 probe with an idle redis-server opted in (by name) and nginx
   and wrk not: its raw sys_enter/sys_exit hooks, which every syscall on the host
-  then runs and which let a process that is not opted in go at their first tests.
+  then runs and which let a process that is not opted in go at their first tests;
+- `syscalls-empty`: empty programs on the same two raw tracepoints: the floor of
+  any capture on syscall tracepoints.
 
 bpf_stats are off in the pairs and on in a pass of attached windows after them: the
 programs' runs and time per request. Result: bench/results/<what>_toggle.json (or
@@ -78,6 +81,7 @@ HOOKS = {
                  "on, empty connect and release)",
     "l7-redis": "the l7 probe loaded once with an idle redis-server opted in (nginx and wrk not), its raw "
                 "sys_enter/sys_exit hooks",
+    "syscalls-empty": "empty programs on the raw sys_enter/sys_exit tracepoints",
 }
 
 
@@ -107,7 +111,13 @@ class Programs:
         self.loaded = None
         self.on = True  # LoadedProbe.load attaches; the empty programs are attached below
         self.raw: list[tuple[str, str]] = []  # raw tracepoints (l7) instead of cgroup programs
-        if what == "l7-redis":
+        if what == "syscalls-empty":
+            self.bpf = BPF(text=b"int empty_enter(void *ctx) { return 0; }\nint empty_exit(void *ctx) { return 0; }")
+            self.raw = [("sys_enter", "empty_enter"), ("sys_exit", "empty_exit")]
+            for tp, fn in self.raw:
+                self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
+            self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in self.raw]
+        elif what == "l7-redis":
             from sonde.bpf.l7.probe import PROBE, RAW_HOOKS
             from sonde.ingest import config as config_mod
             from sonde.ingest.runtime.probe import LoadedProbe
@@ -194,7 +204,8 @@ class Programs:
             self.loaded.close()
         else:
             self.bpf.cleanup()
-            os.close(self.cgroup_fd)
+            if getattr(self, "cgroup_fd", None) is not None:
+                os.close(self.cgroup_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=10.0, help="poll every N s attached (default 10)")
     ap.add_argument("--stats-windows", type=int, default=10)
     ap.add_argument("--keepalive", action="store_true", help="keep-alive connections instead of one per request")
-    ap.add_argument("--what", choices=("tcp", "tcp-empty", "l7-redis"), default="tcp")
+    ap.add_argument("--what", choices=tuple(HOOKS), default="tcp")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

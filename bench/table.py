@@ -72,6 +72,10 @@ def _bpf(data: dict) -> str:
     if _is_num(data.get("bpf_ns_per_request")):
         return (f"{_num(data.get('bpf_runs_per_request'), 4)} runs, {_num(data['bpf_ns_per_request'], 1)} ns "
                 f"per request")
+    for unit, name in (("connection", "connection"), ("io", "I/O")):  # bench/hook_toggle.py, bench/fio_toggle.py
+        if _is_num(data.get(f"bpf_ns_per_{unit}")):
+            return (f"{_num(data.get(f'bpf_runs_per_{unit}'), 4)} runs, {_num(data[f'bpf_ns_per_{unit}'], 1)} ns "
+                    f"per {name}")
     if _is_num(data.get("bpf_ns_per_run")) and _is_num(data.get("samples_per_second")):  # bench/profile_ab.py
         return (f"{_num(data['samples_per_second'], 1)} samples/s, {_num(data['bpf_ns_per_run'], 0)} ns per "
                 f"sample; poll {_num(data.get('poll_cpu_pct_of_machine'), 3)} % of the machine")

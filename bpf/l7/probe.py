@@ -28,9 +28,9 @@ What fires, and when:
 - TLS: uprobes on libssl's SSL_read, SSL_write, SSL_read_ex and SSL_write_ex in
   each opted-in process (found in /proc/PID/maps, or in the executable when it
   exports them), attached with the process's pid and inherited by its forks (the
-  kernel copies them to a child before it runs: a PostgreSQL backend's or a new
-  nginx worker's first TLS bytes are captured); the fd is the socket the same
-  thread reads or writes inside the call, so no SSL struct is read;
+  kernel copies them to a child before it runs, so a worker forked later is
+  captured from its first call); the fd is the socket the same thread reads or
+  writes inside the call, so no SSL struct is read;
 - per poll: the opt-in set is matched again against the config (new processes,
   listening ports, exec), aggregates are written, connections of exited processes
   end.
@@ -91,6 +91,10 @@ Limits:
   libssl probed, when the agent sees the exec, tens of milliseconds later: what it
   says before is not seen (a TLS connection's ciphertext shows as `undetected`).
   Processes forked by an opted-in one are covered at once by the kernel;
+- PostgreSQL over SSL is not counted exactly: backends see every request, but
+  some of their SSL_write returns and all of libpq's SSL_read returns never reach
+  the program (libpq and the server read and write through their own BIOs over
+  non-blocking sockets; the cause is not found). Redis and nginx over TLS are exact;
 - not captured: io_uring, sendmmsg/recvmmsg, splice, kTLS, UNIX sockets, UDP;
   HTTP/2 and HTTP/3; an fd replaced by dup2() or closed by close_range() keeps its
   old connection until the process exits;
