@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -589,6 +590,146 @@ def median(xs: list[float]) -> float | None:
 def median_n(xs: list, digits: int) -> float | None:
     xs = [x for x in xs if x is not None]
     return round(statistics.median(xs), digits) if xs else None
+
+
+class AttachedPoller:
+    """The toggle benchmarks' agent arm in user space: a loaded probe (or None) polled
+    every `interval` seconds of attached time in a thread of this process, as the agent
+    would; `start()` at attach, `stop()` at detach. poll_cpu_s is that thread's CPU."""
+
+    def __init__(self, loaded, interval: float):
+        self.loaded, self.interval = loaded, interval
+        self.poll_cpu_s, self.polls, self.attached_s, self._due = 0.0, 0, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _work(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            self._due, last = self._due + now - last, now
+            if self._due < self.interval or self.loaded is None:
+                continue
+            self._due = 0.0
+            c0 = time.thread_time()
+            self.loaded.poll(time.time_ns())
+            self.poll_cpu_s += time.thread_time() - c0
+            self.polls += 1
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self.attached_s += time.monotonic() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+
+    def cpu_pct_of_machine(self) -> float | None:
+        return self.poll_cpu_s / self.attached_s / (os.cpu_count() or 1) * 100 if self.attached_s else None
+
+
+class ToggleWindows:
+    """The windows of a toggle benchmark (fio_toggle.py, hook_toggle.py), as run_toggled
+    calls them: the units `count()` went up by in `seconds` (less `own`, the units the
+    reading itself adds), per second in `rate`, the machine's busy CPU µs per unit in
+    `cpu`, and with stats the toggle's program runs and run time per unit."""
+
+    def __init__(self, count, seconds: float, toggle, check, own: int = 0):
+        self.count, self.seconds, self.toggle, self.check, self.own = count, seconds, toggle, check, own
+        self.rate: dict[str, list[float]] = {"baseline": [], "agent": []}
+        self.cpu: dict[str, list[float]] = {"baseline": [], "agent": []}
+        self.runs: list[float] = []
+        self.ns: list[float] = []
+
+    def __call__(self, arm: str, record: bool = True, stats: bool = False) -> None:
+        self.check()
+        t0, r0, s0 = time.monotonic(), self.count(), system_ticks()
+        p0 = self.toggle.prog_stats() if stats else (0, 0)
+        time.sleep(self.seconds)
+        t1, r1, s1 = time.monotonic(), self.count(), system_ticks()
+        n = r1 - r0 - self.own
+        if record:
+            self.rate[arm].append(n / (t1 - t0))
+            self.cpu[arm].append((s1["busy"] - s0["busy"]) / CLK_TCK / n * 1e6 if n else 0.0)
+        if stats and n:
+            p1 = self.toggle.prog_stats()
+            self.runs.append((p1[0] - p0[0]) / n)
+            self.ns.append((p1[1] - p0[1]) / n)
+
+
+def run_toggled(orders: list[str], toggle, window, values: dict[str, list[float]], stats_windows: int) -> None:
+    """The toggle benchmarks' loop (fio_toggle.py, hook_toggle.py): for each pair's order,
+    `toggle.attach()` or `.detach()` as the arm needs and `window(arm)` ("agent" or
+    "baseline"), logging the running median pair loss of `values` every 25 pairs; then
+    a pass of `stats_windows` attached windows with bpf_stats on
+    (`window("agent", record=False, stats=True)`). Leaves the toggle detached."""
+    attached = False
+    for i, order in enumerate(orders):
+        for arm in order:
+            want = arm == "A"
+            if want != attached:
+                toggle.attach() if want else toggle.detach()
+                attached = want
+            window("agent" if want else "baseline")
+        if (i + 1) % 25 == 0:
+            r = statistics.median(bstats.pair_ratios(values["baseline"], values["agent"]))
+            log(f"pair {i + 1}/{len(orders)}: median pair loss so far {(1 - r) * 100:.2f} %")
+    if not attached:
+        toggle.attach()
+    stats_fd = bpfinfo.enable_stats()
+    try:
+        for _ in range(stats_windows if stats_fd >= 0 else 0):
+            window("agent", record=False, stats=True)
+    finally:
+        if stats_fd >= 0:
+            os.close(stats_fd)
+    toggle.detach()
+
+
+def toggle_record(res: dict, orders: list[str], seed: int, values: dict[str, list[float]]) -> dict:
+    """The fields every toggle result has: the loss as the median of per-pair ratios with
+    its interval (`res` from stats.loss), the pairs, their order and the runs."""
+    return {
+        "baseline_median": round(statistics.median(values["baseline"]), 1),
+        "agent_median": round(statistics.median(values["agent"]), 1),
+        "loss_pct": round((1 - res["pair_ratio_median"]) * 100, 2),
+        "loss_pct_ci95": res["loss_pct_ci95"],
+        "arms_median_loss_pct": res["loss_pct"],
+        "ratio_of_totals_loss_pct": round((1 - sum(values["agent"]) / sum(values["baseline"])) * 100, 2),
+        "ci_method": res["ci_method"],
+        "pair_ratios": res["pair_ratios"],
+        "order": "".join(orders),
+        "order_seed": seed,
+        "baseline_runs": [round(x, 1) for x in values["baseline"]],
+        "agent_runs": [round(x, 1) for x in values["agent"]],
+        "agent_source": source_description(),
+        "kernel": os.uname().release,
+    }
+
+
+def toggle_costs(win: "ToggleWindows", poller: "AttachedPoller", unit: str, stats_windows: int) -> dict:
+    """What a toggle result says of the programs (from the statistics pass) and the poll,
+    per `unit` (connection, request, io)."""
+    pct = poller.cpu_pct_of_machine()
+    return {
+        "bpf_stats": f"off in the pairs; on for {stats_windows} attached windows after them",
+        f"bpf_runs_per_{unit}": round(statistics.median(win.runs), 4) if win.runs else None,
+        f"bpf_ns_per_{unit}": round(statistics.median(win.ns), 1) if win.ns else None,
+        f"cpu_us_per_{unit}_median": round(statistics.median(win.cpu["baseline"]), 2),
+        "polls": poller.polls,
+        "poll_cpu_pct_of_machine": round(pct, 4) if pct is not None else None,
+    }
+
+
+def write_result(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def pair_orders(runs: int, mode: str, seed: int) -> list[str]:

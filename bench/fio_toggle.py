@@ -28,14 +28,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -62,16 +58,16 @@ class EmptyToggle:
         self.bpf = BPF(text=b"int tpbtf_empty(u64 *ctx) { return 0; }")
         btf_tracepoint.attach(self.bpf, b"tpbtf_empty", "block_rq_complete", btf.load("/sys"))
         self.bpf.detach_raw_tracepoint(tp=b"block_rq_complete")
-        self.poll_cpu_s, self.polls, self.attached_s = 0.0, 0, 0.0
+        self.poller = ab.AttachedPoller(None, interval)
 
     def attach(self) -> None:
         from sonde.ingest.runtime import btf_tracepoint
         btf_tracepoint.reattach(self.bpf, b"tpbtf_empty", "block_rq_complete")
-        self._t0 = time.monotonic()
+        self.poller.start()
 
     def detach(self) -> None:
         self.bpf.detach_raw_tracepoint(tp=b"block_rq_complete")
-        self.attached_s += time.monotonic() - self._t0
+        self.poller.stop()
 
     def prog_stats(self) -> tuple[int, int]:
         return bpfinfo.run_stats(self.bpf.funcs[b"tpbtf_empty"].fd)
@@ -88,40 +84,15 @@ class Toggle:
         cfg = config_mod.Config(probes={"block_io": config_mod.ProbeConfig(enabled=True)})
         self.loaded = LoadedProbe.load(PROBE, cfg)
         self.loaded.decoder.detach()  # LoadedProbe.load attached it
-        self.interval = interval
-        self.poll_cpu_s = 0.0
-        self.polls = 0
-        self.attached_s = 0.0
-        self._due = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _work(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            self._due += now - last
-            last = now
-            if self._due < self.interval:
-                continue
-            self._due = 0.0
-            c0 = time.thread_time()
-            self.loaded.poll(time.time_ns())
-            self.poll_cpu_s += time.thread_time() - c0
-            self.polls += 1
+        self.poller = ab.AttachedPoller(self.loaded, interval)
 
     def attach(self) -> None:
         self.loaded.decoder.attach()
-        self._t0 = time.monotonic()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._work, daemon=True)
-        self._thread.start()
+        self.poller.start()
 
     def detach(self) -> None:
         self.loaded.decoder.detach()
-        self.attached_s += time.monotonic() - self._t0
-        self._stop.set()
-        self._thread.join()
+        self.poller.stop()
 
     def prog_stats(self) -> tuple[int, int]:
         return bpfinfo.run_stats(self.loaded.bpf.funcs[self.loaded.decoder.program].fd)
@@ -143,9 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
     orders = ab.pair_orders(args.pairs, "random", seed)
-    iops = {"baseline": [], "agent": []}
-    cpu_io = {"baseline": [], "agent": []}
-    runs_io, ns_io = [], []
     tmp = Path(tempfile.mkdtemp(prefix="sonde-fio-toggle-"))
     img = tmp / "disk.img"
     subprocess.run(["dd", "if=/dev/urandom", f"of={img}", "bs=1M", "count=256"], check=True, capture_output=True)
@@ -162,44 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         time.sleep(3)
 
-        def window(arm: str, record: bool = True, stats: bool = False) -> None:
+        def check() -> None:
             if fio.poll() is not None:
                 raise ab.BenchError(f"fio exited early ({fio.returncode})")
-            t0, r0, s0 = time.monotonic(), completed(dev), ab.system_ticks()
-            p0 = toggle.prog_stats() if stats else (0, 0)
-            time.sleep(args.window)
-            t1, r1, s1 = time.monotonic(), completed(dev), ab.system_ticks()
-            ios = r1 - r0
-            if record:
-                iops[arm].append(ios / (t1 - t0))
-                cpu_io[arm].append((s1["busy"] - s0["busy"]) / ab.CLK_TCK / ios * 1e6 if ios else 0.0)
-            if stats and ios:
-                p1 = toggle.prog_stats()
-                runs_io.append((p1[0] - p0[0]) / ios)
-                ns_io.append((p1[1] - p0[1]) / ios)
 
-        attached = False
-        for i, order in enumerate(orders):
-            for arm in order:
-                want = arm == "A"
-                if want != attached:
-                    toggle.attach() if want else toggle.detach()
-                    attached = want
-                window("agent" if want else "baseline")
-            if (i + 1) % 25 == 0:
-                r = statistics.median(bstats.pair_ratios(iops["baseline"], iops["agent"]))
-                ab.log(f"pair {i + 1}/{len(orders)}: median pair loss so far {(1 - r) * 100:.2f} %")
-        if not attached:
-            toggle.attach()
-            attached = True
-        stats_fd = bpfinfo.enable_stats()
-        try:
-            for _ in range(args.stats_windows if stats_fd >= 0 else 0):
-                window("agent", record=False, stats=True)
-        finally:
-            if stats_fd >= 0:
-                os.close(stats_fd)
-        toggle.detach()
+        win = ab.ToggleWindows(lambda: completed(dev), args.window, toggle, check)
+        iops, cpu_io = win.rate, win.cpu
+        ab.run_toggled(orders, toggle, win, iops, args.stats_windows)
     finally:
         ab.stop_proc(fio, what="fio")
         if toggle:
@@ -208,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         img.unlink(missing_ok=True)
     res = bstats.loss(iops["baseline"], iops["agent"])
     cpu = bstats.loss(cpu_io["baseline"], cpu_io["agent"], higher_is_better=False)
-    ncpu = os.cpu_count() or 1
-    poll_pct = toggle.poll_cpu_s / toggle.attached_s / ncpu * 100 if toggle.attached_s else None
     result = {
         "name": args.out.stem,
         "command": ab.the_command(),
@@ -223,32 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                  f"{args.interval:g} s attached) in agent windows only; {args.pairs} pairs of {args.window:g} s "
                  f"windows, arm order shuffled (balanced, seeded); I/Os per window from /proc/diskstats; "
                  f"loss = 1 - the median of per-pair IOPS ratios"),
-        "baseline_median": round(statistics.median(iops["baseline"]), 1),
-        "agent_median": round(statistics.median(iops["agent"]), 1),
-        "loss_pct": round((1 - res["pair_ratio_median"]) * 100, 2),
-        "loss_pct_ci95": res["loss_pct_ci95"],
-        "arms_median_loss_pct": res["loss_pct"],
-        "ratio_of_totals_loss_pct": round((1 - sum(iops["agent"]) / sum(iops["baseline"])) * 100, 2),
         "cpu_per_io_increase_pct": cpu["loss_pct"],
         "cpu_per_io_increase_pct_ci95": cpu["loss_pct_ci95"],
-        "ci_method": res["ci_method"],
-        "bpf_stats": f"off in the pairs; on for {args.stats_windows} attached windows after them",
-        "bpf_runs_per_io": round(statistics.median(runs_io), 4) if runs_io else None,
-        "bpf_ns_per_io": round(statistics.median(ns_io), 1) if ns_io else None,
-        "cpu_us_per_io_median": round(statistics.median(cpu_io["baseline"]), 2),
-        "polls": toggle.polls,
-        "poll_cpu_pct_of_machine": round(poll_pct, 4) if poll_pct is not None else None,
-        "pair_ratios": res["pair_ratios"],
-        "order": "".join(orders),
-        "order_seed": seed,
-        "baseline_runs": [round(x, 1) for x in iops["baseline"]],
-        "agent_runs": [round(x, 1) for x in iops["agent"]],
-        "agent_source": ab.source_description(),
+        **ab.toggle_record(res, orders, seed, iops),
+        **ab.toggle_costs(win, toggle.poller, "io", args.stats_windows),
         "program": "tpbtf_empty" if args.empty else toggle.loaded.decoder.program.decode(),
-        "kernel": os.uname().release,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    ab.write_result(args.out, result)
     ab.log(f"loss {result['loss_pct']} % {result['loss_pct_ci95']}, BPF {result['bpf_ns_per_io']} ns per I/O; "
            f"wrote {args.out}")
     return 0

@@ -43,15 +43,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -104,10 +101,6 @@ class Programs:
 
     def __init__(self, what: str, interval: float):
         from bcc import BPF, BPFAttachType
-        self.interval = interval
-        self.poll_cpu_s, self.polls, self.attached_s, self._due = 0.0, 0, 0.0, 0.0
-        self._stop = threading.Event()
-        self._thread = None
         self.loaded = None
         self.on = True  # LoadedProbe.load attaches; the empty programs are attached below
         self.raw: list[tuple[str, str]] = []  # raw tracepoints (l7) instead of cgroup programs
@@ -149,20 +142,8 @@ class Programs:
             self.loaded = LoadedProbe.load(PROBE, cfg)
             self.bpf = self.loaded.bpf
             self.progs = list(self.loaded.decoder._attached)
+        self.poller = ab.AttachedPoller(self.loaded, interval)
         self.detach()
-
-    def _work(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            self._due, last = self._due + now - last, now
-            if self._due < self.interval or self.loaded is None:
-                continue
-            self._due = 0.0
-            c0 = time.thread_time()
-            self.loaded.poll(time.time_ns())
-            self.poll_cpu_s += time.thread_time() - c0
-            self.polls += 1
 
     def attach(self) -> None:
         from bcc import BPF
@@ -171,10 +152,7 @@ class Programs:
             self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
         for f, cg, atype in self.progs if not self.raw else ():
             BPF.attach_func(f, cg, atype, 2)  # BPF_F_ALLOW_MULTI, as the probe does
-        self._t0 = time.monotonic()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._work, daemon=True)
-        self._thread.start()
+        self.poller.start()
 
     def detach(self) -> None:
         from bcc import BPF
@@ -186,11 +164,7 @@ class Programs:
                 self.bpf.detach_raw_tracepoint(tp=tp.encode())
         for f, cg, atype in self.progs if not self.raw else ():
             BPF.detach_func(f, cg, atype)
-        if self._thread is not None:
-            self.attached_s += time.monotonic() - self._t0
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+        self.poller.stop()
 
     def prog_stats(self) -> tuple[int, int]:
         runs = [bpfinfo.run_stats(f.fd) for f, _, _ in self.progs]
@@ -222,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or ab.RESULTS_DIR / f"{args.what.replace('-', '_')}_toggle.json"
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
     orders = ab.pair_orders(args.pairs, "random", seed)
-    rps = {"baseline": [], "agent": []}
-    cpu_req = {"baseline": [], "agent": []}
-    runs_req, ns_req = [], []
     tmp = Path(tempfile.mkdtemp(prefix="sonde-tcp-toggle-"))
     nginx = ab.Nginx(tmp).start()
     progs = wrk = redis = None
@@ -238,44 +209,14 @@ def main(argv: list[str] | None = None) -> int:
                                stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(3)
 
-        def window(arm: str, record: bool = True, stats: bool = False) -> None:
+        def check() -> None:
             if wrk.poll() is not None:
                 raise ab.BenchError(f"wrk exited early ({wrk.returncode})")
-            t0, r0, s0 = time.monotonic(), nginx.requests(), ab.system_ticks()
-            p0 = progs.prog_stats() if stats else (0, 0)
-            time.sleep(args.window)
-            t1, r1, s1 = time.monotonic(), nginx.requests(), ab.system_ticks()
-            n = r1 - r0 - 1  # less our own stub_status read
-            if record:
-                rps[arm].append(n / (t1 - t0))
-                cpu_req[arm].append((s1["busy"] - s0["busy"]) / ab.CLK_TCK / n * 1e6 if n else 0.0)
-            if stats and n:
-                p1 = progs.prog_stats()
-                runs_req.append((p1[0] - p0[0]) / n)
-                ns_req.append((p1[1] - p0[1]) / n)
 
-        attached = False
-        for i, order in enumerate(orders):
-            for arm in order:
-                want = arm == "A"
-                if want != attached:
-                    progs.attach() if want else progs.detach()
-                    attached = want
-                window("agent" if want else "baseline")
-            if (i + 1) % 25 == 0:
-                r = statistics.median(bstats.pair_ratios(rps["baseline"], rps["agent"]))
-                ab.log(f"pair {i + 1}/{len(orders)}: median pair loss so far {(1 - r) * 100:.2f} %")
-        if not attached:
-            progs.attach()
-            attached = True
-        stats_fd = bpfinfo.enable_stats()
-        try:
-            for _ in range(args.stats_windows if stats_fd >= 0 else 0):
-                window("agent", record=False, stats=True)
-        finally:
-            if stats_fd >= 0:
-                os.close(stats_fd)
-        progs.detach()
+        # less our own stub_status read
+        win = ab.ToggleWindows(nginx.requests, args.window, progs, check, own=1)
+        rps, cpu_req = win.rate, win.cpu
+        ab.run_toggled(orders, progs, win, rps, args.stats_windows)
     finally:
         ab.stop_proc(wrk, signal.SIGTERM, timeout=5, what="wrk")
         if progs:
@@ -285,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         nginx.stop()
     res = bstats.loss(rps["baseline"], rps["agent"])
     cpu = bstats.loss(cpu_req["baseline"], cpu_req["agent"], higher_is_better=False)
-    ncpu = os.cpu_count() or 1
-    poll_pct = progs.poll_cpu_s / progs.attached_s / ncpu * 100 if progs.attached_s else None
     per = "request" if args.keepalive else "connection"
     result = {
         "name": args.out.stem,
@@ -300,31 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                  f" attached (and the probe polled every {args.interval:g} s attached) in agent windows only; "
                  f"{args.pairs} pairs of {args.window:g} s windows, arm order shuffled (balanced, seeded); requests "
                  "per window from nginx stub_status; loss = 1 - the median of per-pair req/s ratios"),
-        "baseline_median": round(statistics.median(rps["baseline"]), 1),
-        "agent_median": round(statistics.median(rps["agent"]), 1),
-        "loss_pct": round((1 - res["pair_ratio_median"]) * 100, 2),
-        "loss_pct_ci95": res["loss_pct_ci95"],
-        "arms_median_loss_pct": res["loss_pct"],
-        "ratio_of_totals_loss_pct": round((1 - sum(rps["agent"]) / sum(rps["baseline"])) * 100, 2),
         "cpu_per_request_increase_pct": cpu["loss_pct"],
         "cpu_per_request_increase_pct_ci95": cpu["loss_pct_ci95"],
-        "ci_method": res["ci_method"],
-        "bpf_stats": f"off in the pairs; on for {args.stats_windows} attached windows after them",
-        f"bpf_runs_per_{per}": round(statistics.median(runs_req), 3) if runs_req else None,
-        f"bpf_ns_per_{per}": round(statistics.median(ns_req), 1) if ns_req else None,
-        "cpu_us_per_request_median": round(statistics.median(cpu_req["baseline"]), 2),
-        "polls": progs.polls,
-        "poll_cpu_pct_of_machine": round(poll_pct, 4) if poll_pct is not None else None,
-        "pair_ratios": res["pair_ratios"],
-        "order": "".join(orders),
-        "order_seed": seed,
-        "baseline_runs": [round(x, 1) for x in rps["baseline"]],
-        "agent_runs": [round(x, 1) for x in rps["agent"]],
-        "agent_source": ab.source_description(),
-        "kernel": os.uname().release,
+        **ab.toggle_record(res, orders, seed, rps),
+        **ab.toggle_costs(win, progs.poller, per, args.stats_windows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    ab.write_result(args.out, result)
     ab.log(f"loss {result['loss_pct']} % {result['loss_pct_ci95']}, BPF {result[f'bpf_ns_per_{per}']} ns and "
            f"{result[f'bpf_runs_per_{per}']} runs per {per}; wrote {args.out}")
     return 0
