@@ -663,10 +663,10 @@ class ToggleWindows:
             self.ns.append((p1[1] - p0[1]) / n)
 
 
-def run_toggled(orders: list[str], toggle, window, values: dict[str, list[float]], stats_windows: int) -> None:
+def run_toggled(orders: list[str], toggle, window: "ToggleWindows", stats_windows: int) -> None:
     """The toggle benchmarks' loop (fio_toggle.py, hook_toggle.py): for each pair's order,
     `toggle.attach()` or `.detach()` as the arm needs and `window(arm)` ("agent" or
-    "baseline"), logging the running median pair loss of `values` every 25 pairs; then
+    "baseline"), logging the running median pair loss of its rates every 25 pairs; then
     a pass of `stats_windows` attached windows with bpf_stats on
     (`window("agent", record=False, stats=True)`). Leaves the toggle detached."""
     attached = False
@@ -678,7 +678,7 @@ def run_toggled(orders: list[str], toggle, window, values: dict[str, list[float]
                 attached = want
             window("agent" if want else "baseline")
         if (i + 1) % 25 == 0:
-            r = statistics.median(bstats.pair_ratios(values["baseline"], values["agent"]))
+            r = statistics.median(bstats.pair_ratios(window.rate["baseline"], window.rate["agent"]))
             log(f"pair {i + 1}/{len(orders)}: median pair loss so far {(1 - r) * 100:.2f} %")
     if not attached:
         toggle.attach()
@@ -719,9 +719,9 @@ def toggle_costs(win: "ToggleWindows", poller: "AttachedPoller", unit: str, stat
     pct = poller.cpu_pct_of_machine()
     return {
         "bpf_stats": f"off in the pairs; on for {stats_windows} attached windows after them",
-        f"bpf_runs_per_{unit}": round(statistics.median(win.runs), 4) if win.runs else None,
-        f"bpf_ns_per_{unit}": round(statistics.median(win.ns), 1) if win.ns else None,
-        f"cpu_us_per_{unit}_median": round(statistics.median(win.cpu["baseline"]), 2),
+        f"bpf_runs_per_{unit}": median_n(win.runs, 4),
+        f"bpf_ns_per_{unit}": median_n(win.ns, 1),
+        f"cpu_us_per_{unit}_median": median_n(win.cpu["baseline"], 2),
         "polls": poller.polls,
         "poll_cpu_pct_of_machine": round(pct, 4) if pct is not None else None,
     }

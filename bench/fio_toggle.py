@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
         win = ab.ToggleWindows(lambda: completed(dev), args.window, toggle, check)
         iops, cpu_io = win.rate, win.cpu
-        ab.run_toggled(orders, toggle, win, iops, args.stats_windows)
+        ab.run_toggled(orders, toggle, win, args.stats_windows)
     finally:
         ab.stop_proc(fio, what="fio")
         if toggle:

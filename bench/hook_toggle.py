@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         # less our own stub_status read
         win = ab.ToggleWindows(nginx.requests, args.window, progs, check, own=1)
         rps, cpu_req = win.rate, win.cpu
-        ab.run_toggled(orders, progs, win, rps, args.stats_windows)
+        ab.run_toggled(orders, progs, win, args.stats_windows)
     finally:
         ab.stop_proc(wrk, signal.SIGTERM, timeout=5, what="wrk")
         if progs:

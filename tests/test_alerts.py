@@ -717,6 +717,10 @@ def test_one_request_per_evaluation_and_a_broken_rule_stops_no_other(influx, inf
     assert res[0]["series"][0]["values"][0][1] == 15 and res[2]["series"][0]["values"][0][1] == 5, res
     assert "nosuchfunction" in res[1]["error"], res
     assert len(sent) == 3  # the batch, then the two statements it left without a clean answer
+    # A statement the server refuses outright (a parse error fails the whole request)
+    res = run_batch(query, [good, "SELEC nonsense", count])
+    assert res[0]["series"][0]["values"][0][1] == 15 and res[2]["series"][0]["values"][0][1] == 5, res
+    assert "error" in res[1] and "\n" not in res[1]["error"], res
 
     rules = rules_mod.load()
     sent.clear()

@@ -162,15 +162,8 @@ class Evaluator:
         flat = [t for ts in texts.values() for t in ts]
         try:
             results = run_batch(self.query, flat)
-        except Exception as e:  # a statement run on its own failed to answer at all: rule by rule then
-            log.debug("batched alert queries failed (%s); running each rule alone", e)
-            out = {}
-            for name, ts in texts.items():
-                try:
-                    out[name] = [self.query(t)["results"][0] for t in ts]
-                except Exception as e2:
-                    out[name] = e2
-            return out
+        except Exception as e:  # not even the batch could be sent: every rule fails with it
+            return {name: e for name in texts}
         out, i = {}, 0
         for name, ts in texts.items():
             out[name], i = results[i:i + len(ts)], i + len(ts)

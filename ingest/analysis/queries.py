@@ -109,7 +109,7 @@ def run_batch(query, statements: list[str]) -> list[dict]:
     in order and answers with a result per `statement_id`. It stops at the first
     statement that fails ("not executed" for the next, nothing for the rest), so every
     statement without a clean result is run again on its own: a broken one then gets its
-    own error, and the others still their answer."""
+    own error (also when the server refuses it outright), and the others their answer."""
     if not statements:
         return []
     try:
@@ -120,6 +120,9 @@ def run_batch(query, statements: list[str]) -> list[dict]:
     for i, text in enumerate(statements):
         r = got.get(i)
         if r is None or "error" in r:
-            r = query(text)["results"][0]
+            try:
+                r = query(text)["results"][0]
+            except Exception as e:  # refused on its own (e.g. a parse error, HTTP 400): its error alone
+                r = {"statement_id": i, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
         out.append(r)
     return out
