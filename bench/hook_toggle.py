@@ -6,6 +6,7 @@ or not.
     .venv/bin/python bench/hook_toggle.py --what tcp-empty
     .venv/bin/python bench/hook_toggle.py --what l7-redis --keepalive
     .venv/bin/python bench/hook_toggle.py --what syscalls-empty --keepalive
+    .venv/bin/python bench/hook_toggle.py --what sockets-empty --keepalive
 
 `resident_ab.py` stops the agent's process in baseline windows but leaves its BPF
 programs attached, so its A/B difference is the agent's user-space work, and the
@@ -30,10 +31,15 @@ What is toggled (`--what`):
   connection (so it runs at every state change), and empty connect and release
   programs: the floor of the hooks themselves;
 - `l7-redis`: the l7 probe with an idle redis-server opted in (by name) and nginx
-  and wrk not: its raw sys_enter/sys_exit hooks, which every syscall on the host
-  then runs and which let a process that is not opted in go at their first tests;
-- `syscalls-empty`: empty programs on the same two raw tracepoints: the floor of
-  any capture on syscall tracepoints.
+  and wrk not: its capture hooks (`--hooks`, as `probes.l7.hooks`: by default the
+  socket tracepoints sock_send_length/sock_recv_length plus inet_sock_set_state,
+  which only socket I/O and TCP state changes run; `syscalls`: raw
+  sys_enter/sys_exit, which every syscall on the host runs), which let a process
+  that is not opted in go at their first test;
+- `syscalls-empty`: empty programs on raw sys_enter/sys_exit: the floor of any
+  capture on syscall tracepoints;
+- `sockets-empty`: empty programs on the three socket tracepoints: the floor of the
+  socket capture.
 
 bpf_stats are off in the pairs and on in a pass of attached windows after them: the
 programs' runs and time per request. Result: bench/results/<what>_toggle.json (or
@@ -76,9 +82,11 @@ HOOKS = {
     "tcp": "the tcp probe loaded once, its four cgroup programs",
     "tcp-empty": "the least cgroup programs a close-counting design needs (sock_ops turning the state callback "
                  "on, empty connect and release)",
-    "l7-redis": "the l7 probe loaded once with an idle redis-server opted in (nginx and wrk not), its raw "
-                "sys_enter/sys_exit hooks",
+    "l7-redis": "the l7 probe loaded once with an idle redis-server opted in (nginx and wrk not), its capture "
+                "hooks",
     "syscalls-empty": "empty programs on the raw sys_enter/sys_exit tracepoints",
+    "sockets-empty": "empty programs on the sock_send_length, sock_recv_length and inet_sock_set_state raw "
+                     "tracepoints",
 }
 
 
@@ -99,28 +107,32 @@ class Redis:
 class Programs:
     """A probe's hooks attached in agent windows only."""
 
-    def __init__(self, what: str, interval: float):
+    def __init__(self, what: str, interval: float, hooks: str = "auto"):
         from bcc import BPF, BPFAttachType
         self.loaded = None
         self.on = True  # LoadedProbe.load attaches; the empty programs are attached below
         self.raw: list[tuple[str, str]] = []  # raw tracepoints (l7) instead of cgroup programs
-        if what == "syscalls-empty":
-            self.bpf = BPF(text=b"int empty_enter(void *ctx) { return 0; }\nint empty_exit(void *ctx) { return 0; }")
-            self.raw = [("sys_enter", "empty_enter"), ("sys_exit", "empty_exit")]
+        if what in ("syscalls-empty", "sockets-empty"):
+            self.bpf = BPF(text=b"int empty_enter(void *ctx) { return 0; }\nint empty_exit(void *ctx) { return 0; }\n"
+                                b"int empty_state(void *ctx) { return 0; }")
+            self.raw = [("sys_enter", "empty_enter"), ("sys_exit", "empty_exit")] if what == "syscalls-empty" else \
+                [("sock_send_length", "empty_enter"), ("sock_recv_length", "empty_exit"),
+                 ("inet_sock_set_state", "empty_state")]
             for tp, fn in self.raw:
                 self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
             self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in self.raw]
         elif what == "l7-redis":
-            from sonde.bpf.l7.probe import PROBE, RAW_HOOKS
+            from sonde.bpf.l7.probe import PROBE
             from sonde.ingest import config as config_mod
             from sonde.ingest.runtime.probe import LoadedProbe
-            cfg = config_mod.Config.model_validate({"probes": {"l7": {"enabled": True, "processes": ["redis-server"]}}})
+            cfg = config_mod.Config.model_validate({"probes": {"l7": {
+                "enabled": True, "processes": ["redis-server"], "hooks": hooks}}})
             self.loaded = LoadedProbe.load(PROBE, cfg)
             self.bpf = self.loaded.bpf
             if not self.loaded.decoder.opted:
                 raise ab.BenchError("l7 opted no redis-server in")
-            self.raw = list(RAW_HOOKS)
-            self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in RAW_HOOKS]
+            self.raw = list(self.loaded.decoder.hooks)
+            self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in self.raw]
         elif what == "tcp-empty":
             self.bpf = BPF(text=EMPTY)
             from sonde.bpf.tcp.probe import cgroup2_root
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stats-windows", type=int, default=10)
     ap.add_argument("--keepalive", action="store_true", help="keep-alive connections instead of one per request")
     ap.add_argument("--what", choices=tuple(HOOKS), default="tcp")
+    ap.add_argument("--hooks", choices=("auto", "sockets", "syscalls"), default="auto",
+                    help="l7-redis: probes.l7.hooks (auto: the socket tracepoints where the kernel has them)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.what == "l7-redis":
             redis = Redis(tmp)
-        progs = Programs(args.what, args.interval)
+        progs = Programs(args.what, args.interval, args.hooks)
         seconds = int(args.window * (2 * args.pairs + args.stats_windows) * 1.5 + 60)
         wrk = subprocess.Popen(["wrk", "-t2", "-c50", *([] if args.keepalive else ["-H", "Connection: close"]),
                                 f"-d{seconds}s", nginx.url], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

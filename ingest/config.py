@@ -135,6 +135,10 @@ class L7ProbeConfig(ProbeConfig):
     ports: list[int] = []        # processes listening on these TCP ports
     cgroups: list[str] = []      # cgroup paths (/proc/PID/cgroup, any hierarchy); a path covers those under it
     tls: bool = True             # libssl uprobes on opted-in processes for HTTPS & co.
+    # What captures while a process is opted in: "sockets" (sock_send_length/sock_recv_length,
+    # 6.3+: only socket I/O pays), "syscalls" (raw sys_enter/sys_exit: every syscall on the
+    # host pays), or "auto" (sockets where the kernel has them).
+    hooks: Literal["auto", "sockets", "syscalls"] = "auto"
     # The most of one core the agent spends parsing; past it the kernel drops events
     # (counted in l7_probe.lost_events) rather than the agent slowing the host further.
     cpu_percent: float = Field(25.0, gt=0, le=100)

@@ -76,6 +76,9 @@
 #define F_TLS 1
 #define F_WIDE 2  /* captured with the wide limit (CAP_MAX) */
 
+#define MSG_PEEK_ 2
+#define TCP_CLOSE_ 7
+
 #define S_IFMT_ 0170000
 #define S_IFSOCK_ 0140000
 #define SOCK_STREAM_ 1
@@ -127,6 +130,7 @@ struct conn_t {
     u8 raddr[16];
     u32 cap;      /* bytes to copy per call, from the connection's first bytes; 0 until then */
     u32 pad3;
+    u64 sk;       /* its struct sock (socket hooks; 0 where only the fd was seen) */
 };
 
 struct ssl_args_t {
@@ -155,6 +159,9 @@ BPF_TABLE("lru_hash", u64, struct conn_t, conns, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u64, u32, caps, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct ssl_args_t, ssl_calls, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u64, s32, ssl_fds, MAX_ENTRIES);  /* SSL* -> its socket's fd */
+/* struct sock * -> (tgid, fd) of its connection entry: the socket hooks end a
+ * connection when its socket reaches TCP_CLOSE, which may happen in softirq. */
+BPF_TABLE("lru_hash", u64, u64, socks, MAX_ENTRIES);
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 /* One buffer per CPU, indexed by CPU: a per-CPU map's value is limited to 32 KiB.
  * Programs here run in process context with migration disabled and never nest on a
@@ -185,7 +192,8 @@ static __always_inline u64 conn_key(u32 tgid, s32 fd)
 }
 
 /* What fd is, read once through the running kernel's offsets: 1 for a TCP socket
- * over IPv4/IPv6 (peer filled in), 0 for anything else. */
+ * over IPv4/IPv6 (peer filled in), 0 for anything else. c->sk is the fd's struct
+ * sock where it is a socket. */
 static __always_inline int resolve(s32 fd, struct conn_t *c)
 {
     const u8 *task = (const u8 *)bpf_get_current_task();
@@ -215,6 +223,7 @@ static __always_inline int resolve(s32 fd, struct conn_t *c)
         return 0;
     if (sonde_read_kernel(&p, sizeof(p), p + OFF_SOCKET_SK) || !p)        /* struct sock * */
         return 0;
+    c->sk = (u64)p;
     if (sonde_read_kernel(&v16, sizeof(v16), p + OFF_SK_PROTOCOL) || v16 != SONDE_IPPROTO_TCP)
         return 0;
     if (sonde_read_kernel(&v16, sizeof(v16), p + OFF_SKC_FAMILY))
@@ -233,19 +242,49 @@ static __always_inline int resolve(s32 fd, struct conn_t *c)
     return 1;
 }
 
-/* The connection entry of (tgid, fd), created (and resolved) on first sight. */
-static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_socket)
+static __always_inline void emit_small(u8 kind, u32 tgid, s32 fd)
+{
+    struct l7_event_t e = {};
+    e.ts = bpf_ktime_get_ns();
+    e.tgid = tgid;
+    e.fd = fd;
+    e.kind = kind;
+    if (kind == EV_EXEC || kind == EV_FORK)
+        bpf_get_current_comm(&e.comm, sizeof(e.comm));
+    if (events.ringbuf_output(&e, sizeof(e), 0))
+        stat_add(0, 1);
+}
+
+/* The connection entry of (tgid, fd), created (and resolved) on first sight. sk, when
+ * a socket hook knows it, is the socket the call used: an entry of another socket
+ * means the fd was closed and reused (its old connection ends here), and an fd that
+ * does not name sk (an io_uring worker's registers are not a syscall's) is not
+ * this call's: 0, nothing created. */
+static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_socket, u64 sk)
 {
     u64 key = conn_key(tgid, fd);
     struct conn_t *c = conns.lookup(&key);
-    if (c)
+    if (c && (!sk || !c->sk || c->sk == sk)) {
+        if (sk && !c->sk)
+            c->sk = sk;
         return c;
+    }
     struct conn_t fresh = {};
     fresh.state = resolve(fd, &fresh) ? state_if_socket : CONN_SKIP;
+    if (sk && fresh.sk != sk)
+        return 0;
+    if (c) {
+        if (c->state != CONN_SKIP)
+            emit_small(EV_CLOSE, tgid, fd);
+        caps.delete(&key);
+        conns.delete(&key);
+    }
     if (conns.insert(&key, &fresh) && !conns.lookup(&key)) {
         count_drop();
         return 0;
     }
+    if (sk && fresh.state != CONN_SKIP)
+        socks.update(&sk, &key);
     return conns.lookup(&key);
 }
 
@@ -359,19 +398,6 @@ static __always_inline void emit(void *ctx, u32 tgid, s32 fd, struct conn_t *c, 
     stat_add(2, cap);
 }
 
-static __always_inline void emit_small(u8 kind, u32 tgid, s32 fd)
-{
-    struct l7_event_t e = {};
-    e.ts = bpf_ktime_get_ns();
-    e.tgid = tgid;
-    e.fd = fd;
-    e.kind = kind;
-    if (kind == EV_EXEC || kind == EV_FORK)
-        bpf_get_current_comm(&e.comm, sizeof(e.comm));
-    if (events.ringbuf_output(&e, sizeof(e), 0))
-        stat_add(0, 1);
-}
-
 int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
     u8 how, dir;
@@ -419,6 +445,30 @@ int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
+/* A call's end, with its arguments and what it returned: inside SSL_read/SSL_write
+ * the socket is noted for the plaintext; otherwise the bytes moved are sent. */
+static __always_inline int on_io(void *ctx, u32 tgid, u32 tid, struct args_t *a, long ret, u64 sk)
+{
+    struct ssl_args_t *s = ssl_calls.lookup(&tid);
+    if (s) {
+        /* inside SSL_read/SSL_write: the call's socket, carrying its ciphertext */
+        struct conn_t *c = conn_of(tgid, a->fd, CONN_TLS, sk);
+        if (!c)
+            return 0;
+        s->fd = a->fd;
+        if (c->state == CONN_TRACK)
+            c->state = CONN_TLS;
+        return 0;
+    }
+    if (ret <= 0)
+        return 0;  /* an error or EOF moves no bytes; the close says the rest */
+    struct conn_t *c = conn_of(tgid, a->fd, CONN_TRACK, sk);
+    if (!c || c->state != CONN_TRACK)
+        return 0;
+    emit(ctx, tgid, a->fd, c, a->dir, a->how, a->ptr, a->len, ret, 0);
+    return 0;
+}
+
 int l7_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -431,24 +481,71 @@ int l7_sys_exit(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     struct args_t a = *ap;
     inflight.delete(&tid);
-    struct ssl_args_t *s = ssl_calls.lookup(&tid);
-    if (s) {
-        /* inside SSL_read/SSL_write: the call's socket, carrying its ciphertext */
-        s->fd = a.fd;
-        struct conn_t *c = conn_of(tgid, a.fd, CONN_TLS);
-        if (c && c->state == CONN_TRACK)
-            c->state = CONN_TLS;
+    return on_io(ctx, tgid, tid, &a, ctx->args[1], 0);
+}
+
+#if !defined(SONDE_NO_sock_sock_send_length) && !defined(SONDE_NO_sock_sock_recv_length)
+/* --- socket hooks (6.3+): sock_send_length / sock_recv_length ------------------------
+ * They fire once per sendmsg/recvmsg on a socket, after the bytes moved, with
+ * (sk, ret, flags): nothing else on the host pays (a syscall hook, even an empty
+ * one, puts every syscall of every process on the slow path). The call's own
+ * arguments are the syscall's, read from the user registers the task saved at its
+ * entry; calls that are not one of the nine (io_uring, splice, sendmmsg) are not
+ * captured. */
+static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u8 dir)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    if (!opted_in(tgid))
         return 0;
+    if (dir == DIR_IN && (ctx->args[2] & MSG_PEEK_))
+        return 0;  /* the bytes stay queued: the read that takes them counts them */
+    u64 regs = (u64)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
+    /* r10 at 56 .. di at 112, orig_ax at 120 in struct pt_regs (x86-64) */
+    u64 r[9] = {};
+    if (!regs || sonde_read_kernel(r, sizeof(r), (const u8 *)regs + 56))
+        return 0;
+    u8 how;
+    switch (r[8]) {
+    case NR_READ: case NR_RECVFROM: case NR_WRITE: case NR_SENDTO: how = HOW_BUF; break;
+    case NR_READV: case NR_WRITEV: how = HOW_IOV; break;
+    case NR_RECVMSG: case NR_SENDMSG: how = HOW_MSG; break;
+    case NR_SENDFILE: how = HOW_LEN; break;
+    default: return 0;
     }
-    long ret = ctx->args[1];
-    if (ret <= 0)
-        return 0;  /* an error or EOF moves no bytes; the close says the rest */
-    struct conn_t *c = conn_of(tgid, a.fd, CONN_TRACK);
-    if (!c || c->state != CONN_TRACK)
+    struct args_t a = {.ptr = r[6], .len = r[5], .fd = (s32)r[7], .how = how, .dir = dir};
+    if (how == HOW_LEN)
+        a.ptr = 0;  /* sendfile's bytes are a file's, not in the process */
+    return on_io(ctx, tgid, (u32)id, &a, (int)ctx->args[1], ctx->args[0]);
+}
+
+int l7_sock_send(struct bpf_raw_tracepoint_args *ctx) { return sock_io(ctx, DIR_OUT); }
+int l7_sock_recv(struct bpf_raw_tracepoint_args *ctx) { return sock_io(ctx, DIR_IN); }
+
+/* inet_sock_set_state(sk, old, new): a captured connection's socket reaching
+ * TCP_CLOSE ends it (a close, a reset, or the end of a FIN exchange). Every TCP
+ * state change on the host runs this while something is opted in: a few per
+ * connection, stopped at the first compare. */
+int l7_sock_state(struct bpf_raw_tracepoint_args *ctx)
+{
+    if ((int)ctx->args[2] != TCP_CLOSE_)
         return 0;
-    emit(ctx, tgid, a.fd, c, a.dir, a.how, a.ptr, a.len, ret, 0);
+    u64 sk = ctx->args[0];
+    u64 *kp = socks.lookup(&sk);
+    if (!kp)
+        return 0;
+    u64 key = *kp;
+    socks.delete(&sk);
+    struct conn_t *c = conns.lookup(&key);
+    if (!c || c->sk != sk)
+        return 0;  /* the fd names another socket now */
+    if (c->state != CONN_SKIP)
+        emit_small(EV_CLOSE, key >> 32, (s32)key);
+    conns.delete(&key);
+    caps.delete(&key);
     return 0;
 }
+#endif
 
 static __always_inline void optin_set(u32 tgid, int on)
 {
@@ -553,7 +650,7 @@ static __always_inline int ssl_return(struct user_regs_t *ctx)
     if (s.fd < 0 || moved == 0)
         return 0;  /* no socket seen yet for this SSL (it answered from its buffer) */
     ssl_fds.update(&s.ssl, &s.fd);
-    struct conn_t *c = conn_of(tgid, s.fd, CONN_TLS);
+    struct conn_t *c = conn_of(tgid, s.fd, CONN_TLS, 0);
     if (!c || c->state == CONN_SKIP)
         return 0;
     c->state = CONN_TLS;

@@ -7,20 +7,32 @@ What fires, and when:
   detached; only rare events run a program (`sched_process_exec`, `_fork`, `_exit`:
   a fork or exit of a process that is not opted in stops at one bitmap test, an
   exec sends a small record so the agent can match the new program);
-- while a process is opted in: one raw tracepoint program at every syscall entry
-  and exit on the host (`raw_syscalls:sys_enter`, `sys_exit`). Other processes
-  stop at the cheapest test: at entry a compare of the syscall number (in the
-  program's context) with the ten it wants, then a bit test in an array map keyed
-  by tgid (inlined by the verifier, no helper call); at exit the bit test. Opted-in
-  processes' read, readv, recvfrom, recvmsg, write, writev, sendto, sendmsg and
-  sendfile keep their arguments per thread until the exit, which copies a prefix of
-  the bytes really moved (iovecs followed in order) and the true length into a
-  16 MiB ring buffer: 4 KiB per call for a connection whose first bytes are an
-  HTTP/1.x request or status line (its bodies are skipped by length), else up to
-  32 KiB (Redis, PostgreSQL and MySQL parsers need every message head of a long
-  result); the agent corrects that guess once its parser knows the protocol. A full
-  ring buffer drops the event and counts it, per connection and direction, and the
-  agent hands the parser a gap there. close() ends a connection;
+- while a process is opted in, on a kernel with the socket tracepoints (6.3+,
+  `probes.l7.hooks: auto` or `sockets`): one raw tracepoint program at the end of
+  every sendmsg and recvmsg on a socket (`sock:sock_send_length`,
+  `sock_recv_length`) and one at every TCP state change (`inet_sock_set_state`).
+  Nothing else on the host runs a program: a process that is not opted in pays
+  only on its socket I/O, and stops at one bit test in an array map keyed by tgid
+  (inlined by the verifier, no helper call). For an opted-in process the program
+  reads the syscall's own arguments from the user registers the task saved at its
+  entry (read, readv, recvfrom, recvmsg, write, writev, sendto, sendmsg, sendfile;
+  anything else, such as io_uring, is not captured) and copies a prefix of the
+  bytes really moved (iovecs followed in order) and the true length into a 16 MiB
+  ring buffer: 4 KiB per call for a connection whose first bytes are an HTTP/1.x
+  request or status line (its bodies are skipped by length), else up to 32 KiB
+  (Redis, PostgreSQL and MySQL parsers need every message head of a long result);
+  the agent corrects that guess once its parser knows the protocol. A recv with
+  MSG_PEEK is not captured (the read that takes the bytes is). A full ring buffer
+  drops the event and counts it, per connection and direction, and the agent
+  hands the parser a gap there. A connection ends when its socket reaches
+  TCP_CLOSE, or when its fd turns up naming another socket;
+- on older kernels (`hooks: syscalls`, or auto without the socket tracepoints):
+  one raw tracepoint program at every syscall entry and exit on the host
+  (`raw_syscalls:sys_enter`, `sys_exit`): at entry a compare of the syscall number
+  with the ten it wants, then the bit test; at exit the bit test. The nine calls'
+  arguments wait per thread for the exit, which copies as above; close() ends a
+  connection. Every syscall of every process then takes the kernel's slow path
+  (measured below);
 - per new (process, fd): one look at the fd through the running kernel's own
   offsets (BTF): only TCP sockets are captured, anything else is remembered as
   skipped in the kernel; the peer address and ports are read then, so a
@@ -35,19 +47,18 @@ What fires, and when:
   listening ports, exec), aggregates are written, connections of exited processes
   end.
 
-Why raw sys_enter/sys_exit and not the nine syscalls' own tracepoints: the
-`syscalls:sys_enter_<name>` events are themselves run from the sys_enter raw
-tracepoint (the kernel's perf_syscall_enter looks the syscall number up and fills a
-perf record), so every syscall on the host already pays the raw tracepoint either
-way, and the regular ones add the record on top: 75-130 ns per hit against 20-40 ns
-for a raw tracepoint program (design notes; bench/event_cost.py measured 257 ns for
-an empty regular tracepoint on a loaded machine). Nine enter and nine exit
-programs would also be eighteen attachments against two. With nginx and wrk on one
-host a keep-alive request makes ~8 syscalls, so the two raw programs cost each
-process that is not opted in about 16 program runs of a few instructions per
-request. bench/l7_hooks.py measures the designs per syscall, bench/l7_ab.py the
-issue's cases per request (nothing opted in; nginx; an idle redis beside nginx;
-redis-benchmark).
+Why socket tracepoints: once any syscall tracepoint is in use, every task on the
+host takes the kernel's syscall slow path, whatever the program does. Measured here
+(a loop of getppid and 1-byte reads of /dev/zero): 167 ns per syscall without hooks,
++57 ns with one regular tracepoint on a syscall the loop never makes, +120 ns with
+empty raw sys_enter/sys_exit programs, +250 ns per hit of a regular syscall
+tracepoint. With nginx and wrk on one host a keep-alive request makes ~8 syscalls,
+so empty raw syscall programs alone cost nginx 10.35 % of its requests
+(bench/results/syscalls_floor_toggle.json), and the l7 probe on them, with only an
+idle redis opted in, 10.31 %. The socket tracepoints run only where a socket
+moves bytes (a request: nginx's read and write, wrk's write and read), with no
+slow path. The `syscalls:sys_enter_<name>` events are no cheaper than raw ones:
+they are run from the same sys_enter tracepoint and add a perf record on top.
 
 Parsing is in the agent (bpf/l7/protocols/: pure functions of bytes): each
 connection's events go to a `Connection`, which pairs requests with responses in a
@@ -128,6 +139,11 @@ F_TLS = 1
 F_WIDE = 2  # the event was captured with the wide limit (DENSE_CAPTURE)
 PID_BITS = 6  # the optin bitmap: word tgid >> 6, bit tgid & 63
 RAW_HOOKS = (("sys_enter", "l7_sys_enter"), ("sys_exit", "l7_sys_exit"))
+# Where the kernel has sock_send_length/sock_recv_length (6.3+): hooks that only
+# socket I/O runs, and the end of a captured connection at TCP_CLOSE.
+SOCK_HOOKS = (("sock_send_length", "l7_sock_send"), ("sock_recv_length", "l7_sock_recv"),
+              ("inet_sock_set_state", "l7_sock_state"))
+SOCK_EVENTS = ("sock:sock_send_length", "sock:sock_recv_length")
 RARE_HOOKS = (("sched_process_exec", "l7_exec"), ("sched_process_fork", "l7_fork"),
               ("sched_process_exit", "l7_exit"))
 SSL_PROBES = (("SSL_read", "ssl_read_enter"), ("SSL_write", "ssl_write_enter"),
@@ -171,6 +187,11 @@ def layout(b: btf.BTF) -> dict[str, int]:
         out[name] = m.offset
     for tp, _ in RAW_HOOKS + RARE_HOOKS:
         b.raw_tracepoint_args(tp)  # raises when the kernel has no such raw tracepoint
+    # The socket hooks read the user registers a task saved at syscall entry, at the
+    # x86-64 ABI's offsets (as sys_enter's context does): the kernel must agree.
+    for reg, off in (("r10", 56), ("dx", 96), ("si", 104), ("di", 112), ("orig_ax", 120)):
+        if b.offsetof("pt_regs", reg) != off:
+            raise btf.BTFError(f"{b.source}: pt_regs.{reg} is at {b.offsetof('pt_regs', reg)}, not {off}")
     if len(b.raw_tracepoint_args("sched_process_exit")) >= 2:  # (task, group_dead): 6.16+
         out["EXIT_GROUP_DEAD"] = 1
     return out
@@ -510,9 +531,17 @@ class L7Decoder:
         self.attached = False
         self.events = 0
         self.consumed = 0  # data events taken from the ring buffer since load
+        # The hooks that capture while something is opted in: the socket tracepoints
+        # where the kernel has them (only socket I/O pays), else raw sys_enter/sys_exit.
+        sockets_ok = not set(SOCK_EVENTS) & set(getattr(probe, "missing_optional", ()))
+        mode = getattr(self.settings, "hooks", "auto")
+        if mode == "sockets" and not sockets_ok:
+            raise SondeError("probes.l7.hooks is 'sockets' but this kernel has no sock:sock_send_length/"
+                             "sock_recv_length tracepoints (6.3+); use 'auto' or 'syscalls'")
+        self.hooks = SOCK_HOOKS if sockets_ok and mode != "syscalls" else RAW_HOOKS
         # Every program is loaded now, so bcc's table of functions never changes while
         # the runtime iterates it for statistics.
-        for _, fn in RAW_HOOKS + RARE_HOOKS:
+        for _, fn in self.hooks + RARE_HOOKS:
             self.bpf.load_func(fn.encode(), BPF.RAW_TRACEPOINT)
         for _, fn in SSL_PROBES:
             self.bpf.load_func(fn.encode(), BPF.KPROBE)
@@ -779,11 +808,11 @@ class L7Decoder:
             return
         if want:
             self.inflight.clear()  # enter records left from an earlier attachment
-            for tp, fn in RAW_HOOKS:
+            for tp, fn in self.hooks:
                 self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
             log.info("l7: syscall hooks attached")
         else:
-            for tp, _ in RAW_HOOKS:
+            for tp, _ in self.hooks:
                 self.bpf.detach_raw_tracepoint(tp=tp.encode())
             log.info("l7: syscall hooks detached (no process is opted in)")
         self.attached = want
@@ -1069,7 +1098,7 @@ class L7Decoder:
             for tgid in list(self.tls):
                 self._detach_tls(tgid)
             if self.attached:
-                for tp, _ in RAW_HOOKS:
+                for tp, _ in self.hooks:
                     self.bpf.detach_raw_tracepoint(tp=tp.encode())
                 self.attached = False
         self.matcher.close()
@@ -1083,7 +1112,9 @@ PROBE = Probe(
     name="l7",
     doc=__doc__,
     hooks=("raw_syscalls:sys_enter", "raw_syscalls:sys_exit", "sched:sched_process_exec",
-           "sched:sched_process_fork", "sched:sched_process_exit"),
+           "sched:sched_process_fork", "sched:sched_process_exit", "sock:inet_sock_set_state"),
+    optional_hooks={e: "nothing: the capture runs on raw sys_enter/sys_exit instead, which every syscall on "
+                       "the host pays while a process is opted in" for e in SOCK_EVENTS},
     default_enabled=False,
     requires=kernel_features,
     cflags=kernel_cflags,

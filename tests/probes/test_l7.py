@@ -181,11 +181,11 @@ class L7Env:
         self.servers.append(ng)
         return ng
 
-    def start_agent(self, ports=(), executables=(), processes=(), cpu_percent: float = 100):
+    def start_agent(self, ports=(), executables=(), processes=(), cpu_percent: float = 100, hooks="auto"):
         # The exactness tests let the parser use a whole core (their loads are paced);
         # the default budget (25 %) is tested on its own below.
         extra = ("probes:\n  l7:\n    enabled: true\n"
-                 f"    cpu_percent: {cpu_percent}\n"
+                 f"    cpu_percent: {cpu_percent}\n    hooks: {hooks}\n"
                  f"    ports: {json.dumps(list(ports))}\n    cgroups: {json.dumps([self.cgroup.path])}\n"
                  f"    executables: {json.dumps(list(executables))}\n    processes: {json.dumps(list(processes))}\n")
         self.agent = self.make_agent("l7", extra=extra)
@@ -293,15 +293,19 @@ def run_wrk(l7, ng: Nginx, *args: str, script: Path | None = None, path: str = "
     return ln.pid, requests, bad
 
 
-@pytest.mark.parametrize("mode", ["keepalive", "close", "pipeline"])
-def test_http_counts_equal_wrk_and_nginx(l7, influx, influx_db, mode):
+@pytest.mark.parametrize("mode,hooks", [("keepalive", "auto"), ("close", "auto"), ("pipeline", "auto"),
+                                        ("close", "syscalls"), ("pipeline", "syscalls")])
+def test_http_counts_equal_wrk_and_nginx(l7, influx, influx_db, mode, hooks):
     """nginx under wrk, both opted in: the requests wrk's side of each connection
     completed equal wrk's own count, and those nginx answered equal its access log,
     exactly; with keep-alive, with `Connection: close` (a connection per request,
     nginx closing first) and with wrk's pipelining script (3 requests per write,
-    each counted)."""
+    each counted). `auto` captures through the socket tracepoints on this kernel;
+    `syscalls` through raw sys_enter/sys_exit, what a 6.1 kernel gets."""
     ng = l7.nginx(HELLO)
-    l7.start_agent(ports=[ng.port])
+    agent = l7.start_agent(ports=[ng.port], hooks=hooks)
+    if hooks == "syscalls":
+        assert agent.probes["l7"].decoder.hooks[0][0] == "sys_enter"
     if mode == "pipeline":
         need(PIPELINE_LUA.exists(), f"{PIPELINE_LUA} (Debian's wrk ships it)")
     wrk_pid, wrk_requests, wrk_bad = run_wrk(l7, ng, *(["-H", "Connection: close"] if mode == "close" else []),
@@ -515,7 +519,9 @@ def attached_sys_hooks(agent) -> set[str]:
     need(shutil.which("bpftool") is not None, "bpftool (Debian package) to list the kernel's BPF links")
     funcs = agent.probes["l7"].bpf.funcs
     ids = set()
-    for name in (b"l7_sys_enter", b"l7_sys_exit"):
+    for name in (b"l7_sys_enter", b"l7_sys_exit", b"l7_sock_send", b"l7_sock_recv", b"l7_sock_state"):
+        if name not in funcs:  # loaded are the programs of the hooks this kernel uses
+            continue
         info = Path(f"/proc/self/fdinfo/{funcs[name].fd}").read_text()
         ids.add(int(re.search(r"prog_id:\s*(\d+)", info).group(1)))
     links = json.loads(subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True,
@@ -539,7 +545,10 @@ def test_hooks_attach_only_while_a_process_is_opted_in_and_others_make_no_points
 
     mine = l7.nginx(HELLO, port=port)
     l7.opted(mine.pids())
-    assert attached_sys_hooks(agent) == {"sys_enter", "sys_exit"}
+    # On a kernel with the socket tracepoints (6.3+) those, else raw sys_enter/exit
+    want = {"sock_send_length", "sock_recv_length", "inet_sock_set_state"} \
+        if Path("/sys/kernel/tracing/events/sock/sock_send_length").is_dir() else {"sys_enter", "sys_exit"}
+    assert attached_sys_hooks(agent) == want
     wrk = subprocess.run(["wrk", "-t1", "-c2", "-d1s", f"http://127.0.0.1:{other.port}/"], check=True,
                          capture_output=True, text=True)
     assert wrk_counts(wrk.stdout)[0] > 100
