@@ -101,11 +101,11 @@ Limits:
 - a program that execs into a match (by name or executable) is opted in, and its
   libssl probed, when the agent sees the exec, tens of milliseconds later: what it
   says before is not seen (a TLS connection's ciphertext shows as `undetected`).
-  Processes forked by an opted-in one are covered at once by the kernel;
-- PostgreSQL over SSL is not counted exactly: backends see every request, but
-  some of their SSL_write returns and all of libpq's SSL_read returns never reach
-  the program (libpq and the server read and write through their own BIOs over
-  non-blocking sockets; the cause is not found). Redis and nginx over TLS are exact;
+  Processes forked by an opted-in one are covered at once by the kernel, and so is
+  a program an opted-in process execs (the distribution's libssl is probed from the
+  opt-in on, and uprobes stay on across an exec);
+- on raw syscall hooks (`hooks: syscalls`, kernels before 6.3) a recv with MSG_PEEK
+  reads as a read: the peeked bytes are parsed twice (an orphan response each);
 - not captured: io_uring, sendmmsg/recvmmsg, splice, kTLS, UNIX sockets, UDP;
   HTTP/2 and HTTP/3; an fd replaced by dup2() or closed by close_range() keeps its
   old connection until the process exits;
@@ -714,7 +714,10 @@ class L7Decoder:
         log.info("l7: opted in pid %d (%s)", tgid, comm.decode(errors="replace"))
         self._hooks()
         if self.tls_wanted:
-            self._attach_tls(tgid)
+            # With the distribution's libssl too, where the process maps none yet: a
+            # launcher or shell opted in (by cgroup) that then execs a TLS client has it
+            # probed from its first call, the uprobes staying on across the exec.
+            self._attach_tls(tgid, guess=True)
 
     def _opt_out(self, tgid: int, gone: bool = False) -> None:
         """Stop capturing a process. Its events already in the ring buffer are still
@@ -738,7 +741,13 @@ class L7Decoder:
         if self.matcher.matches(tgid) or self.matcher.parent(tgid) in self.opted:
             if tgid in self.opted:
                 self.opted[tgid] = self.names[tgid] = comm
-                self._detach_tls(tgid)  # a new program: new libraries
+                # A new program: its libraries are probed too. The uprobes already on
+                # stay: they are the task's, not its old memory's, so the kernel puts
+                # them into the new program's libssl when it maps it. A launcher's or
+                # wrapper's exec (env, a perl wrapper such as Debian's pgbench) then
+                # has the real program probed from its first TLS call, where detaching
+                # and attaching again, tens of ms after the exec, missed a client's
+                # start-up and, for PostgreSQL, its whole connection.
                 if self.tls_wanted:
                     self._attach_tls(tgid, guess=True)
             else:

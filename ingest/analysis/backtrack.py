@@ -797,6 +797,16 @@ def text(report: dict) -> str:
                      f"{r['tx_bytes']:>12}{r['rx_bytes']:>12}{conns:>7}"
                      f"{r['connect_refused'] + r['connect_timeouts']:>6}{r['resets_received']:>6}"
                      f"{r['retransmits']:>6}{srtt:>18}")
+    if report["l7"]:
+        lines += ["", "Requests (probe l7, every opted-in process and protocol):",
+                  f"  {'process':<16}{'pid':>8} {'role':<7}{'peer':<26}{'protocol':<9}{'requests':>10}{'errors':>8}"
+                  f"{'no resp':>8}{'p50/p99 us':>18}"]
+        for r in report["l7"][:30]:
+            lat = f'{r.get("p50_us") or "-"}/{r.get("p99_us") or "-"}'
+            lines.append(f"  {r['comm'][:15]:<16}{r['pid'][:8]:>8} {r['role']:<7}{(r['peer'] + ':' + r['port'])[:25]:<26}"
+                         f"{r['protocol'][:8]:<9}{r['requests']:>10}{r['errors']:>8}{r['no_response']:>8}{lat:>18}")
+            if r["codes"]:
+                lines.append(f"  {'':<24} error statuses: {_codes_text(r['codes'])}")
     for lb in report["load_balancers"]:
         lines += ["", f"Load balancer {lb['process']} on {lb['host']} (pids {', '.join(lb['pids'])}, listening on "
                       f":{', :'.join(sorted(lb['frontends'])) or '-'}): backends"]

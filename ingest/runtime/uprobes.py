@@ -28,7 +28,8 @@ GROUP = "sonde_uprobes"
 
 _PERF_TYPE_TRACEPOINT = 2
 _ATTR_SIZE = 128                 # PERF_ATTR_SIZE_VER7; the kernel accepts any known size
-_INHERIT = 1 << 1                # perf_event_attr flags: disabled (bit 0), inherit (bit 1)
+_DISABLED = 1 << 0               # perf_event_attr flags: disabled (bit 0), inherit (bit 1)
+_INHERIT = 1 << 1
 _PERF_FLAG_FD_CLOEXEC = 8
 _NR_PERF_EVENT_OPEN = 298        # x86-64
 _IOC_ENABLE = 0x2400
@@ -52,6 +53,20 @@ def _errno(what: str) -> OSError:
     return OSError(e, f"{what}: {os.strerror(e)}")
 
 
+def _open(tp_id: int, pid: int, inherit: bool) -> int:
+    """A perf event (disabled until enabled) on tracepoint tp_id for pid, inherited by
+    its forks or not."""
+    attr = bytearray(_ATTR_SIZE)
+    struct.pack_into("IIQQ", attr, 0, _PERF_TYPE_TRACEPOINT, _ATTR_SIZE, tp_id, 1)  # sample_period 1
+    struct.pack_into("Q", attr, 40, _DISABLED | (_INHERIT if inherit else 0))
+    struct.pack_into("I", attr, 48, 1)                                            # wakeup_events
+    buf = ctypes.create_string_buffer(bytes(attr), _ATTR_SIZE)
+    fd = _libc.syscall(_NR_PERF_EVENT_OPEN, buf, pid, -1, -1, _PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        raise _errno(f"perf_event_open for pid {pid}")
+    return fd
+
+
 class Uprobe:
     """fn (a loaded KPROBE-type program's fd) at path+offset in pid and its future forks."""
 
@@ -60,30 +75,34 @@ class Uprobe:
             raise OSError(f"{path!r}: tracefs cannot name a path with blanks")
         self.name = f"sonde_{os.getpid()}_{next(_names)}"
         _tracefs(f"{'r' if ret else 'p'}:{GROUP}/{self.name} {path.decode()}:{offset:#x}")
-        self.fd = -1
+        self.fd = self.prog_fd = -1
         try:
             tp_id = int((TRACEFS / "events" / GROUP / self.name / "id").read_text())
-            attr = bytearray(_ATTR_SIZE)
-            struct.pack_into("IIQQ", attr, 0, _PERF_TYPE_TRACEPOINT, _ATTR_SIZE, tp_id, 1)  # sample_period 1
-            struct.pack_into("Q", attr, 40, _INHERIT)
-            struct.pack_into("I", attr, 48, 1)                                            # wakeup_events
-            buf = ctypes.create_string_buffer(bytes(attr), _ATTR_SIZE)
-            self.fd = _libc.syscall(_NR_PERF_EVENT_OPEN, buf, pid, -1, -1, _PERF_FLAG_FD_CLOEXEC)
-            if self.fd < 0:
-                raise _errno(f"perf_event_open for pid {pid}")
-            if _libc.ioctl(self.fd, _IOC_SET_BPF, prog_fd) != 0:
+            # Two perf events on it. The inherited one carries no program: it is what the
+            # kernel copies to each fork, so the uprobe's filter admits the child's memory.
+            # The program is on a second event, of this process alone: the kernel gives an
+            # inherited event its parent's program too, and freeing that copy when a
+            # child exits takes the program off the tracefs event for every process
+            # (seen here: PostgreSQL's plaintext stopped for every backend, and for
+            # backends forked later, once the first backend had exited). While the
+            # program is on and returns 0, no hit makes a perf record.
+            self.fd = _open(tp_id, pid, inherit=True)
+            self.prog_fd = _open(tp_id, pid, inherit=False)
+            if _libc.ioctl(self.prog_fd, _IOC_SET_BPF, prog_fd) != 0:
                 raise _errno("PERF_EVENT_IOC_SET_BPF")
-            if _libc.ioctl(self.fd, _IOC_ENABLE, 0) != 0:
-                raise _errno("PERF_EVENT_IOC_ENABLE")
+            for fd in (self.prog_fd, self.fd):
+                if _libc.ioctl(fd, _IOC_ENABLE, 0) != 0:
+                    raise _errno("PERF_EVENT_IOC_ENABLE")
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         """Ends the uprobe in the process and in every fork that inherited it."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.prog_fd, self.fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.prog_fd = -1
         if self.name:
             try:
                 _tracefs(f"-:{GROUP}/{self.name}")

@@ -436,7 +436,18 @@ import http.client, json, sys, time
 host, port, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 conn = http.client.HTTPConnection(host, port, timeout=30)
 out = []
-if what == "slow":
+if what == "peek":
+    # each response looked at with MSG_PEEK until whole, then taken by a plain recv
+    import socket
+    s = socket.create_connection((host, port), timeout=30)
+    for _ in range(10):
+        s.sendall(b"GET / HTTP/1.1\\r\\nHost: sonde\\r\\n\\r\\n")
+        buf = b""
+        while not buf.endswith(b"hello\\n"):
+            buf = s.recv(4096, socket.MSG_PEEK)
+        assert s.recv(len(buf)) == buf
+        out.append(len(buf))
+elif what == "slow":
     for _ in range(20):
         t = time.monotonic(); conn.request("GET", "/slow"); body = conn.getresponse().read()
         out.append(time.monotonic() - t)
@@ -510,6 +521,26 @@ def test_http_10mb_bodies_are_one_request_each(l7, balancer, influx, influx_db):
     assert [line[0] for line in front.log()] == ["200", "200"]
     caps = [r for r in capture_rows(influx, influx_db) if int(r["pid"]) in front.pids() | {pid}]
     for field in ("sum_unanswered", "sum_desyncs", "sum_truncated", "sum_lost_events"):
+        assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
+
+
+def test_peeked_responses_count_once(l7, influx, influx_db):
+    """A client that looks at each response with recv(MSG_PEEK) before reading it:
+    ten requests, ten responses at the client and at nginx, no response left over
+    unpaired (the peek moved no bytes off the socket; the read that did is counted).
+    Needs the socket hooks (6.3+): on raw syscall hooks a peek reads as a read."""
+    need(Path("/sys/kernel/tracing/events/sock/sock_recv_length").is_dir(), "sock:sock_recv_length (6.3+)")
+    ng = l7.nginx(HELLO)
+    l7.start_agent(ports=[ng.port])
+    l7.opted(ng.pids())
+    pid, sizes = run_client(l7, ng.port, "peek")
+    assert len(sizes) == 10
+    assert l7.settle()["lost_events"] == 0
+    rows = red(influx, influx_db)
+    assert total(rows, pid=pid, role="client", op="GET") == 10
+    assert total([r for r in rows if int(r["pid"]) in ng.pids()], "s2") == len(ng.log()) == 10
+    caps = [r for r in capture_rows(influx, influx_db) if int(r["pid"]) in ng.pids() | {pid}]
+    for field in ("sum_orphan_responses", "sum_unanswered", "sum_desyncs"):
         assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
 
 
@@ -670,6 +701,7 @@ def test_redis_unknown_command_is_an_error_and_debug_sleep_lands_in_its_bucket(l
     its reply, holds the execution: on a loaded machine it can be longer)."""
     redis = Redis(l7.tmp)
     l7.servers.append(redis)
+    start_ms = int(time.time() * 1000)
     l7.start_agent(ports=[redis.port])
     script = l7.tmp / "cli.sh"
     script.write_text(f"for i in 1 2 3; do redis-cli -p {redis.port} NOSUCHCOMMAND x; done\n"
@@ -696,6 +728,18 @@ def test_redis_unknown_command_is_an_error_and_debug_sleep_lands_in_its_bucket(l
     seen = sorted(int(r["le"]) for r in hist_rows if int(r["pid"]) in redis.pids() for _ in range(int(r["n"])))
     assert len(seen) == 5 and seen.count(65535) >= 4, seen
     assert all(le in (65535, 131071) for le in seen), seen
+    # `sonde backtrack` over the window lists redis's requests, with its 3 errors
+    cfg = l7.tmp / "bt.yaml"
+    cfg.write_text(f"state_dir: {l7.tmp}/bt\ninfluxdb:\n  api: v1\n  url: {influx.url}\n  database: {influx_db}\n")
+    cmd = [str(Path(__file__).resolve().parents[2] / ".venv/bin/sonde"), "backtrack", "-c", str(cfg),
+           "--from", str(start_ms / 1000), "--to", str(time.time() + 1)]
+    report = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout)
+    served = [r for r in report["l7"] if int(r["pid"]) in redis.pids() and r["role"] == "server"]
+    assert {r["protocol"] for r in served} == {"resp"} and sum(r["errors"] for r in served) == 3, served
+    assert sum(r["requests"] for r in served) == total(rows, role="server", pid=served[0]["pid"])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.split()[:4] == ["redis-server", served[0]["pid"], "server", f"127.0.0.1:{redis.port}"])
+    assert line.split()[4:7] == ["resp", str(served[0]["requests"]), "3"], line
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -747,6 +791,17 @@ class Postgres:
             out[verb] = out.get(verb, 0) + int(calls)
         return out
 
+    def enable_ssl(self) -> None:
+        """SSL on (a self-signed certificate), by a reload: clients may then use it."""
+        cert, key = self_signed(self.dir)
+        shutil.chown(cert, "postgres", "postgres")
+        shutil.chown(key, "postgres", "postgres")
+        os.chmod(key, 0o600)  # PostgreSQL refuses a key others can read
+        for setting in (f"ssl_cert_file = '{cert}'", f"ssl_key_file = '{key}'", "ssl = on"):
+            self.sql(f"ALTER SYSTEM SET {setting}")
+        self.sql("SELECT pg_reload_conf()")
+        wait_until(lambda: self.sql("SHOW ssl").strip() == "on", what="ssl on after the reload")
+
     @property
     def postmaster(self) -> int:
         """The server's own pid (runuser, which started it, is its parent)."""
@@ -797,16 +852,23 @@ def server_ops(influx, db: str, pg_pids_seen: set[int] | None = None, role: str 
     return {k: v for k, v in out.items() if v}
 
 
-@pytest.mark.parametrize("mode", ["simple", "extended"])
-def test_pgbench_counts_equal_pg_stat_statements(l7, postgres, influx, influx_db, mode):
+@pytest.mark.parametrize("mode,ssl", [("simple", False), ("extended", False), ("extended", True)],
+                         ids=["simple", "extended", "extended-ssl"])
+def test_pgbench_counts_equal_pg_stat_statements(l7, postgres, influx, influx_db, mode, ssl):
     """pgbench -S (select-only) in the simple and the extended query protocol, pgbench and
     the server both opted in: SELECTs at the server's backends and at pgbench equal
-    pg_stat_statements' calls, which count one per executed statement."""
+    pg_stat_statements' calls, which count one per executed statement. Over SSL
+    (sslmode=require) the plaintext comes from libssl's SSL_read/SSL_write in both."""
     pg = postgres
+    if ssl:
+        pg.enable_ssl()
     l7.start_agent(ports=[pg.port])
-    ln = l7.launch(["pgbench", "-n", "-S", "-M", mode, "-c", "2", "-t", "1000", "-h", "127.0.0.1",
-                    "-p", str(pg.port), "-U", "postgres", "postgres"])
+    ln = l7.launch(["env", f"PGSSLMODE={'require' if ssl else 'disable'}", "pgbench", "-n", "-S", "-M", mode,
+                    "-c", "2", "-t", "1000", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "postgres"])
     l7.opted({pg.postmaster, ln.pid})
+    if ssl:
+        dec = l7.agent.probes["l7"].decoder
+        wait_until(lambda: any(dec.tls.get(pg.postmaster, {}).values()), what="libssl uprobes on the postmaster")
     pg.sql("SELECT pg_stat_statements_reset()")
     ln.run()
     truth = pg.statement_calls()
