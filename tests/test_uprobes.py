@@ -35,7 +35,7 @@ int on_marker(void *ctx) { u32 tgid = bpf_get_current_pid_tgid() >> 32; hits.inc
         b.cleanup()
 
 
-def run(binary: Path, counts: tuple[int, int, int], before_go=None) -> tuple[subprocess.Popen, callable]:
+def run(binary: Path, counts: tuple[int, ...], before_go=None) -> tuple[subprocess.Popen, callable]:
     p = subprocess.Popen([str(binary), *map(str, counts)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def go() -> list[int]:
@@ -59,6 +59,23 @@ def test_forks_inherit_the_uprobe_and_other_processes_do_not_run_it(counting):
         name = u.name
         u.close()
     assert name not in (uprobes.TRACEFS / "uprobe_events").read_text()
+
+
+@pytest.mark.parametrize("ret", [False, True], ids=["entry", "return"])
+def test_the_program_outlives_the_forks_that_exit(counting, ret):
+    """Once a fork that inherited the uprobe has exited, the parent and a fork made
+    after still run the program (the kernel gave an inherited perf event its parent's
+    program and, freeing it at the child's exit, took the program off the event for
+    every process: PostgreSQL's backends lost their plaintext once one had exited)."""
+    b, prog, binary = counting
+    probed, go = run(binary, (5, 7, 11, 13))
+    u = uprobes.Uprobe(prog.fd, str(binary).encode(), marker_offset(binary), probed.pid, ret=ret)
+    try:
+        parent, child, grandchild, later = go()
+        hits = {k.value: v.value for k, v in b[b"hits"].items()}
+        assert hits == {parent: 5 + 13, child: 7, grandchild: 11, later: 13}, hits
+    finally:
+        u.close()
 
 
 def test_a_closed_uprobe_runs_nowhere_and_stale_events_are_removed(counting):

@@ -1,7 +1,9 @@
 /* For the inherited-uprobe test: waits for a line on stdin, calls marker() PARENT
  * times, forks a child that calls it CHILD times (and a grandchild that calls it
- * GRANDCHILD times), waits for both, prints "parent child grandchild" pids. Built at
- * test time; nothing built is committed. */
+ * GRANDCHILD times), waits for both, prints "parent child grandchild" pids. With a
+ * fourth argument AFTER, once both have exited (and 200 ms more), the parent calls it
+ * AFTER times more and forks a second child that calls it AFTER times, whose pid is
+ * printed fourth. Built at test time; nothing built is committed. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -14,6 +16,7 @@ static void calls(int n) { volatile int s = 0; for (int i = 0; i < n; i++) s += 
 int main(int argc, char **argv)
 {
     int parent = atoi(argv[1]), child = atoi(argv[2]), grandchild = atoi(argv[3]);
+    int after = argc > 4 ? atoi(argv[4]) : -1;
     char line[16];
     if (!fgets(line, sizeof line, stdin))
         return 1;
@@ -38,6 +41,18 @@ int main(int argc, char **argv)
     waitpid(c, 0, 0);
     if (read(fds[0], &g, sizeof g) != sizeof g)
         return 1;
-    printf("%d %d %d\n", getpid(), c, g);
+    if (after < 0) {
+        printf("%d %d %d\n", getpid(), c, g);
+        return 0;
+    }
+    usleep(200000);
+    calls(after);
+    pid_t c2 = fork();
+    if (c2 == 0) {
+        calls(after);
+        _exit(0);
+    }
+    waitpid(c2, 0, 0);
+    printf("%d %d %d %d\n", getpid(), c, g, c2);
     return 0;
 }
