@@ -13,8 +13,9 @@ OP = Tag("op", "Operation class, a closed set per protocol: http the method (GET
                "OTHER, UNKNOWN; mysql those and PREPARE, PING, INIT_DB, COMMAND. Never a URL, key or query text.")
 
 RED_TAGS = (HOST, PID, COMM, ROLE, PEER, PORT, PROTOCOL, OP)
-_SOURCE = ("raw_syscalls:sys_enter/sys_exit payload prefixes and libssl uprobes of opted-in processes, "
-           "parsed in the agent (probe l7, opt-in)")
+_SOURCE = ("payload prefixes of opted-in processes' socket reads and writes (sock:sock_send_length/"
+           "sock_recv_length, or raw_syscalls:sys_enter/sys_exit before 6.3) and libssl uprobes, parsed in the "
+           "agent (probe l7, opt-in)")
 
 L7_REQUESTS = Measurement(
     name="l7_requests",
@@ -91,7 +92,7 @@ L7_PROBE = Measurement(
     tags=(HOST,),
     fields=(
         Field("opted_in_processes", "int", "processes", "Processes opted in at poll time."),
-        Field("hooks_attached", "int", "bool", "1 while the raw_syscalls hooks are attached, else 0."),
+        Field("hooks_attached", "int", "bool", "1 while the capture hooks (socket or syscall tracepoints) are attached, else 0."),
         Field("tracked_connections", "int", "connections", "Connections the agent parses at poll time."),
         Field("events", "int", "events", "Read/write events handed to the agent this interval."),
         Field("lost_events", "int", "events",
