@@ -255,6 +255,16 @@ static __always_inline void emit_small(u8 kind, u32 tgid, s32 fd)
         stat_add(0, 1);
 }
 
+/* The connection (tgid, fd) ends: user space is told (where it was captured), its
+ * entries go. */
+static __always_inline void end_conn(u64 key, struct conn_t *c)
+{
+    if (c->state != CONN_SKIP)
+        emit_small(EV_CLOSE, key >> 32, (s32)key);
+    conns.delete(&key);
+    caps.delete(&key);
+}
+
 /* The connection entry of (tgid, fd), created (and resolved) on first sight. sk, when
  * a socket hook knows it, is the socket the call used: an entry of another socket
  * means the fd was closed and reused (its old connection ends here), and an fd that
@@ -273,12 +283,8 @@ static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_soc
     fresh.state = resolve(fd, &fresh) ? state_if_socket : CONN_SKIP;
     if (sk && fresh.sk != sk)
         return 0;
-    if (c) {
-        if (c->state != CONN_SKIP)
-            emit_small(EV_CLOSE, tgid, fd);
-        caps.delete(&key);
-        conns.delete(&key);
-    }
+    if (c)
+        end_conn(key, c);
     if (conns.insert(&key, &fresh) && !conns.lookup(&key)) {
         count_drop();
         return 0;
@@ -425,12 +431,8 @@ int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
     u64 key = conn_key(tgid, fd);
     struct conn_t *c = conns.lookup(&key);
     if (how == 255) {
-        if (c) {
-            if (c->state != CONN_SKIP)
-                emit_small(EV_CLOSE, tgid, fd);
-            conns.delete(&key);
-            caps.delete(&key);
-        }
+        if (c)
+            end_conn(key, c);
         return 0;
     }
     if (c && c->state == CONN_SKIP)
@@ -539,10 +541,7 @@ int l7_sock_state(struct bpf_raw_tracepoint_args *ctx)
     struct conn_t *c = conns.lookup(&key);
     if (!c || c->sk != sk)
         return 0;  /* the fd names another socket now */
-    if (c->state != CONN_SKIP)
-        emit_small(EV_CLOSE, key >> 32, (s32)key);
-    conns.delete(&key);
-    caps.delete(&key);
+    end_conn(key, c);
     return 0;
 }
 #endif

@@ -48,17 +48,15 @@ What fires, and when:
   end.
 
 Why socket tracepoints: once any syscall tracepoint is in use, every task on the
-host takes the kernel's syscall slow path, whatever the program does. Measured here
-(a loop of getppid and 1-byte reads of /dev/zero): 167 ns per syscall without hooks,
-+57 ns with one regular tracepoint on a syscall the loop never makes, +120 ns with
-empty raw sys_enter/sys_exit programs, +250 ns per hit of a regular syscall
-tracepoint. With nginx and wrk on one host a keep-alive request makes ~8 syscalls,
-so empty raw syscall programs alone cost nginx 10.35 % of its requests
-(bench/results/syscalls_floor_toggle.json), and the l7 probe on them, with only an
-idle redis opted in, 10.31 %. The socket tracepoints run only where a socket
-moves bytes (a request: nginx's read and write, wrk's write and read), with no
-slow path. The `syscalls:sys_enter_<name>` events are no cheaper than raw ones:
-they are run from the same sys_enter tracepoint and add a perf record on top.
+host takes the kernel's syscall slow path, whatever the program does. With nginx
+and wrk on one host, empty raw sys_enter/sys_exit programs cost nginx 10.35 % of its
+requests (bench/results/syscalls_floor_toggle.json), and the l7 probe on them, with
+only an idle redis opted in, 10.31 % (l7_redis_opted_nginx_syscalls_toggle.json).
+Empty programs on the socket tracepoints cost 1.93 % (sockets_floor_toggle.json),
+and the l7 probe on them 2.99 % (l7_redis_opted_nginx_toggle.json): they run only
+where a socket moves bytes, with no slow path. The `syscalls:sys_enter_<name>`
+events are no cheaper than raw ones: they are run from the same sys_enter
+tracepoint and add a perf record on top.
 
 Parsing is in the agent (bpf/l7/protocols/: pure functions of bytes): each
 connection's events go to a `Connection`, which pairs requests with responses in a
@@ -811,7 +809,8 @@ class L7Decoder:
         self._hooks()
 
     def _hooks(self) -> None:
-        """The syscall hooks are attached exactly while some process is opted in."""
+        """The capture hooks (socket or syscall tracepoints) are attached exactly while
+        some process is opted in."""
         want = bool(self.opted)
         if want == self.attached:
             return
@@ -819,11 +818,11 @@ class L7Decoder:
             self.inflight.clear()  # enter records left from an earlier attachment
             for tp, fn in self.hooks:
                 self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
-            log.info("l7: syscall hooks attached")
+            log.info("l7: capture hooks attached (%s)", ", ".join(tp for tp, _ in self.hooks))
         else:
             for tp, _ in self.hooks:
                 self.bpf.detach_raw_tracepoint(tp=tp.encode())
-            log.info("l7: syscall hooks detached (no process is opted in)")
+            log.info("l7: capture hooks detached (no process is opted in)")
         self.attached = want
 
     def _forget_kernel_conns(self, tgids: set[int]) -> None:

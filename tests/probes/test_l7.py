@@ -252,6 +252,10 @@ def wrk_binary(tmp: Path) -> str:
 
 # --- HTTP ------------------------------------------------------------------------------------
 
+# Whether this kernel has the socket tracepoints l7 captures on by default (6.3+)
+SOCKET_TRACEPOINTS = all(Path(f"/sys/kernel/tracing/events/sock/{e}").is_dir()
+                         for e in ("sock_send_length", "sock_recv_length"))
+
 HELLO = """
     server {
         listen 127.0.0.1:PORT;
@@ -529,7 +533,7 @@ def test_peeked_responses_count_once(l7, influx, influx_db):
     ten requests, ten responses at the client and at nginx, no response left over
     unpaired (the peek moved no bytes off the socket; the read that did is counted).
     Needs the socket hooks (6.3+): on raw syscall hooks a peek reads as a read."""
-    need(Path("/sys/kernel/tracing/events/sock/sock_recv_length").is_dir(), "sock:sock_recv_length (6.3+)")
+    need(SOCKET_TRACEPOINTS, "sock:sock_send_length/sock_recv_length (6.3+)")
     ng = l7.nginx(HELLO)
     l7.start_agent(ports=[ng.port])
     l7.opted(ng.pids())
@@ -544,8 +548,8 @@ def test_peeked_responses_count_once(l7, influx, influx_db):
         assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
 
 
-def attached_sys_hooks(agent) -> set[str]:
-    """The raw tracepoints our syscall programs are attached to, as the kernel lists
+def attached_capture_hooks(agent) -> set[str]:
+    """The raw tracepoints our capture programs are attached to, as the kernel lists
     its links (bpftool), not as the agent believes."""
     need(shutil.which("bpftool") is not None, "bpftool (Debian package) to list the kernel's BPF links")
     funcs = agent.probes["l7"].bpf.funcs
@@ -567,7 +571,7 @@ def test_hooks_attach_only_while_a_process_is_opted_in_and_others_make_no_points
     produce no point; when the opted-in server exits, the hooks detach again."""
     port = free_port()
     agent = l7.start_agent(ports=[port])
-    assert attached_sys_hooks(agent) == set()
+    assert attached_capture_hooks(agent) == set()
     assert l7.probe_point()["hooks_attached"] == 0
     other = l7.nginx(HELLO)
     need(shutil.which("wrk") is not None, "wrk not installed")
@@ -577,9 +581,9 @@ def test_hooks_attach_only_while_a_process_is_opted_in_and_others_make_no_points
     mine = l7.nginx(HELLO, port=port)
     l7.opted(mine.pids())
     # On a kernel with the socket tracepoints (6.3+) those, else raw sys_enter/exit
-    want = {"sock_send_length", "sock_recv_length", "inet_sock_set_state"} \
-        if Path("/sys/kernel/tracing/events/sock/sock_send_length").is_dir() else {"sys_enter", "sys_exit"}
-    assert attached_sys_hooks(agent) == want
+    want = {"sock_send_length", "sock_recv_length", "inet_sock_set_state"} if SOCKET_TRACEPOINTS \
+        else {"sys_enter", "sys_exit"}
+    assert attached_capture_hooks(agent) == want
     wrk = subprocess.run(["wrk", "-t1", "-c2", "-d1s", f"http://127.0.0.1:{other.port}/"], check=True,
                          capture_output=True, text=True)
     assert wrk_counts(wrk.stdout)[0] > 100
@@ -589,7 +593,7 @@ def test_hooks_attach_only_while_a_process_is_opted_in_and_others_make_no_points
 
     mine.stop()
     wait_until(lambda: l7.probe_point()["hooks_attached"] == 0, what="the hooks detached")
-    assert attached_sys_hooks(agent) == set()
+    assert attached_capture_hooks(agent) == set()
 
 
 # --- Redis -----------------------------------------------------------------------------------
