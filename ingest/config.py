@@ -139,6 +139,9 @@ class L7ProbeConfig(ProbeConfig):
     # 6.3+: only socket I/O pays), "syscalls" (raw sys_enter/sys_exit: every syscall on the
     # host pays), or "auto" (sockets where the kernel has them).
     hooks: Literal["auto", "sockets", "syscalls"] = "auto"
+    # Count HTTP/1.x and Redis connections in the kernel while they go one request at a
+    # time (the agent parses the rest: pipelining, bodies, other protocols, TLS).
+    in_kernel: bool = True
     # The most of one core the agent spends parsing; past it the kernel drops events
     # (counted in l7_probe.lost_events) rather than the agent slowing the host further.
     cpu_percent: float = Field(25.0, gt=0, le=100)

@@ -60,6 +60,8 @@
 #define EV_EXEC 3
 #define EV_FORK 4
 #define EV_EXIT 5
+#define EV_FAST 6   /* a connection is counted in the kernel from its first request on */
+#define EV_SEED 7   /* ... until now: the agent parses it from here, with what was waiting */
 
 #define HOW_BUF 0   /* (fd, buf, len) */
 #define HOW_IOV 1   /* (fd, iov, iovcnt) */
@@ -72,6 +74,16 @@
 #define CONN_TRACK 1
 #define CONN_SKIP 2
 #define CONN_TLS 3
+
+#define OP_LEN 16   /* a method or command name (uppercase); a longer command goes to the agent */
+#define FAST_MAX 512  /* a request counted in the kernel is whole in this many bytes */
+#define FAST_HTTP 1
+#define FAST_RESP 2
+#define FAST_SLOW 3
+#define CUT_SLOT 255  /* agg_key_t.slot of a request outstanding when its connection ended */
+#ifndef AGG_ENTRIES
+#define AGG_ENTRIES 8192
+#endif
 
 #define F_TLS 1
 #define F_WIDE 2  /* captured with the wide limit (CAP_MAX) */
@@ -119,6 +131,12 @@ struct args_t {
 };
 
 struct conn_t {
+    u64 req_ts;   /* in-kernel counting: when the waiting request came */
+    char op[OP_LEN];  /* its method or command */
+    u8 fast;      /* 0 until the first bytes; FAST_HTTP/FAST_RESP: counted here; FAST_SLOW: by the agent */
+    u8 req_dir;   /* the direction requests travel (fast connections) */
+    u8 waiting;   /* a request waits for its response */
+    u8 pad4;
     u32 state;
     u32 lost_in;
     u32 lost_out;
@@ -167,8 +185,42 @@ BPF_RINGBUF_OUTPUT(events, RING_PAGES);
  * Programs here run in process context with migration disabled and never nest on a
  * CPU, so a CPU's buffer has one user at a time. */
 BPF_ARRAY(scratch, struct l7_buf_t, NR_CPUS);
-/* [0] events the ring buffer had no room for, [1] events sent, [2] bytes captured */
-BPF_PERCPU_ARRAY(l7_stats, u64, 4);
+/* [0] events the ring buffer had no room for, [1] events sent, [2] bytes captured,
+ * [3] exchanges counted in the kernel, [4] of those, lost to a full `agg` */
+BPF_PERCPU_ARRAY(l7_stats, u64, 6);
+
+/* --- in-kernel counting (HTTP/1.x and Redis, one request at a time) ---------------------
+ * A connection whose first bytes are one whole HTTP/1.x request head (or one whole
+ * RESP command) is counted here, not in the agent: each request waits in the
+ * connection's entry until the other side's first bytes, the status line or reply
+ * type, which complete it into `agg`. The agent reads and clears `agg` per poll,
+ * one generation at a time (`agg_gen`), so nothing is counted twice or lost. The
+ * first thing the kernel cannot be sure of (two requests in one read, a request while
+ * one waits, a 1xx, a body in the request's read, bytes that are not a message start)
+ * hands the connection to the agent for good, with the request that waits (EV_SEED). */
+struct agg_key_t {
+    u32 tgid;
+    u16 port;     /* server: the local port; client: the remote one */
+    u16 code;     /* http: the status code; resp: 1 for an error reply, else 0 */
+    u8 gen;
+    u8 slot;      /* the exp2 slot of the duration in microseconds, or CUT_SLOT */
+    u8 role;      /* 0: this process answered (server), 1: it asked (client) */
+    u8 proto;     /* FAST_HTTP or FAST_RESP */
+    u8 family;
+    u8 pad[3];
+    u8 raddr[16];
+    char op[OP_LEN];
+};
+
+struct agg_val_t {
+    u64 count;
+    u64 sum_us;
+    u64 max_us;
+};
+
+BPF_TABLE("percpu_hash", struct agg_key_t, struct agg_val_t, agg, AGG_ENTRIES);
+/* [0] the generation new exchanges go to; [1] 1 when in-kernel counting is on */
+BPF_ARRAY(l7_conf, u32, 2);
 BPF_PERCPU_ARRAY(sonde_drops, u64, 1);
 static __always_inline void count_drop(void) { int zero = 0; sonde_drops.increment(zero); }  /* see sonde.h */
 
@@ -255,10 +307,55 @@ static __always_inline void emit_small(u8 kind, u32 tgid, s32 fd)
         stat_add(0, 1);
 }
 
+/* One exchange of a fast connection: its response began (code), or it was cut
+ * (slot CUT_SLOT: outstanding when the connection ended). */
+/* One exchange of a fast connection into agg, under the key k points at (zeroed by
+ * the caller; on the stack, or in the CPU's scratch where the stack is short): its
+ * response began (code), or it was cut (outstanding when the connection ended). */
+static __always_inline void record(struct agg_key_t *k, struct conn_t *c, u32 tgid, u16 code, u64 dur_ns, u8 cut)
+{
+    u32 zero = 0;
+    u32 *gen = l7_conf.lookup(&zero);
+    k->gen = gen ? *gen : 0;
+    k->tgid = tgid;
+    k->role = c->req_dir == DIR_IN ? 0 : 1;
+    k->port = k->role ? c->rport : c->lport;
+    k->code = code;
+    k->proto = c->fast;
+    k->family = c->family;
+    __builtin_memcpy(k->raddr, c->raddr, 16);
+    __builtin_memcpy(k->op, c->op, OP_LEN);
+    u64 us = dur_ns / 1000;
+    k->slot = cut ? CUT_SLOT : sonde_log2_slot(us);
+    struct agg_val_t *v = agg.lookup(k);
+    if (!v) {
+        struct agg_val_t z = {};
+        agg.insert(k, &z);  /* fails where another CPU made it meanwhile: then it is there */
+        v = agg.lookup(k);
+        if (!v) {
+            stat_add(4, 1);
+            return;
+        }
+    }
+    if (cut) {
+        __sync_fetch_and_add(&v->count, 1);  /* may run in softirq, inside a program on this CPU */
+        return;
+    }
+    v->count += 1;  /* per CPU, as l7_stats */
+    v->sum_us += us;
+    if (us > v->max_us)
+        v->max_us = us;
+    stat_add(3, 1);
+}
+
 /* The connection (tgid, fd) ends: user space is told (where it was captured), its
  * entries go. */
-static __always_inline void end_conn(u64 key, struct conn_t *c)
+static __always_inline void end_conn(u64 key, struct conn_t *c, int count_cut)
 {
+    if (count_cut && (c->fast == FAST_HTTP || c->fast == FAST_RESP) && c->waiting) {
+        struct agg_key_t k = {};
+        record(&k, c, key >> 32, 0, 0, 1);
+    }
     if (c->state != CONN_SKIP)
         emit_small(EV_CLOSE, key >> 32, (s32)key);
     conns.delete(&key);
@@ -284,7 +381,7 @@ static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_soc
     if (sk && fresh.sk != sk)
         return 0;
     if (c)
-        end_conn(key, c);
+        end_conn(key, c, 0);  /* its socket's TCP_CLOSE, or close(), counted a waiting request */
     if (conns.insert(&key, &fresh) && !conns.lookup(&key)) {
         count_drop();
         return 0;
@@ -404,6 +501,291 @@ static __always_inline void emit(void *ctx, u32 tgid, s32 fd, struct conn_t *c, 
     stat_add(2, cap);
 }
 
+
+/* The first bytes the call moved, at most want (<= FAST_MAX), from its first buffer
+ * (a writev's or sendmsg's first iovec); 0 where they cannot be read. */
+static __always_inline u32 fast_read(u8 *dst, u8 how, u64 ptr, u64 len, u64 moved, u32 want)
+{
+    u64 base = ptr, blen = moved;
+    if (how == HOW_MSG) {
+        u64 iov[2] = {};  /* struct user_msghdr: msg_iov at 16, msg_iovlen at 24 (UAPI) */
+        if (sonde_read_user(iov, sizeof(iov), (const void *)(ptr + 16)))
+            return 0;
+        ptr = iov[0];
+        len = iov[1];
+        how = HOW_IOV;
+    }
+    if (how == HOW_IOV) {
+        struct user_iovec_t v = {};
+        if (len == 0 || sonde_read_user(&v, sizeof(v), (const void *)ptr))
+            return 0;
+        base = v.base;
+        blen = v.len < moved ? v.len : moved;
+    } else if (how != HOW_BUF) {
+        return 0;
+    }
+    u32 n = blen < want ? blen : want;
+    asm volatile("if %[l] <= %[c] goto +1\n\t%[l] = %[c]" : [l] "+r"(n) : [c] "i"(FAST_MAX));
+    if (n == 0 || sonde_read_user(dst, n, (const void *)base))
+        return 0;
+    return n;
+}
+
+/* d[i], with i masked where the verifier sees it (clang drops a plain mask it can
+ * prove useless, and the verifier may not follow that proof). */
+static __always_inline u8 at_(const u8 *d, u64 i)
+{
+    asm volatile("%[a] &= %[m]" : [a] "+r"(i) : [m] "i"(CAP_MAX - 1));
+    return d[i];
+}
+#define AT(d, i) at_((d), (i))
+
+static __always_inline int crlf2_at(const u8 *d, u32 j)
+{
+    return AT(d, j) == '\r' && AT(d, j + 1) == '\n' && AT(d, j + 2) == '\r' && AT(d, j + 3) == '\n';
+}
+
+/* d[0..n) is one whole HTTP/1.x request head of a known method and nothing else (no
+ * body, no second request): op gets the method. */
+static __always_inline int http_request(const u8 *d, u32 n, char *op)
+{
+    if (n < 18 || n > FAST_MAX)  /* "GET / HTTP/1.0\r\n\r\n" */
+        return 0;
+    u32 w = d[0] | (d[1] << 8) | (d[2] << 16) | ((u32)d[3] << 24);
+    switch (w) {
+    case 0x20544547: /* "GET " */ case 0x54534f50: /* "POST" */ case 0x20545550: /* "PUT " */
+    case 0x44414548: /* "HEAD" */ case 0x454c4544: /* "DELE" */ case 0x4954504f: /* "OPTI" */
+    case 0x43544150: /* "PATC" */ case 0x43415254: /* "TRAC" */
+        break;
+    default:
+        return 0;  /* CONNECT tunnels: the agent's */
+    }
+    if (!crlf2_at(d, n - 4))
+        return 0;
+    /* No earlier CRLFCRLF: every 4-byte window holds a byte at an index = 3 (mod 4),
+     * so only windows around a CR or LF found there are compared. */
+    #pragma clang loop unroll(disable)
+    for (u32 i = 3; i < FAST_MAX; i += 4) {
+        if (i + 2 > n)
+            break;
+        u8 ch = AT(d, i);
+        if (ch != '\r' && ch != '\n')
+            continue;
+        #pragma unroll
+        for (u32 k = 0; k < 4; k++) {
+            u32 j = i - 3 + k;
+            if (j + 4 < n && crlf2_at(d, j))
+                return 0;
+        }
+    }
+    #pragma unroll
+    for (int i = 0; i < 8; i++) {
+        u8 ch = d[i];
+        if (ch == ' ')
+            return 1;
+        op[i] = ch;
+    }
+    return 0;
+}
+
+/* A decimal number (at most 10 digits) at d[*pos] ended by CRLF: *pos moves past the
+ * CRLF. -1 if not. *pos lives in the CPU's scratch, not on the stack: read back from
+ * there its value is unknown to the verifier, so the paths of each digit count merge
+ * instead of multiplying over a command's arguments. */
+static __always_inline long resp_num(const u8 *d, volatile u32 *pos, u32 n)
+{
+    long v = 0;
+    u32 start = *pos & (CAP_MAX - 1);
+    u32 p = start;
+    #pragma unroll
+    for (int i = 0; i < 10; i++) {
+        if (p + 2 > n)
+            return -1;
+        u8 ch = AT(d, p);
+        if (ch == '\r')
+            break;
+        if (ch < '0' || ch > '9')
+            return -1;
+        v = v * 10 + (ch - '0');
+        p++;
+    }
+    if (p == start || p + 2 > n || AT(d, p) != '\r' || AT(d, p + 1) != '\n')
+        return -1;
+    *pos = p + 2;
+    return v;
+}
+
+#define RESP_MAX_ARGS 8
+
+/* The call's bytes (moved, of which d holds the first have) are one whole RESP
+ * command (an array of bulk strings) and nothing else: op gets its name, uppercase.
+ * pos: a u32 of scratch (see resp_num). */
+static __always_inline int resp_request(const u8 *d, u32 have, u64 moved, char *op, volatile u32 *pos)
+{
+    if (have < 4 || d[0] != '*')
+        return 0;
+    *pos = 1;
+    long args = resp_num(d, pos, have);
+    if (args < 1 || args > RESP_MAX_ARGS)
+        return 0;
+    #pragma clang loop unroll(disable)
+    for (int a = 0; a < RESP_MAX_ARGS; a++) {
+        u32 at = *pos & (CAP_MAX - 1);
+        if (at >= have || AT(d, at) != '$')
+            return 0;
+        *pos = at + 1;
+        long len = resp_num(d, pos, have);
+        if (len < 0 || len > 0x7fffffff)
+            return 0;
+        at = *pos & (CAP_MAX - 1);
+        if (a == 0) {
+            if (len >= OP_LEN || at + len > have)
+                return 0;
+            #pragma unroll
+            for (int i = 0; i < OP_LEN - 1; i++) {
+                if (i >= len)
+                    break;
+                u8 ch = AT(d, at + i);
+                op[i] = (ch >= 'a' && ch <= 'z') ? ch - 32 : ch;
+            }
+        }
+        u64 end = (u64)at + len + 2;
+        if (a + 1 >= args) {
+            if (end <= have && (AT(d, end - 2) != '\r' || AT(d, end - 1) != '\n'))
+                return 0;
+            return end == moved;
+        }
+        if (end + 2 > have || AT(d, end - 2) != '\r' || AT(d, end - 1) != '\n')
+            return 0;  /* the next argument's head is past what was read */
+        *pos = end;
+    }
+    return 0;
+}
+
+/* A status line's code (200-599), or 0: not a final response's start. */
+static __always_inline u16 http_status(const u8 *d, u32 n)
+{
+    if (n < 13 || d[0] != 'H' || d[1] != 'T' || d[2] != 'T' || d[3] != 'P' || d[4] != '/' || d[5] != '1' ||
+        d[6] != '.' || d[8] != ' ' || (d[12] != ' ' && d[12] != '\r'))
+        return 0;
+    u8 a = d[9] - '0', b = d[10] - '0', c = d[11] - '0';
+    if (a < 2 || a > 5 || b > 9 || c > 9)
+        return 0;  /* a 1xx is not the end of the wait */
+    return a * 100 + b * 10 + c;
+}
+
+/* A RESP reply's type: 1 an error, 0 another reply, -1 not a reply start (a push). */
+static __always_inline int resp_reply(const u8 *d, u32 n)
+{
+    if (n < 1)
+        return -1;
+    switch (d[0]) {
+    case '-': case '!':
+        return 1;
+    case '+': case ':': case '$': case '*': case '_': case ',': case '#': case '(': case '=': case '%': case '~':
+        return 0;
+    }
+    return -1;
+}
+
+/* Tell the agent about a fast connection: EV_FAST when it starts being counted here,
+ * EV_SEED when it is handed over (with its protocol, the direction of its requests
+ * and, in true_len, whether a request waits: its time and op). e is the CPU's
+ * scratch header (the stack is short). */
+static __always_inline void tell(struct l7_event_t *e, u32 tgid, s32 fd, struct conn_t *c, u8 kind, u8 proto)
+{
+    e->ts = c->req_ts;
+    e->tgid = tgid;
+    e->fd = fd;
+    e->true_len = c->waiting;
+    e->cap_len = 0;
+    e->lost = 0;
+    e->kind = kind;
+    e->dir = c->req_dir;
+    e->flags = proto;
+    e->family = c->family;
+    e->lport = c->lport;
+    e->rport = c->rport;
+    __builtin_memcpy(e->raddr, c->raddr, 16);
+    __builtin_memcpy(e->comm, c->op, OP_LEN);
+    if (events.ringbuf_output(e, sizeof(*e), 0))
+        stat_add(0, 1);
+}
+
+/* The connection goes to the agent for good, from this call on. */
+static __always_inline void hand_over(struct l7_event_t *e, u32 tgid, s32 fd, struct conn_t *c)
+{
+    u8 was = c->fast;
+    c->fast = FAST_SLOW;
+    if (was == FAST_HTTP || was == FAST_RESP)
+        tell(e, tgid, fd, c, EV_SEED, was);
+}
+
+/* Count the call in the kernel where the connection allows: 1 when done (nothing for
+ * the agent), 0 when the agent gets the bytes. */
+static __always_inline int count_here(u32 tgid, s32 fd, struct conn_t *c, struct args_t *a, u64 moved)
+{
+    if (c->fast == FAST_SLOW)
+        return 0;
+    u32 idx = 1;
+    u32 *on = l7_conf.lookup(&idx);
+    if (!on || !*on)
+        return 0;
+    u32 cpu = bpf_get_smp_processor_id();
+    struct l7_buf_t *b = scratch.lookup(&cpu);
+    if (!b)
+        return 0;
+    u8 *d = b->data;
+    if (c->fast == 0 || a->dir == c->req_dir) {
+        if (c->waiting) {
+            hand_over(&b->h, tgid, fd, c);  /* a request while one waits: pipelined, or a body */
+            return 0;
+        }
+        u32 n = fast_read(d, a->how, a->ptr, a->len, moved, FAST_MAX);
+        u8 proto = 0;
+        __builtin_memset(c->op, 0, OP_LEN);
+        if (n == moved && c->fast != FAST_RESP && http_request(d, n, c->op))
+            proto = FAST_HTTP;
+        else if (n && c->fast != FAST_HTTP && resp_request(d, n, moved, c->op, (volatile u32 *)(d + CAP_MAX + 64)))
+            proto = FAST_RESP;
+        if (!proto) {
+            hand_over(&b->h, tgid, fd, c);  /* nothing waits: its op is not needed */
+            return 0;
+        }
+        c->req_ts = bpf_ktime_get_ns();
+        c->waiting = 1;
+        if (!c->fast) {
+            c->fast = proto;
+            c->req_dir = a->dir;
+            tell(&b->h, tgid, fd, c, EV_FAST, proto);
+        }
+        return 1;
+    }
+    if (!c->waiting)
+        return 1;  /* more of a response already counted */
+    u32 n = fast_read(d, a->how, a->ptr, a->len, moved, 16);
+    u16 code;
+    if (c->fast == FAST_HTTP) {
+        code = http_status(d, n);
+        if (!code) {
+            hand_over(&b->h, tgid, fd, c);
+            return 0;
+        }
+    } else {
+        int err = resp_reply(d, n);
+        if (err < 0) {
+            hand_over(&b->h, tgid, fd, c);
+            return 0;
+        }
+        code = err;
+    }
+    c->waiting = 0;
+    struct agg_key_t *k = (struct agg_key_t *)(d + CAP_MAX);  /* past the bytes read above */
+    __builtin_memset(k, 0, sizeof(*k));
+    record(k, c, tgid, code, bpf_ktime_get_ns() - c->req_ts, 0);
+    return 1;
+}
+
 int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
     u8 how, dir;
@@ -432,7 +814,7 @@ int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
     struct conn_t *c = conns.lookup(&key);
     if (how == 255) {
         if (c)
-            end_conn(key, c);
+            end_conn(key, c, 1);
         return 0;
     }
     if (c && c->state == CONN_SKIP)
@@ -467,7 +849,8 @@ static __always_inline int on_io(void *ctx, u32 tgid, u32 tid, struct args_t *a,
     struct conn_t *c = conn_of(tgid, a->fd, CONN_TRACK, sk);
     if (!c || c->state != CONN_TRACK)
         return 0;
-    emit(ctx, tgid, a->fd, c, a->dir, a->how, a->ptr, a->len, ret, 0);
+    if (!count_here(tgid, a->fd, c, a, ret))
+        emit(ctx, tgid, a->fd, c, a->dir, a->how, a->ptr, a->len, ret, 0);
     return 0;
 }
 
@@ -503,19 +886,19 @@ static __always_inline int sock_io(struct bpf_raw_tracepoint_args *ctx, u8 dir)
     if (dir == DIR_IN && (ctx->args[2] & MSG_PEEK_))
         return 0;  /* the bytes stay queued: the read that takes them counts them */
     u64 regs = (u64)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
-    /* r10 at 56 .. di at 112, orig_ax at 120 in struct pt_regs (x86-64) */
-    u64 r[9] = {};
-    if (!regs || sonde_read_kernel(r, sizeof(r), (const u8 *)regs + 56))
+    /* dx at 96, si 104, di 112, orig_ax 120 in struct pt_regs (x86-64) */
+    u64 r[4] = {};
+    if (!regs || sonde_read_kernel(r, sizeof(r), (const u8 *)regs + 96))
         return 0;
     u8 how;
-    switch (r[8]) {
+    switch (r[3]) {
     case NR_READ: case NR_RECVFROM: case NR_WRITE: case NR_SENDTO: how = HOW_BUF; break;
     case NR_READV: case NR_WRITEV: how = HOW_IOV; break;
     case NR_RECVMSG: case NR_SENDMSG: how = HOW_MSG; break;
     case NR_SENDFILE: how = HOW_LEN; break;
     default: return 0;
     }
-    struct args_t a = {.ptr = r[6], .len = r[5], .fd = (s32)r[7], .how = how, .dir = dir};
+    struct args_t a = {.ptr = r[1], .len = r[0], .fd = (s32)r[2], .how = how, .dir = dir};
     if (how == HOW_LEN)
         a.ptr = 0;  /* sendfile's bytes are a file's, not in the process */
     return on_io(ctx, tgid, (u32)id, &a, (int)ctx->args[1], ctx->args[0]);
@@ -541,7 +924,7 @@ int l7_sock_state(struct bpf_raw_tracepoint_args *ctx)
     struct conn_t *c = conns.lookup(&key);
     if (!c || c->sk != sk)
         return 0;  /* the fd names another socket now */
-    end_conn(key, c);
+    end_conn(key, c, 1);
     return 0;
 }
 #endif

@@ -99,6 +99,11 @@ L7_PROBE = Measurement(
               "Events the kernel dropped this interval because the ring buffer was full (the agent fell behind)."),
         Field("captured_bytes", "int", "bytes", "Payload prefix bytes copied this interval (never written out)."),
         Field("tls_processes", "int", "processes", "Opted-in processes with libssl uprobes attached."),
+        Field("kernel_exchanges", "int", "requests",
+              "Requests counted in the kernel this interval (HTTP/1.x and Redis connections going one "
+              "request at a time: probes.l7.in_kernel), not parsed by the agent; in l7_requests."),
+        Field("kernel_dropped", "int", "requests",
+              "Requests counted in the kernel that found its aggregation map full: not in l7_requests."),
         Field("throttled_seconds", "float", "seconds",
               "Time the parser waited this interval because it had used its CPU budget "
               "(probes.l7.cpu_percent); events the kernel could not hold meanwhile are lost_events."),

@@ -121,7 +121,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sonde.bpf.l7.protocols.http import status_tag
+from sonde.bpf.l7.protocols.http import METHODS, status_tag
+from sonde.bpf.l7.protocols.resp import command as resp_command
 from sonde.bpf.l7.protocols.pairing import Connection
 from sonde.ingest.errors import SondeError
 from sonde.ingest.output.lineproto import Point, printable_name
@@ -132,7 +133,11 @@ from sonde.ingest.runtime.probe import Probe
 log = logging.getLogger("sonde.l7")
 
 EVENT = struct.Struct("=QIiQIIBBBBHH16s16s")
-EV_DATA, EV_CLOSE, EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3, 4, 5
+EV_DATA, EV_CLOSE, EV_EXEC, EV_FORK, EV_EXIT, EV_FAST, EV_SEED = 1, 2, 3, 4, 5, 6, 7
+# In-kernel counting (l7.bpf.c: count_here): the protocols, and agg_key_t.slot of a
+# request outstanding when its connection ended.
+FAST_PROTOCOLS = {1: "http", 2: "resp"}
+CUT_SLOT = 255
 F_TLS = 1
 F_WIDE = 2  # the event was captured with the wide limit (DENSE_CAPTURE)
 PID_BITS = 6  # the optin bitmap: word tgid >> 6, bit tgid & 63
@@ -399,6 +404,14 @@ def peer_name(family: int, raw: bytes) -> str:
     return UNKNOWN
 
 
+def fast_op(protocol: str, name: bytes) -> str:
+    """The op of a method or command name the kernel read (as the parsers name it)."""
+    if protocol == "http":
+        op = name.decode("latin-1")
+        return op if op in METHODS else "OTHER"
+    return resp_command(name)
+
+
 class Tracked:
     """One connection the agent parses: its parser and what it has reported."""
     __slots__ = ("conn", "ident", "peer", "lport", "rport", "tls", "reported", "protocol_counted", "widened")
@@ -446,6 +459,23 @@ class Agg:
         self.buckets[s] = self.buckets.get(s, 0) + 1
         self.sum_us += us
         self.max_us = max(self.max_us, us)
+
+    def add_counted(self, protocol: str, code: int, slot: int, count: int, sum_us: int, max_us: int) -> None:
+        """count exchanges the kernel counted: http code the status, resp 1 an error reply."""
+        self.requests += count
+        if protocol == "http":
+            error = code >= 500
+            cls = f"{code // 100}xx"
+            self.status[cls] = self.status.get(cls, 0) + count
+            tag = status_tag(code)
+            if tag is not None:
+                self.codes[tag] = self.codes.get(tag, 0) + count
+        else:
+            error = code == 1
+        self.errors += count if error else 0
+        self.buckets[slot] = self.buckets.get(slot, 0) + count
+        self.sum_us += sum_us
+        self.max_us = max(self.max_us, max_us)
 
     def merge(self, o: "Agg") -> None:
         self.requests += o.requests
@@ -507,7 +537,14 @@ class L7Decoder:
         self.kcaps = self.bpf.get_table(b"caps")
         self.inflight = self.bpf.get_table(b"inflight")
         self.stats = self.bpf.get_table(b"l7_stats")
-        self._prev_stats = (0, 0, 0)
+        self._prev_stats = (0,) * 5
+        # In-kernel counting: on unless probes.l7.in_kernel is false; agg is read and
+        # cleared one generation at a time.
+        self.kagg = self.bpf.get_table(b"agg")
+        self.kconf = self.bpf.get_table(b"l7_conf")
+        self.gen = 0
+        self.kconf[self.kconf.Key(0)] = self.kconf.Leaf(0)
+        self.kconf[self.kconf.Key(1)] = self.kconf.Leaf(int(getattr(self.settings, "in_kernel", True)))
         self.opted: dict[int, bytes] = {}       # tgid -> comm when opted in
         self.names: dict[int, bytes] = {}       # tgid -> comm, kept after exit for the last points
         self.tls: dict[int, dict[tuple, list]] = {}  # tgid -> {libssl inode: its uprobes (each with close())}
@@ -607,6 +644,11 @@ class L7Decoder:
                     self._forked(tgid, comm.split(b"\0", 1)[0], fd, ts)  # a fork's fd field: its parent
                 elif kind == EV_EXIT:
                     self._gone(tgid, ts)
+                elif kind == EV_FAST:
+                    self._fast(tgid, FAST_PROTOCOLS.get(flags, UNKNOWN))
+                elif kind == EV_SEED:
+                    self._seed(ts, tgid, fd, "out" if direction else "in", FAST_PROTOCOLS.get(flags), family, lport,
+                               rport, raddr, comm.split(b"\0", 1)[0] if true_len else None)
         except Exception:
             log.exception("l7: event not handled")
         if time.thread_time() - self._window_cpu > self._budget_s:
@@ -644,6 +686,28 @@ class L7Decoder:
                     self.kcaps[self.kcaps.Key((tgid << 32) | (fd & 0xFFFFFFFF))] = self.kcaps.Leaf(want)
                 except Exception as e:  # bcc raises bare Exception; the LRU map does not fill
                     log.debug("l7: capture size of pid %d fd %d not set: %s", tgid, fd, e)
+
+    def _fast(self, tgid: int, protocol: str) -> None:
+        """A connection is counted in the kernel from its first request on."""
+        cap = self.capture.setdefault((tgid, protocol), [0] * (1 + len(CAPTURE_FIELDS)))
+        cap[0] += 1
+
+    def _seed(self, ts, tgid, fd, requests, protocol, family, lport, rport, raddr, op) -> None:
+        """The kernel hands a connection it counted over to the parser, from its next
+        read or write on: its protocol, the direction of its requests and the request
+        that waits for its response (op None: none waits)."""
+        if protocol is None:
+            return
+        key = (tgid, fd)
+        old = self.tracked.get(key)
+        if old is not None:
+            self._end(key, old, ts)
+        t = self.tracked[key] = Tracked((family, raddr, lport, rport), family, raddr, lport, rport, False)
+        t.conn = Connection(protocol, requests=requests)
+        t.protocol_counted = True  # counted at its EV_FAST
+        self.by_tgid[tgid].add(fd)
+        if op is not None:
+            t.conn.waiting(ts, fast_op(protocol, op))
 
     def _agg(self, tgid: int, t: Tracked, protocol: str, op: str) -> Agg:
         role = t.role()
@@ -945,11 +1009,48 @@ class L7Decoder:
 
     # --- polling -------------------------------------------------------------------------
 
+    def _kernel_counts(self) -> None:
+        """Move what the kernel counted (agg, the generation before this flip) into the
+        aggregates, and clear it there. A program that read the old generation just
+        before the flip ends within microseconds; one that did not (preempted) leaves
+        its count in an entry read at the next-but-one poll, not lost."""
+        old = self.gen
+        self.gen ^= 1
+        self.kconf[self.kconf.Key(0)] = self.kconf.Leaf(self.gen)
+        time.sleep(0.002)
+        done = []
+        for k, per_cpu in self.kagg.items():
+            if k.gen != old:
+                continue
+            done.append(k)
+            count = sum(v.count for v in per_cpu)
+            if not count:
+                continue
+            protocol = FAST_PROTOCOLS.get(k.proto)
+            if protocol is None:
+                continue
+            role = "client" if k.role else "server"
+            op = fast_op(protocol, bytes(k.op).split(b"\0", 1)[0])
+            a = self.acc.setdefault((k.tgid, role, peer_name(k.family, bytes(k.raddr)), k.port, protocol, op), Agg())
+            if k.slot == CUT_SLOT:
+                a.no_response += count
+                cap = self.capture.setdefault((k.tgid, protocol), [0] * (1 + len(CAPTURE_FIELDS)))
+                cap[1 + CAPTURE_FIELDS.index("unanswered")] += count
+                continue
+            a.add_counted(protocol, k.code, k.slot, count, sum(v.sum_us for v in per_cpu),
+                          max(v.max_us for v in per_cpu))
+        for k in done:
+            try:
+                del self.kagg[k]
+            except KeyError:
+                pass
+
     def poll(self, ts: int) -> tuple[list[Point], int]:
         with self.lock:
             self._reconcile()
             for key, t in self.tracked.items():
                 self._report(key[0], t)
+            self._kernel_counts()
             acc, self.acc = self.acc, {}
             capture, self.capture = self.capture, {}
             names = {tgid: self.names.get(tgid, b"") for tgid in {k[0] for k in acc} | {k[0] for k in capture}}
@@ -977,23 +1078,25 @@ class L7Decoder:
                         mine[i] += v
                 self.events += events
             raise
-        lost, sent, nbytes = self._stats_delta()
+        lost, sent, nbytes, in_kernel, agg_full = self._stats_delta()
         points.append(Point("l7_probe", {"host": self.host}, {
             "opted_in_processes": opted, "hooks_attached": int(attached), "tracked_connections": tracked,
             "events": sent, "lost_events": lost, "captured_bytes": nbytes, "tls_processes": tls,
+            "kernel_exchanges": in_kernel, "kernel_dropped": agg_full,
             "throttled_seconds": throttled / 1e9}, ts))
         return points, opted + tracked
 
-    def _stats_total(self) -> tuple[int, int, int]:
-        """(events lost, events sent, bytes captured) since load, summed over CPUs."""
-        return tuple(sum(int(v) for v in self.stats[self.stats.Key(i)]) for i in range(3))
+    def _stats_total(self) -> tuple[int, ...]:
+        """(events lost, events sent, bytes captured, exchanges counted in the kernel,
+        of those lost to a full map) since load, summed over CPUs."""
+        return tuple(sum(int(v) for v in self.stats[self.stats.Key(i)]) for i in range(5))
 
     def backlog(self) -> int:
         """Data events the kernel has sent that the parser has not taken yet."""
         with self.lock:
             return self._stats_total()[1] - self.consumed
 
-    def _stats_delta(self) -> tuple[int, int, int]:
+    def _stats_delta(self) -> tuple[int, ...]:
         now = self._stats_total()
         d = tuple(max(a - b, 0) for a, b in zip(now, self._prev_stats))
         self._prev_stats = now

@@ -181,11 +181,12 @@ class L7Env:
         self.servers.append(ng)
         return ng
 
-    def start_agent(self, ports=(), executables=(), processes=(), cpu_percent: float = 100, hooks="auto"):
+    def start_agent(self, ports=(), executables=(), processes=(), cpu_percent: float = 100, hooks="auto",
+                    in_kernel: bool = True):
         # The exactness tests let the parser use a whole core (their loads are paced);
         # the default budget (25 %) is tested on its own below.
         extra = ("probes:\n  l7:\n    enabled: true\n"
-                 f"    cpu_percent: {cpu_percent}\n    hooks: {hooks}\n"
+                 f"    cpu_percent: {cpu_percent}\n    hooks: {hooks}\n    in_kernel: {json.dumps(in_kernel)}\n"
                  f"    ports: {json.dumps(list(ports))}\n    cgroups: {json.dumps([self.cgroup.path])}\n"
                  f"    executables: {json.dumps(list(executables))}\n    processes: {json.dumps(list(processes))}\n")
         self.agent = self.make_agent("l7", extra=extra)
@@ -210,7 +211,7 @@ class L7Env:
         """Poll until the kernel sends nothing more and the parser has taken all it sent
         (twice in a row), then deliver everything; returns the capture totals."""
         dec = self.agent.probes["l7"].decoder
-        totals = {"lost_events": 0, "events": 0}
+        totals = {"lost_events": 0, "events": 0, "kernel_exchanges": 0, "kernel_dropped": 0}
         quiet = 0
         deadline = time.monotonic() + 120
         while quiet < 2 and time.monotonic() < deadline:
@@ -218,6 +219,8 @@ class L7Env:
             f = self.probe_point()
             totals["lost_events"] += f["lost_events"]
             totals["events"] += f["events"]
+            totals["kernel_exchanges"] += f["kernel_exchanges"]
+            totals["kernel_dropped"] += f["kernel_dropped"]
             quiet = quiet + 1 if f["events"] == 0 and dec.backlog() == 0 else 0
         assert quiet == 2, "the agent's parser did not catch up in 2 minutes"
         drain(self.agent)
@@ -297,17 +300,20 @@ def run_wrk(l7, ng: Nginx, *args: str, script: Path | None = None, path: str = "
     return ln.pid, requests, bad
 
 
-@pytest.mark.parametrize("mode,hooks", [("keepalive", "auto"), ("close", "auto"), ("pipeline", "auto"),
-                                        ("close", "syscalls"), ("pipeline", "syscalls")])
-def test_http_counts_equal_wrk_and_nginx(l7, influx, influx_db, mode, hooks):
+@pytest.mark.parametrize("mode,hooks,in_kernel", [
+    ("keepalive", "auto", True), ("keepalive", "auto", False), ("close", "auto", True), ("pipeline", "auto", True),
+    ("close", "syscalls", True), ("pipeline", "syscalls", True)])
+def test_http_counts_equal_wrk_and_nginx(l7, influx, influx_db, mode, hooks, in_kernel):
     """nginx under wrk, both opted in: the requests wrk's side of each connection
     completed equal wrk's own count, and those nginx answered equal its access log,
     exactly; with keep-alive, with `Connection: close` (a connection per request,
     nginx closing first) and with wrk's pipelining script (3 requests per write,
     each counted). `auto` captures through the socket tracepoints on this kernel;
-    `syscalls` through raw sys_enter/sys_exit, what a 6.1 kernel gets."""
+    `syscalls` through raw sys_enter/sys_exit, what a 6.1 kernel gets. One request at
+    a time (keep-alive, close) is counted in the kernel, every request at both ends;
+    pipelines go to the agent's parser, and so does everything with in_kernel off."""
     ng = l7.nginx(HELLO)
-    agent = l7.start_agent(ports=[ng.port], hooks=hooks)
+    agent = l7.start_agent(ports=[ng.port], hooks=hooks, in_kernel=in_kernel)
     if hooks == "syscalls":
         assert agent.probes["l7"].decoder.hooks[0][0] == "sys_enter"
     if mode == "pipeline":
@@ -316,6 +322,8 @@ def test_http_counts_equal_wrk_and_nginx(l7, influx, influx_db, mode, hooks):
                                              script=PIPELINE_LUA if mode == "pipeline" else None)
     totals = l7.settle()
     assert totals["lost_events"] == 0, f"the agent fell behind ({totals}); the counts below cannot be exact"
+    in_kernel_expected = 2 * wrk_requests if in_kernel and mode != "pipeline" else 0
+    assert totals["kernel_exchanges"] == in_kernel_expected and totals["kernel_dropped"] == 0, totals
     rows = red(influx, influx_db)
     logged = ng.log()
     assert wrk_bad == 0
@@ -451,6 +459,24 @@ if what == "peek":
             buf = s.recv(4096, socket.MSG_PEEK)
         assert s.recv(len(buf)) == buf
         out.append(len(buf))
+elif what.startswith("handover"):
+    # one connection: 3 requests one at a time, 2 sent back to back (the second while
+    # the first waits for its response), 3 more one at a time
+    import socket
+    s = socket.create_connection((host, port), timeout=30)
+    if what == "handover-http":
+        req, end = b"GET / HTTP/1.1\\r\\nHost: sonde\\r\\n\\r\\n", b"hello\\n"
+    else:
+        req, end = b"*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$1\\r\\nv\\r\\n", b"+OK\\r\\n"
+    def answers(n):
+        buf = b""
+        while buf.count(end) < n:
+            buf += s.recv(65536)
+    for n in (1, 1, 1, 2, 1, 1, 1):
+        for _ in range(n):
+            s.sendall(req)
+        answers(n)
+        out.append(n)
 elif what == "slow":
     for _ in range(20):
         t = time.monotonic(); conn.request("GET", "/slow"); body = conn.getresponse().read()
@@ -525,6 +551,36 @@ def test_http_10mb_bodies_are_one_request_each(l7, balancer, influx, influx_db):
     assert [line[0] for line in front.log()] == ["200", "200"]
     caps = [r for r in capture_rows(influx, influx_db) if int(r["pid"]) in front.pids() | {pid}]
     for field in ("sum_unanswered", "sum_desyncs", "sum_truncated", "sum_lost_events"):
+        assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
+
+
+@pytest.mark.parametrize("protocol", ["http", "resp"])
+def test_kernel_hands_a_connection_to_the_parser_without_losing_a_request(l7, influx, influx_db, protocol):
+    """One connection whose first requests go one at a time (counted in the kernel),
+    then two back to back (the kernel hands the connection to the agent's parser, with
+    the request that waits), then one at a time again (the parser): eight requests at
+    the client and at the server, per the server's own count (nginx's access log, or
+    Redis's commandstats), none unanswered, orphaned or desynchronised."""
+    if protocol == "http":
+        server = l7.nginx(HELLO)
+    else:
+        server = Redis(l7.tmp)
+        l7.servers.append(server)
+        before = server.commandstats().get("SET", 0)
+    l7.start_agent(ports=[server.port])
+    l7.opted(server.pids())
+    pid, sent = run_client(l7, server.port, f"handover-{protocol}")
+    assert sum(sent) == 8
+    totals = l7.settle()
+    assert totals["lost_events"] == 0
+    assert totals["kernel_exchanges"] >= 3 * 2, f"the first requests were not counted in the kernel: {totals}"
+    rows = red(influx, influx_db)
+    op = "GET" if protocol == "http" else "SET"
+    assert total(rows, pid=pid, role="client", op=op) == 8
+    answered = len(server.log()) if protocol == "http" else server.commandstats()["SET"] - before
+    assert total([r for r in rows if int(r["pid"]) in server.pids()], "requests") == answered == 8
+    caps = [r for r in capture_rows(influx, influx_db) if int(r["pid"]) in server.pids() | {pid}]
+    for field in ("sum_orphan_responses", "sum_unanswered", "sum_desyncs", "sum_truncated"):
         assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
 
 
@@ -652,9 +708,10 @@ def ops(rows: list[dict], pids: set[int], role: str, key: str = "requests") -> d
     return {k: v for k, v in out.items() if v}
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
-def test_redis_benchmark_counts_equal_commandstats(l7, influx, influx_db, tls):
-    """redis-benchmark -P 16 (16 pipelined commands per write) against redis-server, both
+@pytest.mark.parametrize("tls,pipeline", [(False, 16), (False, 1), (True, 16)], ids=["plain", "plain-P1", "tls"])
+def test_redis_benchmark_counts_equal_commandstats(l7, influx, influx_db, tls, pipeline):
+    """redis-benchmark -P 16 (16 pipelined commands per write: the agent's parser) or
+    -P 1 (one at a time: counted in the kernel, but inline PINGs) against redis-server, both
     opted in: per command, the requests at the server and at redis-benchmark equal the
     INFO commandstats deltas (INFO itself, this test's own probe, aside). Over TLS
     (`--tls`), the plaintext comes from libssl's SSL_read/SSL_write in both: the server's
@@ -665,7 +722,7 @@ def test_redis_benchmark_counts_equal_commandstats(l7, influx, influx_db, tls):
     l7.servers.append(redis)
     l7.start_agent(ports=[redis.port])
     port = redis.tls_port if tls else redis.port
-    ln = l7.launch(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-P", "16", "-c", "4",
+    ln = l7.launch(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-P", str(pipeline), "-c", "4",
                     "-n", "4000", "-t", "set,get,incr,lpush,lpop,sadd,hset,ping", "-q"]
                    + (["--tls", "--insecure"] if tls else []))
     l7.opted(redis.pids() | {ln.pid})
@@ -675,7 +732,10 @@ def test_redis_benchmark_counts_equal_commandstats(l7, influx, influx_db, tls):
     before = redis.commandstats()
     ln.run()
     after = redis.commandstats()
-    assert l7.settle()["lost_events"] == 0
+    totals = l7.settle()
+    assert totals["lost_events"] == 0
+    if pipeline == 1:  # every command but the 4000 inline PINGs, at both ends
+        assert totals["kernel_exchanges"] >= 2 * 7 * 4000, totals
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     delta = {k: v for k, v in delta.items() if v and k != "INFO"}
     assert delta["SET"] >= 4000 and delta["PING"] == 8000  # PING_INLINE and PING_MBULK

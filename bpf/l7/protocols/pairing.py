@@ -240,6 +240,13 @@ class Connection:
         self._parser.close(ts)
         return done + self._pairing.take()
 
+    def waiting(self, ts: int, op: str) -> None:
+        """A request sent before this Connection took over (the kernel counted the
+        connection until then) waits for its response."""
+        if self._pairing is None:
+            raise ValueError("waiting() needs the protocol and the direction of requests")
+        self._pairing.request(ts, op)
+
     def take_cut(self) -> list[str]:
         """The ops of requests that were outstanding when the connection ended (close()):
         no response came, the peer closed or reset the connection (or this process
