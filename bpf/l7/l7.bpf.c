@@ -136,7 +136,7 @@ struct conn_t {
     u8 fast;      /* 0 until the first bytes; FAST_HTTP/FAST_RESP: counted here; FAST_SLOW: by the agent */
     u8 req_dir;   /* the direction requests travel (fast connections) */
     u8 waiting;   /* a request waits for its response */
-    u8 pad4;
+    u8 skipped;   /* 1 + the direction of an answer passed over before the first request */
     u32 state;
     u32 lost_in;
     u32 lost_out;
@@ -712,6 +712,22 @@ static __always_inline void tell(struct l7_event_t *e, u32 tgid, s32 fd, struct 
         stat_add(0, 1);
 }
 
+/* A connection picked up mid-stream (open before its process was opted in) may show
+ * first the answer to a request it made or got before: an HTTP status line, or a
+ * whole RESP reply (its last bytes CRLF). The kernel passes over it, and the rest of
+ * it (what follows in the same direction), and counts from the next request; anything
+ * else goes to the agent (MySQL's server speaks first, and none of its or
+ * PostgreSQL's first bytes look like these). */
+static __always_inline int answer_before_request(const u8 *d, u32 n, u64 moved)
+{
+    if (n >= 13 && d[0] == 'H' && d[1] == 'T' && d[2] == 'T' && d[3] == 'P' && d[4] == '/' && d[5] == '1' &&
+        d[6] == '.' && d[8] == ' ')
+        return 1;
+    if (n != moved || n < 3 || resp_reply(d, n) < 0)
+        return 0;
+    return AT(d, n - 2) == '\r' && AT(d, n - 1) == '\n';
+}
+
 /* The connection goes to the agent for good, from this call on. */
 static __always_inline void hand_over(struct l7_event_t *e, u32 tgid, s32 fd, struct conn_t *c)
 {
@@ -741,6 +757,8 @@ static __always_inline int count_here(u32 tgid, s32 fd, struct conn_t *c, struct
             hand_over(&b->h, tgid, fd, c);  /* a request while one waits: pipelined, or a body */
             return 0;
         }
+        if (c->skipped == 1 + a->dir)
+            return 1;  /* more of an answer passed over */
         u32 n = fast_read(d, a->how, a->ptr, a->len, moved, FAST_MAX);
         u8 proto = 0;
         __builtin_memset(c->op, 0, OP_LEN);
@@ -748,6 +766,10 @@ static __always_inline int count_here(u32 tgid, s32 fd, struct conn_t *c, struct
             proto = FAST_HTTP;
         else if (n && c->fast != FAST_HTTP && resp_request(d, n, moved, c->op, (volatile u32 *)(d + CAP_MAX + 64)))
             proto = FAST_RESP;
+        if (!proto && !c->fast && !c->skipped && answer_before_request(d, n, moved)) {
+            c->skipped = 1 + a->dir;  /* picked up mid-stream: the answer to a request never seen */
+            return 1;
+        }
         if (!proto) {
             hand_over(&b->h, tgid, fd, c);  /* nothing waits: its op is not needed */
             return 0;

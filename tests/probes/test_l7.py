@@ -584,6 +584,73 @@ def test_kernel_hands_a_connection_to_the_parser_without_losing_a_request(l7, in
         assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
 
 
+MIDSTREAM_PY = """
+import socket, sys
+port, protocol, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if protocol == "http":
+    req, end = b"GET / HTTP/1.1\\r\\nHost: sonde\\r\\n\\r\\n", b"hello\\n"
+else:
+    req, end = b"*3\\r\\n$3\\r\\nSET\\r\\n$1\\r\\nk\\r\\n$1\\r\\nv\\r\\n", b"+OK\\r\\n"
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+def answer():
+    buf = b""
+    while not buf.endswith(end):
+        buf += s.recv(65536)
+s.sendall(req)  # its answer waits in the socket until this process is opted in
+print("ready", flush=True)
+sys.stdin.readline()
+answer()
+for _ in range(n):
+    s.sendall(req)
+    answer()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("protocol", ["http", "resp"])
+def test_connection_open_before_the_opt_in_is_counted_from_its_next_request(l7, influx, influx_db, protocol):
+    """A client's connection is open, with a request sent and its answer unread, when
+    the client is opted in (it joins the configured cgroup): the first thing the
+    capture sees of it is that answer, which is passed over; each of the 25 requests
+    after it is counted, in the kernel, at the client and at the server (opted in
+    from before), exactly; nothing is orphaned or undetected."""
+    if protocol == "http":
+        server = l7.nginx(HELLO)
+        answered = lambda: len(server.log())  # noqa: E731
+    else:
+        server = Redis(l7.tmp)
+        l7.servers.append(server)
+        answered = lambda: server.commandstats().get("SET", 0)  # noqa: E731
+    l7.start_agent(ports=[server.port])
+    l7.opted(server.pids())
+    script = l7.tmp / "midstream.py"
+    script.write_text(MIDSTREAM_PY)
+    client = subprocess.Popen(["python3", str(script), str(server.port), protocol, "25"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        (l7.cgroup.fs / "cgroup.procs").write_text(str(client.pid))
+        l7.opted({client.pid})
+        out, _ = client.communicate("go\n", timeout=60)
+        assert out.strip() == "done"
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    totals = l7.settle()
+    assert totals["lost_events"] == 0
+    assert totals["kernel_exchanges"] >= 2 * 25, totals
+    assert answered() == 26  # the server's own count: the first request and the 25 after it
+    rows = red(influx, influx_db)
+    op = "GET" if protocol == "http" else "SET"
+    assert total(rows, pid=client.pid, role="client", op=op) == 25
+    # the server was opted in before the connection opened: it counts the first request too
+    assert total([r for r in rows if int(r["pid"]) in server.pids() and r["op"] == op], "requests") == 26
+    caps = [r for r in capture_rows(influx, influx_db) if int(r["pid"]) == client.pid]
+    for field in ("sum_orphan_responses", "sum_undetected", "sum_desyncs", "sum_unanswered"):
+        assert sum(int(r[field] or 0) for r in caps) == 0, (field, caps)
+
+
 def test_peeked_responses_count_once(l7, influx, influx_db):
     """A client that looks at each response with recv(MSG_PEEK) before reading it:
     ten requests, ten responses at the client and at nginx, no response left over

@@ -3,7 +3,8 @@ Debian's 6.1 and 6.12, so nothing but the kernel, bcc and python3): a server of 
 test's own, opted in by its port, answers a keep-alive client; the requests, the 5xx
 and the statuses the probe counts at the server equal what the server itself sent.
 `auto` picks the socket tracepoints where the kernel has them (6.3+) and raw
-sys_enter/sys_exit elsewhere; `syscalls` forces the latter everywhere."""
+sys_enter/sys_exit elsewhere; `syscalls` forces the latter everywhere. One request
+at a time, each is counted in the kernel (in_kernel), or by the agent's parser."""
 from __future__ import annotations
 
 import subprocess
@@ -52,8 +53,8 @@ c.close()
 """
 
 
-@pytest.mark.parametrize("hooks", ["auto", "syscalls"])
-def test_server_counts_equal_its_own(bpf_ready, tmp_path, hooks):
+@pytest.mark.parametrize("hooks,in_kernel", [("auto", True), ("syscalls", True), ("auto", False)])
+def test_server_counts_equal_its_own(bpf_ready, tmp_path, hooks, in_kernel):
     from sonde.ingest.runtime.probe import LoadedProbe, discover
 
     port = free_port()
@@ -62,7 +63,7 @@ def test_server_counts_equal_its_own(bpf_ready, tmp_path, hooks):
     try:
         assert server.stdout.readline().strip() == "ready"
         cfg = make_config(tmp_path, f"probes:\n  l7:\n    enabled: true\n    cpu_percent: 100\n"
-                                    f"    hooks: {hooks}\n    ports: [{port}]\n")
+                                    f"    hooks: {hooks}\n    in_kernel: {str(in_kernel).lower()}\n    ports: [{port}]\n")
         probe = LoadedProbe.load(discover()["l7"], cfg)
         dec = probe.decoder
         assert server.pid in dec.opted, "the listening server is not opted in"
@@ -73,9 +74,12 @@ def test_server_counts_equal_its_own(bpf_ready, tmp_path, hooks):
         served, errors = map(int, server.communicate(timeout=30)[0].split())
         assert (served, errors) == (REQUESTS, REQUESTS // 7)
         seen: dict[str, int] = {}
+        in_kernel_seen = [0]
 
         def polled() -> bool:
             for p in probe.poll(time.time_ns())[0]:
+                if p.measurement == "l7_probe":
+                    in_kernel_seen[0] += p.fields["kernel_exchanges"]
                 if p.measurement == "l7_requests" and p.tags["pid"] == str(server.pid):
                     assert (p.tags["role"], p.tags["protocol"], p.tags["op"]) == ("server", "http", "GET"), p.tags
                     for k in ("requests", "errors", "status_2xx", "status_5xx"):
@@ -86,6 +90,7 @@ def test_server_counts_equal_its_own(bpf_ready, tmp_path, hooks):
         polled()  # nothing more comes
         assert seen == {"requests": REQUESTS, "errors": REQUESTS // 7, "status_2xx": REQUESTS - REQUESTS // 7,
                         "status_5xx": REQUESTS // 7}, seen
+        assert in_kernel_seen[0] == (REQUESTS if in_kernel else 0)
     finally:
         if server.poll() is None:
             server.kill()
