@@ -5,6 +5,7 @@ or not.
     .venv/bin/python bench/hook_toggle.py --what tcp [--pairs 300] [--window 1] [--out FILE]
     .venv/bin/python bench/hook_toggle.py --what tcp-empty
     .venv/bin/python bench/hook_toggle.py --what l7-redis --keepalive
+    .venv/bin/python bench/hook_toggle.py --what l7-nginx --keepalive
     .venv/bin/python bench/hook_toggle.py --what syscalls-empty --keepalive
     .venv/bin/python bench/hook_toggle.py --what sockets-empty --keepalive
 
@@ -36,6 +37,9 @@ What is toggled (`--what`):
   which only socket I/O and TCP state changes run; `syscalls`: raw
   sys_enter/sys_exit, which every syscall on the host runs), which let a process
   that is not opted in go at their first test;
+- `l7-nginx`: the l7 probe with nginx opted in (by name), wrk not: nginx's keep-alive
+  requests counted in the kernel (probes.l7.in_kernel). Each attach starts from an
+  empty connection map, as the agent's does;
 - `syscalls-empty`: empty programs on raw sys_enter/sys_exit: the floor of any
   capture on syscall tracepoints;
 - `sockets-empty`: empty programs on the three socket tracepoints: the floor of the
@@ -84,6 +88,8 @@ HOOKS = {
                  "on, empty connect and release)",
     "l7-redis": "the l7 probe loaded once with an idle redis-server opted in (nginx and wrk not), its capture "
                 "hooks",
+    "l7-nginx": "the l7 probe loaded once with nginx opted in (wrk not), its capture hooks (requests counted in "
+                "the kernel)",
     "syscalls-empty": "empty programs on the raw sys_enter/sys_exit tracepoints",
     "sockets-empty": "empty programs on the sock_send_length, sock_recv_length and inet_sock_set_state raw "
                      "tracepoints",
@@ -121,16 +127,17 @@ class Programs:
             for tp, fn in self.raw:
                 self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
             self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in self.raw]
-        elif what == "l7-redis":
+        elif what in ("l7-redis", "l7-nginx"):
             from sonde.bpf.l7.probe import PROBE
             from sonde.ingest import config as config_mod
             from sonde.ingest.runtime.probe import LoadedProbe
+            name = "redis-server" if what == "l7-redis" else "nginx"
             cfg = config_mod.Config.model_validate({"probes": {"l7": {
-                "enabled": True, "processes": ["redis-server"], "hooks": hooks}}})
+                "enabled": True, "processes": [name], "hooks": hooks}}})
             self.loaded = LoadedProbe.load(PROBE, cfg)
             self.bpf = self.loaded.bpf
             if not self.loaded.decoder.opted:
-                raise ab.BenchError("l7 opted no redis-server in")
+                raise ab.BenchError(f"l7 opted no {name} in")
             self.raw = list(self.loaded.decoder.hooks)
             self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in self.raw]
         elif what == "tcp-empty":
@@ -160,6 +167,8 @@ class Programs:
     def attach(self) -> None:
         from bcc import BPF
         self.on = True
+        if self.loaded is not None and self.raw:
+            self.loaded.decoder.kconns.clear()  # as the decoder does at each attach
         for tp, fn in self.raw:
             self.bpf.attach_raw_tracepoint(tp=tp.encode(), fn_name=fn.encode())
         for f, cg, atype in self.progs if not self.raw else ():
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keepalive", action="store_true", help="keep-alive connections instead of one per request")
     ap.add_argument("--what", choices=tuple(HOOKS), default="tcp")
     ap.add_argument("--hooks", choices=("auto", "sockets", "syscalls"), default="auto",
-                    help="l7-redis: probes.l7.hooks (auto: the socket tracepoints where the kernel has them)")
+                    help="l7-redis, l7-nginx: probes.l7.hooks (auto: the socket tracepoints where the kernel has them)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

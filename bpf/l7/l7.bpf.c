@@ -545,21 +545,27 @@ static __always_inline int crlf2_at(const u8 *d, u32 j)
     return AT(d, j) == '\r' && AT(d, j + 1) == '\n' && AT(d, j + 2) == '\r' && AT(d, j + 3) == '\n';
 }
 
+/* d starts with a method this path counts (CONNECT tunnels are the agent's). */
+static __always_inline int is_method(const u8 *d)
+{
+    u32 w = d[0] | (d[1] << 8) | (d[2] << 16) | ((u32)d[3] << 24);
+    switch (w) {
+    case 0x20544547: /* "GET " */ case 0x54534f50: /* "POST" */ case 0x20545550: /* "PUT " */
+    case 0x44414548: /* "HEAD" */ case 0x454c4544: /* "DELE" */ case 0x4954504f: /* "OPTI" */
+    case 0x43544150: /* "PATC" */ case 0x43415254: /* "TRAC" */
+        return 1;
+    }
+    return 0;
+}
+
 /* d[0..n) is one whole HTTP/1.x request head of a known method and nothing else (no
  * body, no second request): op gets the method. */
 static __always_inline int http_request(const u8 *d, u32 n, char *op)
 {
     if (n < 18 || n > FAST_MAX)  /* "GET / HTTP/1.0\r\n\r\n" */
         return 0;
-    u32 w = d[0] | (d[1] << 8) | (d[2] << 16) | ((u32)d[3] << 24);
-    switch (w) {
-    case 0x20544547: /* "GET " */ case 0x54534f50: /* "POST" */ case 0x20545550: /* "PUT " */
-    case 0x44414548: /* "HEAD" */ case 0x454c4544: /* "DELE" */ case 0x4954504f: /* "OPTI" */
-    case 0x43544150: /* "PATC" */ case 0x43415254: /* "TRAC" */
-        break;
-    default:
-        return 0;  /* CONNECT tunnels: the agent's */
-    }
+    if (!is_method(d))
+        return 0;
     if (!crlf2_at(d, n - 4))
         return 0;
     /* No earlier CRLFCRLF: every 4-byte window holds a byte at an index = 3 (mod 4),
@@ -714,7 +720,7 @@ static __always_inline void tell(struct l7_event_t *e, u32 tgid, s32 fd, struct 
 
 /* A connection picked up mid-stream (open before its process was opted in) may show
  * first the answer to a request it made or got before: an HTTP status line, or a
- * whole RESP reply (its last bytes CRLF). The kernel passes over it, and the rest of
+ * whole RESP reply (its last bytes CRLF) other than an array. The kernel passes over it, and the rest of
  * it (what follows in the same direction), and counts from the next request; anything
  * else goes to the agent (MySQL's server speaks first, and none of its or
  * PostgreSQL's first bytes look like these). */
@@ -723,8 +729,8 @@ static __always_inline int answer_before_request(const u8 *d, u32 n, u64 moved)
     if (n >= 13 && d[0] == 'H' && d[1] == 'T' && d[2] == 'T' && d[3] == 'P' && d[4] == '/' && d[5] == '1' &&
         d[6] == '.' && d[8] == ' ')
         return 1;
-    if (n != moved || n < 3 || resp_reply(d, n) < 0)
-        return 0;
+    if (n != moved || n < 3 || d[0] == '*' || resp_reply(d, n) < 0)
+        return 0;  /* an array may be a command (a pipeline of them): the agent's */
     return AT(d, n - 2) == '\r' && AT(d, n - 1) == '\n';
 }
 
@@ -753,13 +759,15 @@ static __always_inline int count_here(u32 tgid, s32 fd, struct conn_t *c, struct
         return 0;
     u8 *d = b->data;
     if (c->fast == 0 || a->dir == c->req_dir) {
-        if (c->waiting) {
-            hand_over(&b->h, tgid, fd, c);  /* a request while one waits: pipelined, or a body */
-            return 0;
-        }
         if (c->skipped == 1 + a->dir)
             return 1;  /* more of an answer passed over */
         u32 n = fast_read(d, a->how, a->ptr, a->len, moved, FAST_MAX);
+        if (c->fast == FAST_HTTP && n >= 4 && !is_method(d))
+            return 1;  /* what does not start with a method is the last request's body */
+        if (c->waiting) {
+            hand_over(&b->h, tgid, fd, c);  /* a request while one waits: pipelined */
+            return 0;
+        }
         u8 proto = 0;
         __builtin_memset(c->op, 0, OP_LEN);
         if (n == moved && c->fast != FAST_RESP && http_request(d, n, c->op))

@@ -246,6 +246,10 @@ class Connection:
         if self._pairing is None:
             raise ValueError("waiting() needs the protocol and the direction of requests")
         self._pairing.request(ts, op)
+        if self.protocol == "http":
+            # what the requester sends next may be the rest of that request's body:
+            # bytes up to the next request line are passed over, the FIFO kept
+            self._parser.resyncing[REQUEST] = True
 
     def take_cut(self) -> list[str]:
         """The ops of requests that were outstanding when the connection ended (close()):
