@@ -99,9 +99,9 @@ process that becomes a configured program is opted in without waiting for a poll
 Connections open before the opt-in are picked up at their next read or write, the
 protocol detected from the bytes.
 
-Cost: counted in the kernel, a keep-alive request under wrk costs nginx 12.2 % of
-its requests on 2 cores (bench/results/l7_nginx.json; 33.9 % when every read and
-write went to the parser): the capture programs take ~1.3 us of run time per
+Cost: counted in the kernel, a keep-alive request under wrk costs nginx 11.1 % of
+its requests on 2 cores (bench/results/l7_nginx_opted_toggle.json; 33.9 % when every
+read and write went to the parser): the capture programs take ~1.3 us of run time per
 request with statistics on, most of it in nginx's recv and send (the syscall's
 arguments, the connection's entry, the bytes read, the map update). The
 parser runs in the agent, in Python, at some 10-20 us per read or write
