@@ -187,14 +187,14 @@ BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 BPF_ARRAY(scratch, struct l7_buf_t, NR_CPUS);
 /* [0] events the ring buffer had no room for, [1] events sent, [2] bytes captured,
  * [3] exchanges counted in the kernel, [4] of those, lost to a full `agg` */
-BPF_PERCPU_ARRAY(l7_stats, u64, 6);
+BPF_PERCPU_ARRAY(l7_stats, u64, 5);
 
 /* --- in-kernel counting (HTTP/1.x and Redis, one request at a time) ---------------------
  * A connection whose first bytes are one whole HTTP/1.x request head (or one whole
  * RESP command) is counted here, not in the agent: each request waits in the
  * connection's entry until the other side's first bytes, the status line or reply
  * type, which complete it into `agg`. The agent reads and clears `agg` per poll,
- * one generation at a time (`agg_gen`), so nothing is counted twice or lost. The
+ * one generation at a time (`l7_conf[0]`), so nothing is counted twice. The
  * first thing the kernel cannot be sure of (two requests in one read, a request while
  * one waits, a 1xx, a body in the request's read, bytes that are not a message start)
  * hands the connection to the agent for good, with the request that waits (EV_SEED). */
@@ -307,8 +307,6 @@ static __always_inline void emit_small(u8 kind, u32 tgid, s32 fd)
         stat_add(0, 1);
 }
 
-/* One exchange of a fast connection: its response began (code), or it was cut
- * (slot CUT_SLOT: outstanding when the connection ended). */
 /* One exchange of a fast connection into agg, under the key k points at (zeroed by
  * the caller; on the stack, or in the CPU's scratch where the stack is short): its
  * response began (code), or it was cut (outstanding when the connection ended). */
@@ -668,11 +666,17 @@ static __always_inline int resp_request(const u8 *d, u32 have, u64 moved, char *
     return 0;
 }
 
+/* d starts with an HTTP/1.x status line's "HTTP/1.x NNN". */
+static __always_inline int status_line(const u8 *d, u32 n)
+{
+    return n >= 13 && d[0] == 'H' && d[1] == 'T' && d[2] == 'T' && d[3] == 'P' && d[4] == '/' && d[5] == '1' &&
+           d[6] == '.' && d[8] == ' ' && (d[12] == ' ' || d[12] == '\r');
+}
+
 /* A status line's code (200-599), or 0: not a final response's start. */
 static __always_inline u16 http_status(const u8 *d, u32 n)
 {
-    if (n < 13 || d[0] != 'H' || d[1] != 'T' || d[2] != 'T' || d[3] != 'P' || d[4] != '/' || d[5] != '1' ||
-        d[6] != '.' || d[8] != ' ' || (d[12] != ' ' && d[12] != '\r'))
+    if (!status_line(d, n))
         return 0;
     u8 a = d[9] - '0', b = d[10] - '0', c = d[11] - '0';
     if (a < 2 || a > 5 || b > 9 || c > 9)
@@ -720,14 +724,13 @@ static __always_inline void tell(struct l7_event_t *e, u32 tgid, s32 fd, struct 
 
 /* A connection picked up mid-stream (open before its process was opted in) may show
  * first the answer to a request it made or got before: an HTTP status line, or a
- * whole RESP reply (its last bytes CRLF) other than an array. The kernel passes over it, and the rest of
- * it (what follows in the same direction), and counts from the next request; anything
- * else goes to the agent (MySQL's server speaks first, and none of its or
+ * whole RESP reply (its last bytes CRLF) other than an array. The kernel passes over
+ * it, and the rest of it (what follows in the same direction), and counts from the
+ * next request; anything else goes to the agent (MySQL's server speaks first, and none of its or
  * PostgreSQL's first bytes look like these). */
 static __always_inline int answer_before_request(const u8 *d, u32 n, u64 moved)
 {
-    if (n >= 13 && d[0] == 'H' && d[1] == 'T' && d[2] == 'T' && d[3] == 'P' && d[4] == '/' && d[5] == '1' &&
-        d[6] == '.' && d[8] == ' ')
+    if (status_line(d, n))
         return 1;
     if (n != moved || n < 3 || d[0] == '*' || resp_reply(d, n) < 0)
         return 0;  /* an array may be a command (a pipeline of them): the agent's */

@@ -470,32 +470,26 @@ class Agg:
         self.max_us = 0
 
     def add(self, ex) -> None:
-        self.requests += 1
-        self.errors += ex.error
-        if ex.protocol == "http":
-            self.status[ex.status_class] = self.status.get(ex.status_class, 0) + 1
-            tag = status_tag(ex.code)
-            if tag is not None:
-                self.codes[tag] = self.codes.get(tag, 0) + 1
+        """One exchange the parser completed."""
         us = ex.duration_ns // 1000
-        s = hist.slot_of(us)
-        self.buckets[s] = self.buckets.get(s, 0) + 1
-        self.sum_us += us
-        self.max_us = max(self.max_us, us)
+        self._add(ex.protocol, ex.error, ex.status_class, ex.code, hist.slot_of(us), 1, us, us)
 
     def add_counted(self, protocol: str, code: int, slot: int, count: int, sum_us: int, max_us: int) -> None:
         """count exchanges the kernel counted: http code the status, resp 1 an error reply."""
-        self.requests += count
         if protocol == "http":
-            error = code >= 500
-            cls = f"{code // 100}xx"
-            self.status[cls] = self.status.get(cls, 0) + count
+            self._add(protocol, code >= 500, f"{code // 100}xx", code, slot, count, sum_us, max_us)
+        else:
+            self._add(protocol, code == 1, "", 0, slot, count, sum_us, max_us)
+
+    def _add(self, protocol: str, error: bool, status_class: str, code: int, slot: int, count: int,
+             sum_us: int, max_us: int) -> None:
+        self.requests += count
+        self.errors += count if error else 0
+        if protocol == "http":
+            self.status[status_class] = self.status.get(status_class, 0) + count
             tag = status_tag(code)
             if tag is not None:
                 self.codes[tag] = self.codes.get(tag, 0) + count
-        else:
-            error = code == 1
-        self.errors += count if error else 0
         self.buckets[slot] = self.buckets.get(slot, 0) + count
         self.sum_us += sum_us
         self.max_us = max(self.max_us, max_us)
@@ -710,10 +704,13 @@ class L7Decoder:
                 except Exception as e:  # bcc raises bare Exception; the LRU map does not fill
                     log.debug("l7: capture size of pid %d fd %d not set: %s", tgid, fd, e)
 
+    def _capture_row(self, tgid: int, protocol: str) -> list[int]:
+        """The process's l7_capture counters of a protocol: [connections, *CAPTURE_FIELDS]."""
+        return self.capture.setdefault((tgid, protocol), [0] * (1 + len(CAPTURE_FIELDS)))
+
     def _fast(self, tgid: int, protocol: str) -> None:
         """A connection is counted in the kernel from its first request on."""
-        cap = self.capture.setdefault((tgid, protocol), [0] * (1 + len(CAPTURE_FIELDS)))
-        cap[0] += 1
+        self._capture_row(tgid, protocol)[0] += 1
 
     def _seed(self, ts, tgid, fd, requests, protocol, family, lport, rport, raddr, op) -> None:
         """The kernel hands a connection it counted over to the parser, from its next
@@ -751,7 +748,7 @@ class L7Decoder:
         proto = t.conn.protocol
         if proto is None and now == (0,) * len(now):
             return
-        cap = self.capture.setdefault((tgid, proto or UNKNOWN), [0] * (1 + len(CAPTURE_FIELDS)))
+        cap = self._capture_row(tgid, proto or UNKNOWN)
         if not t.protocol_counted and proto is not None:
             cap[0] += 1
             t.protocol_counted = True
@@ -1038,8 +1035,10 @@ class L7Decoder:
     def _kernel_counts(self) -> None:
         """Move what the kernel counted (agg, the generation before this flip) into the
         aggregates, and clear it there. A program that read the old generation just
-        before the flip ends within microseconds; one that did not (preempted) leaves
-        its count in an entry read at the next-but-one poll, not lost."""
+        before the flip ends within microseconds, well inside the 2 ms waited here (the
+        socket tracepoints run with preemption off); one that wrote only after its entry
+        was deleted re-creates it, read at the next-but-one poll. Only one held up past
+        the wait, between this read and the delete, would lose its count."""
         old = self.gen
         self.gen ^= 1
         self.kconf[self.kconf.Key(0)] = self.kconf.Leaf(self.gen)
@@ -1060,8 +1059,7 @@ class L7Decoder:
             a = self.acc.setdefault((k.tgid, role, peer_name(k.family, bytes(k.raddr)), k.port, protocol, op), Agg())
             if k.slot == CUT_SLOT:
                 a.no_response += count
-                cap = self.capture.setdefault((k.tgid, protocol), [0] * (1 + len(CAPTURE_FIELDS)))
-                cap[1 + CAPTURE_FIELDS.index("unanswered")] += count
+                self._capture_row(k.tgid, protocol)[1 + CAPTURE_FIELDS.index("unanswered")] += count
                 continue
             a.add_counted(protocol, k.code, k.slot, count, sum(v.sum_us for v in per_cpu),
                           max(v.max_us for v in per_cpu))
