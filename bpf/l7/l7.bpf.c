@@ -19,7 +19,9 @@
  *   remembered as skipped, so its later syscalls stop at the `conns` lookup. The
  *   peer address and ports are read at the same time, so a connection that closes
  *   before user space looks still has its peer.
- * - close() ends a connection: its entry goes, and user space is told.
+ * - close() (syscall hooks) or its socket's TCP_CLOSE (socket hooks) ends a
+ *   connection, once: user space is told. Its entry goes when its own thread closes
+ *   or reuses the fd (a TCP_CLOSE only marks it: see end_conn).
  * - sched_process_fork opts a forked child of an opted-in process in (nginx's
  *   workers); sched_process_exit takes an exited process out; sched_process_exec
  *   tells user space, which decides whether the new program matches the config.
@@ -178,7 +180,8 @@ BPF_TABLE("lru_hash", u64, u32, caps, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct ssl_args_t, ssl_calls, MAX_ENTRIES);
 BPF_TABLE("lru_hash", u64, s32, ssl_fds, MAX_ENTRIES);  /* SSL* -> its socket's fd */
 /* struct sock * -> (tgid, fd) of its connection entry: the socket hooks end a
- * connection when its socket reaches TCP_CLOSE, which may happen in softirq. */
+ * connection when its socket reaches TCP_CLOSE, which may happen in softirq, on
+ * another CPU than the fd's owner (its entry is then marked, not deleted). */
 BPF_TABLE("lru_hash", u64, u64, socks, MAX_ENTRIES);
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 /* One buffer per CPU, indexed by CPU: a per-CPU map's value is limited to 32 KiB.
@@ -346,18 +349,30 @@ static __always_inline void record(struct agg_key_t *k, struct conn_t *c, u32 tg
     stat_add(3, 1);
 }
 
-/* The connection (tgid, fd) ends: user space is told (where it was captured), its
- * entries go. */
-static __always_inline void end_conn(u64 key, struct conn_t *c, int count_cut)
+/* conn_t.sk of a connection whose end was claimed: its socket reached TCP_CLOSE while
+ * the entry stays for its fd's owner to replace (socket hooks) */
+#define SK_ENDED 1ULL
+
+/* The connection (tgid, fd) ends, once: the first to claim it (its socket's TCP_CLOSE,
+ * in softirq on any CPU; its fd's close or reuse, in its own thread) counts a request
+ * left waiting (count_cut) and tells user space (where it was captured). Only the
+ * fd's owner removes the entry (drop): a TCP_CLOSE racing the fd's reuse on another
+ * CPU would otherwise delete the new connection's entry, and its first request with
+ * it. seen is the socket the caller saw the entry hold. */
+static __always_inline void end_conn(u64 key, struct conn_t *c, u64 seen, int count_cut, int drop)
 {
-    if (count_cut && (c->fast == FAST_HTTP || c->fast == FAST_RESP) && c->waiting) {
-        struct agg_key_t k = {};
-        record(&k, c, key >> 32, 0, 0, 1);
+    if (seen != SK_ENDED && __sync_val_compare_and_swap(&c->sk, seen, SK_ENDED) == seen) {
+        if (count_cut && (c->fast == FAST_HTTP || c->fast == FAST_RESP) && c->waiting) {
+            struct agg_key_t k = {};
+            record(&k, c, key >> 32, 0, 0, 1);
+        }
+        if (c->state != CONN_SKIP)
+            emit_small(EV_CLOSE, key >> 32, (s32)key);
     }
-    if (c->state != CONN_SKIP)
-        emit_small(EV_CLOSE, key >> 32, (s32)key);
-    conns.delete(&key);
-    caps.delete(&key);
+    if (drop) {
+        conns.delete(&key);
+        caps.delete(&key);
+    }
 }
 
 /* The connection entry of (tgid, fd), created (and resolved) on first sight. sk, when
@@ -369,7 +384,7 @@ static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_soc
 {
     u64 key = conn_key(tgid, fd);
     struct conn_t *c = conns.lookup(&key);
-    if (c && (!sk || !c->sk || c->sk == sk)) {
+    if (c && c->sk != SK_ENDED && (!sk || !c->sk || c->sk == sk)) {
         if (sk && !c->sk)
             c->sk = sk;
         return c;
@@ -379,7 +394,7 @@ static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_soc
     if (sk && fresh.sk != sk)
         return 0;
     if (c)
-        end_conn(key, c, 0);  /* its socket's TCP_CLOSE, or close(), counted a waiting request */
+        end_conn(key, c, c->sk, 1, 1);  /* the fd was closed and reused before its socket's TCP_CLOSE */
     if (conns.insert(&key, &fresh) && !conns.lookup(&key)) {
         count_drop();
         return 0;
@@ -847,7 +862,7 @@ int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
     struct conn_t *c = conns.lookup(&key);
     if (how == 255) {
         if (c)
-            end_conn(key, c, 1);
+            end_conn(key, c, c->sk, 1, 1);
         return 0;
     }
     if (c && c->state == CONN_SKIP)
@@ -957,7 +972,7 @@ int l7_sock_state(struct bpf_raw_tracepoint_args *ctx)
     struct conn_t *c = conns.lookup(&key);
     if (!c || c->sk != sk)
         return 0;  /* the fd names another socket now */
-    end_conn(key, c, 1);
+    end_conn(key, c, sk, 1, 0);
     return 0;
 }
 #endif

@@ -1035,14 +1035,15 @@ class L7Decoder:
     def _kernel_counts(self) -> None:
         """Move what the kernel counted (agg, the generation before this flip) into the
         aggregates, and clear it there. A program that read the old generation just
-        before the flip ends within microseconds, well inside the 2 ms waited here (the
-        socket tracepoints run with preemption off); one that wrote only after its entry
-        was deleted re-creates it, read at the next-but-one poll. Only one held up past
-        the wait, between this read and the delete, would lose its count."""
+        before the flip ends within microseconds, well inside the 10 ms waited here (the
+        socket tracepoints run with preemption off; the wait also covers an interrupt
+        storm or a stalled virtual CPU); one that wrote only after its entry was deleted
+        re-creates it, read at the next-but-one poll. Only one held up past the wait,
+        between this read and the delete, would lose its count."""
         old = self.gen
         self.gen ^= 1
         self.kconf[self.kconf.Key(0)] = self.kconf.Leaf(self.gen)
-        time.sleep(0.002)
+        time.sleep(0.01)
         done = []
         for k, per_cpu in self.kagg.items():
             if k.gen != old:
