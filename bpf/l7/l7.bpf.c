@@ -353,21 +353,47 @@ static __always_inline void record(struct agg_key_t *k, struct conn_t *c, u32 tg
  * the entry stays for its fd's owner to replace (socket hooks) */
 #define SK_ENDED 1ULL
 
+/* Tell user space a connection ended, naming it (its peer and ports) as its data
+ * events do: a close that reaches the ring after the fd's next connection's first
+ * events (a TCP_CLOSE on another CPU) is then not taken for that one's. */
+static __always_inline void emit_close(u64 key, struct conn_t *c)
+{
+    struct l7_event_t e = {};
+    e.ts = bpf_ktime_get_ns();
+    e.tgid = key >> 32;
+    e.fd = (s32)key;
+    e.kind = EV_CLOSE;
+    e.family = c->family;
+    e.lport = c->lport;
+    e.rport = c->rport;
+    __builtin_memcpy(e.raddr, c->raddr, 16);
+    if (events.ringbuf_output(&e, sizeof(e), 0))
+        stat_add(0, 1);
+}
+
+/* conn_t.sk of a connection whose end was claimed: its socket reached TCP_CLOSE while
+ * the entry stays for its fd's owner to replace (socket hooks) */
+#define SK_ENDED 1ULL
+
 /* The connection (tgid, fd) ends, once: the first to claim it (its socket's TCP_CLOSE,
  * in softirq on any CPU; its fd's close or reuse, in its own thread) counts a request
  * left waiting (count_cut) and tells user space (where it was captured). Only the
  * fd's owner removes the entry (drop): a TCP_CLOSE racing the fd's reuse on another
  * CPU would otherwise delete the new connection's entry, and its first request with
- * it. seen is the socket the caller saw the entry hold. */
-static __always_inline void end_conn(u64 key, struct conn_t *c, u64 seen, int count_cut, int drop)
+ * it. live is the entry, seen the socket the caller saw it hold; what is counted and
+ * told comes from view: the entry itself for its owner, a copy taken before the claim
+ * for anyone else (once claimed, the owner may delete the entry and its memory go to
+ * the fd's next connection). */
+static __always_inline void end_conn(u64 key, struct conn_t *live, struct conn_t *view, u64 seen, int count_cut,
+                                     int drop)
 {
-    if (seen != SK_ENDED && __sync_val_compare_and_swap(&c->sk, seen, SK_ENDED) == seen) {
-        if (count_cut && (c->fast == FAST_HTTP || c->fast == FAST_RESP) && c->waiting) {
+    if (seen != SK_ENDED && __sync_val_compare_and_swap(&live->sk, seen, SK_ENDED) == seen) {
+        if (count_cut && (view->fast == FAST_HTTP || view->fast == FAST_RESP) && view->waiting) {
             struct agg_key_t k = {};
-            record(&k, c, key >> 32, 0, 0, 1);
+            record(&k, view, key >> 32, 0, 0, 1);
         }
-        if (c->state != CONN_SKIP)
-            emit_small(EV_CLOSE, key >> 32, (s32)key);
+        if (view->state != CONN_SKIP)
+            emit_close(key, view);
     }
     if (drop) {
         conns.delete(&key);
@@ -394,7 +420,7 @@ static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_soc
     if (sk && fresh.sk != sk)
         return 0;
     if (c)
-        end_conn(key, c, c->sk, 1, 1);  /* the fd was closed and reused before its socket's TCP_CLOSE */
+        end_conn(key, c, c, c->sk, 1, 1);  /* the fd was closed and reused before its socket's TCP_CLOSE */
     if (conns.insert(&key, &fresh) && !conns.lookup(&key)) {
         count_drop();
         return 0;
@@ -862,7 +888,7 @@ int l7_sys_enter(struct bpf_raw_tracepoint_args *ctx)
     struct conn_t *c = conns.lookup(&key);
     if (how == 255) {
         if (c)
-            end_conn(key, c, c->sk, 1, 1);
+            end_conn(key, c, c, c->sk, 1, 1);
         return 0;
     }
     if (c && c->state == CONN_SKIP)
@@ -970,9 +996,12 @@ int l7_sock_state(struct bpf_raw_tracepoint_args *ctx)
     u64 key = *kp;
     socks.delete(&sk);
     struct conn_t *c = conns.lookup(&key);
-    if (!c || c->sk != sk)
+    if (!c)
+        return 0;
+    struct conn_t view = *c;
+    if (view.sk != sk)
         return 0;  /* the fd names another socket now */
-    end_conn(key, c, sk, 1, 0);
+    end_conn(key, c, &view, sk, 1, 0);
     return 0;
 }
 #endif

@@ -653,7 +653,10 @@ class L7Decoder:
                                raw[EVENT.size:EVENT.size + cap_len], true_len, lost)
                 elif kind == EV_CLOSE:
                     t = self.tracked.get((tgid, fd))
-                    if t is not None:
+                    # (a close names its connection: one that reaches the ring after
+                    # the fd's next connection began, from a TCP_CLOSE on another CPU,
+                    # is not that one's)
+                    if t is not None and (not family or t.ident == (family, raddr, lport, rport)):
                         self._end((tgid, fd), t, ts)
                 elif kind == EV_EXEC:
                     self._exec(tgid, comm.split(b"\0", 1)[0])

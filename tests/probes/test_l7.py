@@ -1272,6 +1272,44 @@ def bare_decoder():
     return dec
 
 
+def test_a_close_that_arrives_after_the_fds_next_connection_began_is_not_that_ones():
+    """The ring buffer's order across CPUs: a connection's socket reaches TCP_CLOSE in
+    softirq on one CPU while its process, on the other, has already closed the fd and
+    reused it for the next connection, whose request reaches the ring first. The late
+    close names the connection it ends (peer and ports), so the next one keeps its
+    request: two requests answered, none unanswered. A close naming the fd's current
+    connection ends it."""
+    import ctypes
+    import threading
+
+    from sonde.bpf.l7.probe import EV_CLOSE, EV_DATA, EVENT
+
+    dec = bare_decoder()
+    dec.lock, dec.events, dec.consumed = threading.Lock(), 0, 0
+    dec._window_cpu, dec._budget_s, dec._over_budget = time.thread_time(), 1e9, False
+    peer = bytes([198, 18, 0, 9]) + bytes(12)
+
+    def event(ts, kind, rport, direction=0, data=b""):
+        raw = EVENT.pack(ts, 7, 5, len(data), len(data), 0, kind, direction, 0, socket.AF_INET, 8080, rport, peer,
+                         bytes(16)) + data
+        buf = ctypes.create_string_buffer(raw, len(raw))
+        assert dec._on_event(None, ctypes.addressof(buf), len(raw)) == 0
+
+    req, resp = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    event(1_000, EV_DATA, 40001, 0, req)
+    event(2_000, EV_DATA, 40001, 1, resp)
+    event(3_000, EV_DATA, 40002, 0, req)  # the fd's next connection
+    event(4_000, EV_CLOSE, 40001)  # the first one's TCP_CLOSE, late
+    event(5_000, EV_DATA, 40002, 1, resp)
+    aggs = list(dec.acc.values())
+    assert [(a.requests, a.codes, a.status, a.no_response) for a in aggs] == [(2, {}, {"2xx": 2}, 0)]
+    assert (7, 5) in dec.tracked
+    event(6_000, EV_CLOSE, 40002)
+    assert dec.tracked == {}
+    caps = dec.capture.get((7, "http"))
+    assert caps is None or not any(caps[1:]), caps  # no orphan, unanswered or desync
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(1, 4), st.integers(3, 6), st.sampled_from(["in", "out"]),
                           st.one_of(st.binary(max_size=200),
