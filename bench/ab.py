@@ -184,7 +184,8 @@ def stop_proc(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout:
 
 
 class Nginx:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cgroup: Path | None = None):
+        self.cgroup = cgroup  # a cgroup v2 directory nginx starts in, or None
         self.prefix = root / "nginx"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -201,7 +202,8 @@ class Nginx:
         try:
             self.proc = subprocess.Popen(
                 ["nginx", "-p", str(self.prefix), "-e", str(self.prefix / "error.log"), "-c", str(conf)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=self._join_cgroup if self.cgroup else None)
         finally:
             out.close()
         deadline = time.monotonic() + 10
@@ -217,6 +219,9 @@ class Nginx:
                 pass
             time.sleep(0.1)
         raise BenchError(f"nginx did not answer on {self.url} within 10 s: {tail(self.prefix / 'error.log')}")
+
+    def _join_cgroup(self) -> None:
+        (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
     def requests(self) -> int:
         """Requests nginx has handled since start (its stub_status counter, which counts

@@ -8,6 +8,7 @@ or not.
     .venv/bin/python bench/hook_toggle.py --what l7-nginx --keepalive
     .venv/bin/python bench/hook_toggle.py --what syscalls-empty --keepalive
     .venv/bin/python bench/hook_toggle.py --what sockets-empty --keepalive
+    .venv/bin/python bench/hook_toggle.py --what cgroup-skb-http --keepalive
 
 `resident_ab.py` stops the agent's process in baseline windows but leaves its BPF
 programs attached, so its A/B difference is the agent's user-space work, and the
@@ -43,7 +44,10 @@ What is toggled (`--what`):
 - `syscalls-empty`: empty programs on raw sys_enter/sys_exit: the floor of any
   capture on syscall tracepoints;
 - `sockets-empty`: empty programs on the three socket tracepoints: the floor of the
-  socket capture.
+  socket capture;
+- `cgroup-skb-http`: a design study (bench/src/cgroup_skb_http.c), not the probe:
+  nginx's requests counted from cgroup_skb ingress/egress programs attached to a
+  cgroup of nginx's own (nginx is started in it), which only its packets run.
 
 bpf_stats are off in the pairs and on in a pass of attached windows after them: the
 programs' runs and time per request. Result: bench/results/<what>_toggle.json (or
@@ -93,7 +97,30 @@ HOOKS = {
     "syscalls-empty": "empty programs on the raw sys_enter/sys_exit tracepoints",
     "sockets-empty": "empty programs on the sock_send_length, sock_recv_length and inet_sock_set_state raw "
                      "tracepoints",
+    "cgroup-skb-http": "a design study (bench/src/cgroup_skb_http.c): cgroup_skb ingress and egress programs on "
+                       "nginx's own cgroup counting its requests (socket storage, 16 payload bytes, a per-CPU "
+                       "aggregate)",
 }
+
+
+SKB_SRC = BENCH_DIR / "src/cgroup_skb_http.c"
+
+
+class Cgroup:
+    """A cgroup v2 of the benchmark's own (nginx starts in it), removed at the end."""
+
+    def __init__(self):
+        from sonde.bpf.tcp.probe import cgroup2_root
+        self.path = Path(cgroup2_root("/sys")) / f"sonde-bench-{os.getpid()}"
+        self.path.mkdir()
+
+    def close(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
 
 
 class Redis:
@@ -113,7 +140,8 @@ class Redis:
 class Programs:
     """A probe's hooks attached in agent windows only."""
 
-    def __init__(self, what: str, interval: float, hooks: str = "auto"):
+    def __init__(self, what: str, interval: float, hooks: str = "auto", cgroup: Cgroup | None = None,
+                 src: Path | None = None):
         from bcc import BPF, BPFAttachType
         self.loaded = None
         self.on = True  # LoadedProbe.load attaches; the empty programs are attached below
@@ -140,6 +168,15 @@ class Programs:
                 raise ab.BenchError(f"l7 opted no {name} in")
             self.raw = list(self.loaded.decoder.hooks)
             self.progs = [(self.bpf.funcs[fn.encode()], None, None) for _, fn in self.raw]
+        elif what == "cgroup-skb-http":
+            self.bpf = BPF(src_file=str(src or SKB_SRC).encode())
+            self.cgroup_fd = os.open(cgroup.path, os.O_RDONLY)
+            self.progs = []
+            for fn, atype in (("http_ingress", BPFAttachType.CGROUP_INET_INGRESS),
+                              ("http_egress", BPFAttachType.CGROUP_INET_EGRESS)):
+                f = self.bpf.load_func(fn.encode(), BPF.CGROUP_SKB)
+                self.progs.append((f, self.cgroup_fd, atype))
+                BPF.attach_func(f, self.cgroup_fd, atype, 2)
         elif what == "tcp-empty":
             self.bpf = BPF(text=EMPTY)
             from sonde.bpf.tcp.probe import cgroup2_root
@@ -213,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--what", choices=tuple(HOOKS), default="tcp")
     ap.add_argument("--hooks", choices=("auto", "sockets", "syscalls"), default="auto",
                     help="l7-redis, l7-nginx: probes.l7.hooks (auto: the socket tracepoints where the kernel has them)")
+    ap.add_argument("--src", type=Path, default=None,
+                    help=f"cgroup-skb-http: the programs' source (default {SKB_SRC.relative_to(BENCH_DIR.parent)})")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -220,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2 ** 31)
     orders = ab.pair_orders(args.pairs, "random", seed)
     tmp = Path(tempfile.mkdtemp(prefix="sonde-tcp-toggle-"))
-    nginx = ab.Nginx(tmp).start()
+    cgroup = Cgroup() if args.what == "cgroup-skb-http" else None
+    nginx = ab.Nginx(tmp, cgroup=cgroup.path if cgroup else None).start()
     progs = wrk = redis = None
     try:
         if args.what == "l7-redis":
             redis = Redis(tmp)
-        progs = Programs(args.what, args.interval, args.hooks)
+        progs = Programs(args.what, args.interval, args.hooks, cgroup, args.src)
         seconds = int(args.window * (2 * args.pairs + args.stats_windows) * 1.5 + 60)
         wrk = subprocess.Popen(["wrk", "-t2", "-c50", *([] if args.keepalive else ["-H", "Connection: close"]),
                                 f"-d{seconds}s", nginx.url], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -247,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         if redis:
             redis.stop()
         nginx.stop()
+        if cgroup:
+            cgroup.close()
     res = bstats.loss(rps["baseline"], rps["agent"])
     cpu = bstats.loss(cpu_req["baseline"], cpu_req["agent"], higher_is_better=False)
     per = "request" if args.keepalive else "connection"
