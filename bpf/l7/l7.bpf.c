@@ -349,10 +349,6 @@ static __always_inline void record(struct agg_key_t *k, struct conn_t *c, u32 tg
     stat_add(3, 1);
 }
 
-/* conn_t.sk of a connection whose end was claimed: its socket reached TCP_CLOSE while
- * the entry stays for its fd's owner to replace (socket hooks) */
-#define SK_ENDED 1ULL
-
 /* Tell user space a connection ended, naming it (its peer and ports) as its data
  * events do: a close that reaches the ring after the fd's next connection's first
  * events (a TCP_CLOSE on another CPU) is then not taken for that one's. */
@@ -420,7 +416,7 @@ static __always_inline struct conn_t *conn_of(u32 tgid, s32 fd, u32 state_if_soc
     if (sk && fresh.sk != sk)
         return 0;
     if (c)
-        end_conn(key, c, c, c->sk, 1, 1);  /* the fd was closed and reused before its socket's TCP_CLOSE */
+        end_conn(key, c, c, c->sk, 1, 1);  /* the fd was closed and reused (ends it unless its TCP_CLOSE did) */
     if (conns.insert(&key, &fresh) && !conns.lookup(&key)) {
         count_drop();
         return 0;
